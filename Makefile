@@ -1,0 +1,41 @@
+# repmgr-vip: set-up, tests and the lab demo on a Debian 12 machine, as root.
+VENV ?= /opt/repmgr-vip/venv
+PY := $(VENV)/bin/python
+DEBS := postgresql-15 postgresql-15-repmgr openssh-server openssh-client sudo iputils-arping \
+        iproute2 procps psmisc python3-venv util-linux
+PYTEST_ARGS ?=
+
+.PHONY: setup debs venv install lint test unit lab-test demo clean-labs
+
+setup: debs venv install
+
+debs:
+	@if ! dpkg -s $(DEBS) >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); fi
+
+# The venv lives outside the checkout with Debian's Python, so that the postgres user (which
+# runs repmgr's hooks) can execute it even when the checkout is under /root.
+venv:
+	@test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+
+# A real (non-editable) install: the hooks run the copy in the venv, readable by postgres.
+install:
+	@$(PY) -m pip install -q '.[test]'
+	@$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
+
+lint:
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+unit:
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test: setup lint
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m demo
+
+clean-labs:
+	/usr/bin/python3 -m tests.lab list

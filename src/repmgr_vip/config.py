@@ -1,0 +1,355 @@
+"""The repmgr-vip TOML configuration: schema, defaults and validation before any action.
+
+Everything is checked up front so that a typo never reaches the network: unknown keys,
+wrong types, a VIP that is not an address, a missing interface, an unreadable repmgr.conf
+each raise ConfigError (exit 2) with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from repmgr_vip.errors import ConfigError
+from repmgr_vip.repmgrconf import RepmgrConf, load_repmgr_conf, parse_conninfo
+
+DEFAULT_CONFIG_PATH = Path("/etc/repmgr-vip.toml")
+CONFIG_ENV = "REPMGR_VIP_CONFIG"
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+PRIVILEGE_MODES = ("auto", "sudo", "direct")
+UNFREE_POLICIES = ("refuse", "promote-without-vip")
+STOP_POLICIES = ("keep", "release")
+
+
+def _first_existing(*candidates: str) -> str:
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    return candidates[0]
+
+
+def _own_command() -> str:
+    """The absolute path of the running repmgr-vip, so remote and hook lines call the same one."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "repmgr-vip"
+    if os.path.basename(argv0) == "repmgr-vip":
+        found = argv0 if os.sep in argv0 else shutil.which(argv0)
+        if found:
+            return os.path.abspath(found)
+    sibling = Path(sys.executable).parent / "repmgr-vip"
+    return str(sibling) if sibling.exists() else "repmgr-vip"
+
+
+# section -> key -> (type, default). A default of None means "required".
+# Defaults that depend on the host are filled in by _host_defaults().
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "": {"repmgr_config": (str, None), "state_dir": (str, ""), "log_file": (str, "")},
+    "vip": {
+        "address": (str, None),
+        "interface": (str, None),
+        "announce_count": (int, 3),
+        "probe_count": (int, 2),
+        "probe_timeout": (int, 1),
+    },
+    "privileges": {"mode": (str, "auto")},
+    "commands": {"ip": (str, ""), "arping": (str, ""), "sudo": (str, ""), "ssh": (str, "")},
+    "fencing": {
+        "fence_command": (str, ""),
+        "fence_timeout": (int, 30),
+        "ssh_connect_timeout": (int, 3),
+        "ssh_command_timeout": (int, 10),
+        "when_vip_not_free": (str, "refuse"),
+    },
+    "remote": {"command": (str, ""), "config": (str, "")},
+    "daemon": {
+        "interval": (float, 1.0),
+        "isolation_grace": (float, 2.0),
+        "on_stop": (str, "keep"),
+        "reannounce_interval": (float, 0.0),
+        "metrics_address": (str, "127.0.0.1"),
+        "metrics_port": (int, 9853),
+    },
+}
+
+
+def _host_defaults(config_path: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "commands": {
+            "ip": _first_existing("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"),
+            "arping": _first_existing("/usr/bin/arping", "/usr/sbin/arping", "/sbin/arping"),
+            "sudo": _first_existing("/usr/bin/sudo", "/bin/sudo"),
+            "ssh": _first_existing("/usr/bin/ssh", "/bin/ssh"),
+        },
+        "remote": {"command": _own_command(), "config": str(config_path)},
+    }
+
+
+@dataclass(frozen=True)
+class VipSettings:
+    address: ipaddress.IPv4Interface
+    interface: str
+    announce_count: int
+    probe_count: int
+    probe_timeout: int
+
+    @property
+    def ip(self) -> str:
+        return str(self.address.ip)
+
+    @property
+    def cidr(self) -> str:
+        return self.address.with_prefixlen
+
+
+@dataclass(frozen=True)
+class Commands:
+    ip: str
+    arping: str
+    sudo: str
+    ssh: str
+
+
+@dataclass(frozen=True)
+class FencingSettings:
+    fence_command: str
+    fence_timeout: int
+    ssh_connect_timeout: int
+    ssh_command_timeout: int
+    when_vip_not_free: str
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    command: str
+    config: str
+
+    def config_for(self, node_name: str, node_id: int) -> str:
+        return self.config.replace("{node_name}", node_name).replace("{node_id}", str(node_id))
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    interval: float
+    isolation_grace: float
+    on_stop: str
+    reannounce_interval: float
+    metrics_address: str
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    repmgr: RepmgrConf
+    vip: VipSettings
+    privilege_mode: str
+    commands: Commands
+    fencing: FencingSettings
+    remote: RemoteSettings
+    daemon: DaemonSettings
+    state_dir: Path
+    log_file: Path
+    values: Mapping[str, Mapping[str, Any]] = field(repr=False)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "repmgr-vip.lock"
+
+
+def resolve_config_path(cli_value: str | None) -> Path:
+    if cli_value:
+        return Path(cli_value)
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def _key_name(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
+    name = _key_name(section, key)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ConfigError(
+            f"{name} must be a {expected.__name__}, "
+            f"got {type(value).__name__} {value!r}; fix {name}"
+        )
+    return value
+
+
+def merge_with_schema(raw: Mapping[str, Any], config_path: Path) -> dict[str, dict[str, Any]]:
+    """Rejects unknown keys and wrong types; returns every key with its effective value."""
+    host = _host_defaults(config_path)
+    merged: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if key in SCHEMA and key != "":
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table; write it as a [{key}] section")
+            continue
+        if key not in SCHEMA[""]:
+            known = ", ".join(sorted([*SCHEMA[""], *(f"[{s}]" for s in SCHEMA if s)]))
+            raise ConfigError(f"unknown key {key!r}; remove it or use one of: {known}")
+    for section, keys in SCHEMA.items():
+        given = raw if section == "" else raw.get(section, {})
+        if section:
+            for key in given:
+                if key not in keys:
+                    known = ", ".join(sorted(keys))
+                    raise ConfigError(
+                        f"unknown key {section}.{key}; remove it or use one of: {known}"
+                    )
+        out: dict[str, Any] = {}
+        for key, (expected, default) in keys.items():
+            if section == "" and key in SCHEMA and key != "":
+                continue
+            if key in given:
+                out[key] = _check_type(section, key, given[key], expected)
+            elif default is None:
+                where = f"in [{section}]" if section else "at the top of the file"
+                raise ConfigError(f"{_key_name(section, key)} is required; add it {where}")
+            else:
+                out[key] = default
+            if out[key] == "" and key in host.get(section, {}):
+                out[key] = host[section][key]
+        merged[section] = out
+    return merged
+
+
+def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
+    if "/" not in text:
+        raise ConfigError(
+            f"{key}={text!r} has no prefix length; write it as ADDRESS/PREFIX, e.g. {text}/24"
+        )
+    address, prefix = text.split("/", 1)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={text!r}: {address!r} is not an IP address; fix {key}") from exc
+    if ip.version == 6:
+        raise ConfigError(f"{key}={text!r}: IPv6 VIPs are not supported yet; use an IPv4 address")
+    if not prefix.isdigit() or not 1 <= int(prefix) <= 32:
+        raise ConfigError(f"{key}={text!r}: prefix length must be 1..32; fix {key}")
+    vip = ipaddress.IPv4Interface(text)
+    broadcast = vip.network.broadcast_address if vip.network.prefixlen < 31 else None
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == broadcast:
+        raise ConfigError(f"{key}={text!r} cannot be a service address; use a unicast address")
+    return vip
+
+
+def _positive(section: str, values: Mapping[str, Any], *keys: str) -> None:
+    for key in keys:
+        if values[key] <= 0:
+            raise ConfigError(f"{section}.{key} must be greater than 0; fix {section}.{key}")
+
+
+def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{key}={value!r}; use one of: {', '.join(choices)}")
+
+
+def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True) -> Config:
+    values = merge_with_schema(raw, path)
+    vip_values = values["vip"]
+    vip = VipSettings(address=parse_vip(vip_values["address"]), **{
+        k: vip_values[k] for k in ("interface", "announce_count", "probe_count", "probe_timeout")
+    })
+    if not _IFNAME.match(vip.interface):
+        raise ConfigError(
+            f"vip.interface={vip.interface!r} is not a valid interface name; use e.g. 'eth0'"
+        )
+    _positive("vip", vip_values, "announce_count", "probe_count", "probe_timeout")
+    _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
+    _choice(
+        "fencing", "when_vip_not_free", values["fencing"]["when_vip_not_free"], UNFREE_POLICIES
+    )
+    _positive("fencing", values["fencing"], "fence_timeout", "ssh_connect_timeout",
+              "ssh_command_timeout")
+    _positive("daemon", values["daemon"], "interval", "isolation_grace")
+    _choice("daemon", "on_stop", values["daemon"]["on_stop"], STOP_POLICIES)
+    for name, binary in values["commands"].items():
+        if not os.path.isabs(binary):
+            raise ConfigError(f"commands.{name}={binary!r} must be an absolute path; fix it")
+    repmgr = load_repmgr_conf(Path(values[""]["repmgr_config"]))
+    host = parse_conninfo(repmgr.conninfo).get("host", "")
+    if host and _same_ip(host, vip.ip):
+        raise ConfigError(
+            f"vip.address={vip.cidr} is this node's own address ({repmgr.path} conninfo host); "
+            "choose a free address for the VIP"
+        )
+    if check_host and not Path("/sys/class/net", vip.interface).exists():
+        raise ConfigError(
+            f"vip.interface={vip.interface!r} does not exist on this host; "
+            "set it to the NIC that carries the node's address (see `ip -br link`)"
+        )
+    state_dir = values[""]["state_dir"] or _default_state_dir(repmgr)
+    return Config(
+        path=path,
+        repmgr=repmgr,
+        vip=vip,
+        privilege_mode=values["privileges"]["mode"],
+        commands=Commands(**values["commands"]),
+        fencing=FencingSettings(**values["fencing"]),
+        remote=RemoteSettings(**values["remote"]),
+        daemon=DaemonSettings(**values["daemon"]),
+        state_dir=Path(state_dir),
+        log_file=Path(values[""]["log_file"] or Path(state_dir) / "repmgr-vip.log"),
+        values=values,
+    )
+
+
+def _same_ip(host: str, vip_ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(vip_ip)
+    except ValueError:
+        return False  # a host name: resolving it could hang on DNS, so it is not compared
+
+
+def _default_state_dir(repmgr: RepmgrConf) -> str:
+    """The data directory's parent: owned by postgres and private to this node."""
+    if repmgr.data_directory:
+        return str(Path(repmgr.data_directory).parent)
+    return str(repmgr.path.parent)
+
+
+def load_config(path: Path, *, check_host: bool = True) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config {path} ({exc.strerror}); pass -c FILE or set {CONFIG_ENV}"
+        ) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from exc
+    return build_config(raw, path, check_host=check_host)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def render_toml(values: Mapping[str, Mapping[str, Any]]) -> str:
+    """Writes a config back as TOML; used by `config` and `init`."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.get("", {}).items()]
+    for section, keys in values.items():
+        if section == "" or not keys:
+            continue
+        lines.append("")
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in keys.items())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,184 @@
+"""repmgr's entry points: what runs when repmgr(d) starts, promotes, follows or reports events.
+
+Each hook logs to our own file (repmgr discards or truncates hook output), holds the node's
+VIP lock while it acts, and returns the exit status repmgr expects: for promote and follow
+that is repmgr's own status, never the VIP step's.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+
+from repmgr_vip import cluster, repmgr
+from repmgr_vip.config import Config
+from repmgr_vip.decide import Action, after_fencing, legitimacy
+from repmgr_vip.errors import ExitCode, VipError
+from repmgr_vip.fencing import fence_others
+from repmgr_vip.lock import vip_lock
+from repmgr_vip.log import LOG
+from repmgr_vip.network import VipNetwork
+
+LOCK_TIMEOUT = 60.0
+PEER_QUERY_TIMEOUT = 2.0
+PRIMARY_EVENTS = frozenset({"standby_promote", "standby_switchover", "repmgrd_failover_promote"})
+STANDBY_EVENTS = frozenset({"node_rejoin", "standby_follow", "repmgrd_failover_follow"})
+HANDLED_EVENTS = PRIMARY_EVENTS | STANDBY_EVENTS
+
+
+def _other_nodes(config: Config) -> list[cluster.NodeRecord]:
+    return [n for n in cluster.registered_nodes(config) if n.node_id != config.repmgr.node_id]
+
+
+def fence_and_acquire(config: Config, network: VipNetwork) -> str:
+    """Release the VIP everywhere else, prove it free, then add and announce it here."""
+    others = _other_nodes(config)
+    report = fence_others(config, network, others)
+    LOG.info("fencing: %s", report.summary())
+    decision = after_fencing(report.answered_by, "refuse", fence_ran=bool(report.fenced))
+    if decision.action is not Action.ACQUIRE:
+        LOG.error("not taking the VIP: %s", decision.reason)
+        return f"VIP not taken: {decision.reason}"
+    added = network.add()
+    network.announce()
+    LOG.info("VIP %s %s and announced", config.vip.cidr, "added" if added else "already held")
+    return f"VIP {config.vip.cidr} held here"
+
+
+def start_repmgrd(config: Config) -> tuple[int, str]:
+    """repmgrd_service_start_command: VIP if legitimate primary, then repmgrd, always both."""
+    network = VipNetwork(config)
+    vip_note = ""
+    try:
+        with vip_lock(config.lock_path, LOCK_TIMEOUT):
+            local = cluster.local_view(config)
+            peers = cluster.query_views(_other_nodes(config), PEER_QUERY_TIMEOUT) if (
+                local.is_primary) else {}
+            decision = legitimacy(local, peers)
+            LOG.info("start-repmgrd: %s: %s", decision.action.value, decision.reason)
+            if decision.action is Action.ACQUIRE:
+                vip_note = fence_and_acquire(config, network)
+            elif decision.action is Action.RELEASE:
+                vip_note = "VIP released" if network.remove() else "VIP not held"
+            else:
+                vip_note = f"VIP untouched: {decision.reason}"
+    except VipError as exc:
+        LOG.error("start-repmgrd: VIP step failed: %s", exc)
+        vip_note = f"VIP step failed: {exc}"
+    try:
+        pid = repmgr.start_repmgrd(config)
+    except VipError as exc:
+        LOG.error("start-repmgrd: %s", exc)
+        return ExitCode.FAILED, f"repmgrd not started: {exc}; {vip_note}"
+    return ExitCode.OK, f"repmgrd running (pid {pid}); {vip_note}"
+
+
+def stop_repmgrd(config: Config) -> tuple[int, str]:
+    """repmgrd_service_stop_command: stops repmgrd and leaves the VIP alone (clients stay up)."""
+    pid = repmgr.stop_repmgrd(config)
+    return ExitCode.OK, f"repmgrd (pid {pid}) stopped" if pid else "repmgrd was not running"
+
+
+def promote(config: Config) -> int:
+    """promote_command: fence, prove the VIP free, promote, and only then take the VIP."""
+    network = VipNetwork(config)
+    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        try:
+            report = fence_others(config, network, _other_nodes(config))
+        except VipError as exc:
+            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+            return ExitCode.REFUSED
+        LOG.info("promote: fencing: %s", report.summary())
+        decision = after_fencing(report.answered_by, config.fencing.when_vip_not_free,
+                                 fence_ran=bool(report.fenced))
+        if decision.action is Action.REFUSE:
+            LOG.error("promote: %s", decision.reason)
+            return ExitCode.REFUSED
+        status = repmgr.run_repmgr(config, "standby", "promote", "--log-to-file")
+        if status != 0:
+            LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken", status)
+            return status
+        if decision.action is Action.PROMOTE_WITHOUT_VIP:
+            LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
+            return status
+        try:
+            network.add()
+            network.announce()
+            LOG.info("promote: VIP %s added and announced", config.vip.cidr)
+        except VipError as exc:
+            LOG.error("promote: promoted, but the VIP step failed: %s", exc)
+        return status
+
+
+def follow(config: Config, upstream_node_id: int) -> int:
+    """follow_command: a standby never holds the VIP; release it, then follow."""
+    network = VipNetwork(config)
+    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        try:
+            if network.remove():
+                LOG.info("follow: VIP %s released", config.vip.cidr)
+        except VipError as exc:
+            LOG.error("follow: could not release the VIP: %s", exc)
+        return repmgr.run_repmgr(config, "standby", "follow", "--log-to-file",
+                                 f"--upstream-node-id={upstream_node_id}")
+
+
+@dataclass(frozen=True)
+class Event:
+    node_id: int
+    name: str
+    success: bool
+    former_primary: int | None
+
+
+def handle_event(config: Config, event: Event) -> str:
+    """event_notification_command: switchover, rejoin and follow move the VIP too.
+
+    It runs synchronously inside the repmgr command that fired it, so it returns quickly for
+    events it does not handle and never waits for a lock held by our own hook.
+    """
+    if event.name not in HANDLED_EVENTS:
+        return f"event {event.name}: ignored"
+    if not event.success:
+        return f"event {event.name}: failed event, ignored"
+    if os.environ.get(repmgr.INSIDE_HOOK_ENV):
+        return f"event {event.name}: handled by the running repmgr-vip hook"
+    network = VipNetwork(config)
+    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        if event.name in STANDBY_EVENTS:
+            removed = network.remove()
+            return f"event {event.name}: " + ("VIP released" if removed else "VIP not held")
+        local = cluster.local_view(config)
+        if not local.is_primary:
+            return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
+        if network.holds():
+            return f"event {event.name}: VIP already held here"
+        return f"event {event.name}: " + fence_and_acquire(config, network)
+
+
+def repmgr_conf_lines(config: Config) -> str:
+    """The repmgr.conf lines that wire repmgr to this tool, with absolute, shell-quoted paths.
+
+    repmgr runs these through a shell (system()), so each word is quoted for the shell and the
+    whole value for repmgr.conf.
+    """
+    base = [config.remote.command, "-c", str(config.path)]
+
+    def value(*args: str) -> str:
+        command = " ".join([shlex.join(base), *args])
+        return "'" + command.replace("'", "''") + "'"
+
+    events = ",".join(sorted(HANDLED_EVENTS))
+    return "\n".join([
+        "# repmgr-vip: add to repmgr.conf on this node, then restart repmgrd.",
+        "# event_notifications lists the events repmgr-vip acts on; keep any of your own.",
+        f"promote_command={value('promote')}",
+        f"follow_command={value('follow', '%n')}",
+        f"repmgrd_service_start_command={value('start-repmgrd')}",
+        f"repmgrd_service_stop_command={value('stop-repmgrd')}",
+        "event_notification_command="
+        + value("event", "--node-id=%n", "--event=%e", "--success=%s", "--former-primary=%p"),
+        f"event_notifications='{events}'",
+        "",
+    ])

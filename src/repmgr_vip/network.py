@@ -1,0 +1,247 @@
+"""The VIP on the local interface: query, add, remove, announce (gratuitous ARP), probe.
+
+Every change is verified by reading the interface back, which makes each action idempotent:
+adding a present address or removing an absent one is success. The privileged command lines
+are built in one place (`PrivilegedCommands`) so that what runs and what `repmgr-vip sudoers`
+allows can never drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from repmgr_vip.config import Config
+from repmgr_vip.errors import CommandFailed
+from repmgr_vip.privileges import effective_mode, privileged
+from repmgr_vip.process import describe, first_line, run
+
+_REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
+QUERY_TIMEOUT = 5.0
+CHANGE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What an RFC 5227 ARP probe for the VIP saw: the MACs of other hosts that answered."""
+
+    answered_by: tuple[str, ...]
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.answered_by)
+
+
+@dataclass(frozen=True)
+class InterfaceState:
+    exists: bool
+    up: bool
+    mac: str
+    addresses: tuple[str, ...]  # "a.b.c.d/len"
+
+
+@dataclass(frozen=True)
+class PrivilegedCommands:
+    """The exact root command lines for one VIP; the single source for running and sudoers."""
+
+    ip: str
+    arping: str
+    cidr: str
+    address: str
+    interface: str
+    announce_count: int
+    probe_count: int
+    probe_timeout: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> PrivilegedCommands:
+        return cls(
+            ip=config.commands.ip,
+            arping=config.commands.arping,
+            cidr=config.vip.cidr,
+            address=config.vip.ip,
+            interface=config.vip.interface,
+            announce_count=config.vip.announce_count,
+            probe_count=config.vip.probe_count,
+            probe_timeout=config.vip.probe_timeout,
+        )
+
+    def add(self) -> list[str]:
+        return [self.ip, "-4", "address", "add", self.cidr, "dev", self.interface]
+
+    def delete(self) -> list[str]:
+        return [self.ip, "-4", "address", "del", self.cidr, "dev", self.interface]
+
+    def announce(self) -> list[str]:
+        return [self.arping, "-U", "-c", str(self.announce_count), "-I", self.interface,
+                self.address]
+
+    def probe(self) -> list[str]:
+        return [self.arping, "-D", "-c", str(self.probe_count), "-w", str(self.probe_timeout),
+                "-I", self.interface, self.address]
+
+    def all(self) -> list[list[str]]:
+        return [self.add(), self.delete(), self.announce(), self.probe()]
+
+
+class VipNetwork:
+    """Adapter over `ip` and `arping` for the configured VIP on this node."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.commands = PrivilegedCommands.from_config(config)
+        self.mode = effective_mode(config.privilege_mode)
+        self._announcer_pid_file = config.state_dir / "repmgr-vip-announce.pid"
+        self._announcer: subprocess.Popen[str] | None = None
+
+    def _privileged(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return run(privileged(argv, self.mode, self.config.commands.sudo), timeout=timeout)
+
+    def interface_state(self) -> InterfaceState:
+        """Unprivileged read of the interface (`ip -j`), exact address comparison later."""
+        iface = self.config.vip.interface
+        result = run([self.config.commands.ip, "-j", "-4", "address", "show", "dev", iface],
+                     timeout=QUERY_TIMEOUT)
+        if result.returncode != 0:
+            return InterfaceState(False, False, "", ())
+        try:
+            links = json.loads(result.stdout or "[]")
+        except json.JSONDecodeError as exc:
+            raise CommandFailed(f"cannot parse `ip -j address show dev {iface}` output") from exc
+        if not links:
+            return InterfaceState(False, False, "", ())
+        link = links[0]
+        addresses = tuple(
+            f"{info['local']}/{info['prefixlen']}"
+            for info in link.get("addr_info", [])
+            if info.get("family") == "inet" and "local" in info
+        )
+        flags = link.get("flags", [])
+        return InterfaceState(True, "UP" in flags and "LOWER_UP" in flags,
+                              str(link.get("address", "")), addresses)
+
+    def held_as(self) -> str | None:
+        """The VIP as configured on the interface ("ip/len"), or None; exact IP match."""
+        for cidr in self.interface_state().addresses:
+            if cidr.split("/", 1)[0] == self.config.vip.ip:
+                return cidr
+        return None
+
+    def holds(self) -> bool:
+        return self.held_as() is not None
+
+    def add(self) -> bool:
+        """Adds the VIP; returns True if this call added it, False if it was already there."""
+        if self.holds():
+            return False
+        result = self._privileged(self.commands.add(), CHANGE_TIMEOUT)
+        if not self.holds():
+            raise CommandFailed(
+                f"could not add {self.config.vip.cidr} to {self.config.vip.interface}: "
+                f"{describe(self.commands.add())} said {first_line(result.stderr)!r}; "
+                "check `repmgr-vip check` (sudo rules, interface)"
+            )
+        return True
+
+    def remove(self) -> bool:
+        """Removes the VIP; returns True if this call removed it, False if it was absent."""
+        self.stop_announcer()
+        held = self.held_as()
+        if held is None:
+            return False
+        if held != self.config.vip.cidr:
+            raise CommandFailed(
+                f"{held} is on {self.config.vip.interface} but the config says "
+                f"{self.config.vip.cidr}; remove it by hand (`ip address del {held} dev "
+                f"{self.config.vip.interface}`) or fix vip.address"
+            )
+        result = self._privileged(self.commands.delete(), CHANGE_TIMEOUT)
+        if self.holds():
+            raise CommandFailed(
+                f"could not remove {self.config.vip.cidr} from {self.config.vip.interface}: "
+                f"{first_line(result.stderr)!r}; check `repmgr-vip check` (sudo rules)"
+            )
+        return True
+
+    def probe(self) -> ProbeResult:
+        """Asks the segment who answers for the VIP (our own kernel never answers our probe)."""
+        timeout = self.config.vip.probe_timeout * self.config.vip.probe_count + CHANGE_TIMEOUT
+        result = self._privileged(self.commands.probe(), timeout)
+        macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(result.stdout)))
+        if result.returncode in (0, 1) and (macs or result.returncode == 0):
+            return ProbeResult(macs)
+        raise CommandFailed(
+            f"ARP probe failed (exit {result.returncode}): "
+            f"{first_line(result.stderr) or first_line(result.stdout)!r}; "
+            "check `repmgr-vip check` (sudo rules, arping)"
+        )
+
+    def announce(self) -> None:
+        """Sends gratuitous ARPs in the background so that callers (hooks) are not held up.
+
+        iputils arping spaces packets by whole seconds; the first one leaves at once. A quick
+        failure (sudo refused, bad interface) is still reported to the caller.
+        """
+        self.stop_announcer()
+        argv = privileged(self.commands.announce(), self.mode, self.config.commands.sudo)
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True, text=True,
+            )
+        except FileNotFoundError as exc:
+            raise CommandFailed(f"{argv[0]} not found; install it or fix [commands]") from exc
+        try:
+            _, stderr = proc.communicate(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            self._announcer = proc
+            self._remember_announcer(proc.pid)
+            return
+        if proc.returncode != 0:
+            raise CommandFailed(
+                f"gratuitous ARP failed (exit {proc.returncode}): {first_line(stderr)!r}; "
+                "check `repmgr-vip check` (sudo rules, arping)"
+            )
+
+    def _remember_announcer(self, pid: int) -> None:
+        # best effort: without the file a release cannot cut a running announcement short
+        with contextlib.suppress(OSError):
+            self._announcer_pid_file.write_text(f"{pid}\n", encoding="ascii")
+
+    def stop_announcer(self) -> None:
+        """Stops announcements still running, so a released VIP is never advertised again."""
+        try:
+            pid = int(self._announcer_pid_file.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return
+        if _is_our_announcer(pid, self.commands.announce()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and _is_our_announcer(pid, self.commands.announce()):
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            self._announcer_pid_file.unlink()
+        if self._announcer is not None:  # reap it, so a long-lived daemon leaves no zombie
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._announcer.wait(timeout=1.0)
+            self._announcer = None
+
+
+def _is_our_announcer(pid: int, announce_argv: list[str]) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    words = [w.decode(errors="replace") for w in cmdline if w]
+    return words[-len(announce_argv):] == announce_argv

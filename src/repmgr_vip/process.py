@@ -1,0 +1,42 @@
+"""Runs helper programs from argument lists, never through a shell."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from repmgr_vip.errors import CommandFailed
+
+
+def run(
+    argv: Sequence[str], *, timeout: float, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs argv to completion; a missing binary or a hang becomes one clear CommandFailed."""
+    try:
+        return subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(
+            f"{argv[0]} not found; install it or set its path in [commands]"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(f"{describe(argv)} did not finish within {timeout:g} s") from exc
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A readable rendering of a command for messages (not for execution)."""
+    return " ".join(argv)
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

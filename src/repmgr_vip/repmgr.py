@@ -1,0 +1,117 @@
+"""Adapter over the repmgr and repmgrd programs (the same binaries repmgr.conf points at)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from repmgr_vip.config import Config
+from repmgr_vip.errors import CommandFailed
+from repmgr_vip.log import LOG
+
+# Set for every repmgr command our hooks start: repmgr runs event_notification_command
+# synchronously inside it, and the event handler must not wait for the lock our hook holds.
+INSIDE_HOOK_ENV = "REPMGR_VIP_INSIDE_HOOK"
+
+
+def _bindir(config: Config) -> str:
+    return (config.repmgr.repmgr_bindir or config.repmgr.pg_bindir).rstrip("/")
+
+
+def repmgr_argv(config: Config, *args: str) -> list[str]:
+    return [config.repmgr.repmgr_binary, "-f", str(config.repmgr.path), *args]
+
+
+def run_repmgr(config: Config, *args: str) -> int:
+    """Runs repmgr to completion (no timeout: repmgr bounds its own waits) and logs its output."""
+    argv = repmgr_argv(config, *args)
+    LOG.info("running %s", " ".join(argv))
+    env = dict(os.environ, **{INSIDE_HOOK_ENV: "1"})
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                env=env, check=False)
+    except FileNotFoundError as exc:
+        raise CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf") from exc
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.strip():
+            LOG.info("repmgr: %s", line.rstrip())
+    LOG.info("%s exited %d", " ".join(args[:2]), result.returncode)
+    return result.returncode
+
+
+def repmgrd_binary(config: Config) -> str:
+    base = _bindir(config)
+    return f"{base}/repmgrd" if base else "repmgrd"
+
+
+def repmgrd_pid_file(config: Config) -> Path | None:
+    configured = config.repmgr.raw.get("repmgrd_pid_file", "")
+    if configured:
+        return Path(configured)
+    try:
+        out = subprocess.run([repmgrd_binary(config), "-f", str(config.repmgr.path),
+                              "--show-pid-file"], capture_output=True, text=True, timeout=10,
+                             check=False, stdin=subprocess.DEVNULL).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return Path(out) if out else None
+
+
+def repmgrd_pid(config: Config) -> int | None:
+    """The running repmgrd's pid for this config, checked against /proc, or None."""
+    pid_file = repmgrd_pid_file(config)
+    if pid_file is None:
+        return None
+    try:
+        pid = int(pid_file.read_text(encoding="ascii").split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if b"repmgrd" in cmdline else None
+
+
+def start_repmgrd(config: Config, timeout: float = 15.0) -> int:
+    """Starts repmgrd daemonized with no inherited stdio, so `repmgr daemon start` never hangs."""
+    running = repmgrd_pid(config)
+    if running is not None:
+        return running
+    argv = [repmgrd_binary(config), "-f", str(config.repmgr.path), "--daemonize"]
+    LOG.info("starting %s", " ".join(argv))
+    # stderr goes to a file, not a pipe: the daemonized child may keep it open for good
+    with tempfile.TemporaryFile() as errors:
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=errors, timeout=timeout, check=False,
+                                    start_new_session=True)
+        except FileNotFoundError as exc:
+            raise CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(f"repmgrd did not daemonize within {timeout:g} s") from exc
+        errors.seek(0)
+        message = errors.read().decode(errors="replace").strip()
+    if result.returncode != 0:
+        raise CommandFailed(f"repmgrd exited {result.returncode}: {message}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = repmgrd_pid(config)
+        if pid is not None:
+            return pid
+        time.sleep(0.05)
+    raise CommandFailed(f"repmgrd started but wrote no pid file within {timeout:g} s; "
+                        "set repmgrd_pid_file in repmgr.conf and see its log_file")
+
+
+def stop_repmgrd(config: Config, timeout: float = 15.0) -> int | None:
+    pid = repmgrd_pid(config)
+    if pid is None:
+        return None
+    os.kill(pid, 15)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and repmgrd_pid(config) == pid:
+        time.sleep(0.05)
+    if repmgrd_pid(config) == pid:
+        raise CommandFailed(f"repmgrd (pid {pid}) did not stop within {timeout:g} s")
+    return pid
