@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.vipconf import hooked_cluster, vip, vip_log
-from tests.lab.lab import PG_BIN, VIP_IP, Lab, Node, VipSampler
+from tests.lab.lab import VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 
@@ -21,9 +21,7 @@ FAILOVER_TIMEOUT = 60.0
 
 def _client_sees_primary(lab: Lab) -> bool:
     """A client connecting through the VIP reaches a node that is not in recovery."""
-    result = lab.run(None, [f"{PG_BIN}/psql", "-h", VIP_IP, "-U", "repmgr", "-d", "repmgr",
-                            "-AtXc", "SELECT pg_is_in_recovery()"],
-                     check=False, timeout=15, env={"PGCONNECT_TIMEOUT": "2"})
+    result = lab.client_psql("SELECT pg_is_in_recovery()", check=False, timeout=5)
     return result.returncode == 0 and result.stdout.strip() == "f"
 
 

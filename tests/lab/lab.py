@@ -882,7 +882,8 @@ include_if_exists = '../postgresql.node.conf'
     def _node_conf(self, n: Node) -> str:
         """Node-specific PostgreSQL settings (kept out of reach of clone and rewind)."""
         return (
-            f"listen_addresses = {_quote_conf(n.ip)}\n"
+            # '*' as on real servers, so that clients reach PostgreSQL through the VIP too
+            "listen_addresses = '*'\n"
             f"unix_socket_directories = {_quote_conf(str(n.socket_dir))}\n"
             f"cluster_name = {_quote_conf(n.name)}\n"
         )
