@@ -25,7 +25,7 @@ install:
 	@$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
 
 lint:
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests demo
 	$(VENV)/bin/mypy
 
 unit:

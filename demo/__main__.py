@@ -50,6 +50,9 @@ def run() -> int:
             _wait(lab, "client writes again", lambda: timeline.outage_after(killed) is not None)
             time.sleep(1.0)
 
+            # pg_rewind reads the new primary's timeline from its control file, which lags
+            # until the first checkpoint after promotion
+            lab.psql(node2, "CHECKPOINT")
             timeline.action("repmgr node rejoin node1 as a standby of node2 (--force-rewind)")
             lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                        timeout=120)

@@ -86,7 +86,7 @@ class Timeline:
     def __enter__(self) -> Timeline:
         self._writer = self.lab.popen(
             None, [sys.executable, str(WRITER), "--host", VIP_IP, "--seconds", "3600"],
-            user="postgres", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            user="postgres", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         for target in (self._sample_vip, self._sample_roles, self._read_writer):
             thread = threading.Thread(target=target, daemon=True)
             thread.start()

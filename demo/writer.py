@@ -7,6 +7,7 @@ benchmark can tell exactly when writes failed and when they came back, and on wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,16 +31,15 @@ def main() -> int:
                 conn = psycopg.connect(host=args.host, dbname="repmgr", user="repmgr",
                                        connect_timeout=1, tcp_user_timeout=1000,
                                        autocommit=True)
-            row = conn.execute("INSERT INTO demo_writes(node) VALUES (inet_server_addr()::text) "
-                               "RETURNING node").fetchone()
-            record = {"t": started, "ok": True, "server": row[0].split("/")[0]}
+            row = conn.execute("INSERT INTO demo_writes(node) "
+                               "VALUES (current_setting('cluster_name')) RETURNING node").fetchone()
+            # a success counts from when it completed: the attempt may have waited for the VIP
+            record = {"t": time.time(), "ok": True, "server": row[0]}
         except Exception as exc:
             record = {"t": started, "ok": False, "error": str(exc).strip()[:120]}
             if conn is not None:
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()
-                except Exception:
-                    pass
             conn = None
         print(json.dumps(record), flush=True)
         time.sleep(max(0.0, args.interval - (time.time() - started)))

@@ -165,6 +165,7 @@ def test_rejoin_after_failover_keeps_vip_off(lab_factory: Callable[..., Lab]) ->
     with VipSampler(lab) as sampler:
         lab.kill_postgres(node1)
         _wait(lab, "VIP on node2", lambda: lab.vip_holders() == ["node2"])
+        lab.psql(node2, "CHECKPOINT")  # pg_rewind reads the timeline from the control file
         result = lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                             check=False, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
