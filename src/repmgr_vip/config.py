@@ -55,8 +55,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "address": (str, None),
         "interface": (str, None),
         "announce_count": (int, 3),
+        "announce_interval": (float, 0.2),
         "probe_count": (int, 2),
-        "probe_timeout": (int, 1),
+        "probe_timeout": (float, 0.3),
     },
     "privileges": {"mode": (str, "auto")},
     "commands": {"ip": (str, ""), "arping": (str, ""), "sudo": (str, ""), "ssh": (str, "")},
@@ -70,7 +71,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "remote": {"command": (str, ""), "config": (str, "")},
     "daemon": {
         "interval": (float, 1.0),
-        "isolation_grace": (float, 2.0),
+        "isolation_grace": (float, 0.0),
+        "conflict_probe_interval": (float, 2.0),
         "on_stop": (str, "keep"),
         "reannounce_interval": (float, 0.0),
         "metrics_address": (str, "127.0.0.1"),
@@ -96,8 +98,9 @@ class VipSettings:
     address: ipaddress.IPv4Interface
     interface: str
     announce_count: int
+    announce_interval: float
     probe_count: int
-    probe_timeout: int
+    probe_timeout: float
 
     @property
     def ip(self) -> str:
@@ -138,6 +141,7 @@ class RemoteSettings:
 class DaemonSettings:
     interval: float
     isolation_grace: float
+    conflict_probe_interval: float
     on_stop: str
     reannounce_interval: float
     metrics_address: str
@@ -260,20 +264,24 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
     values = merge_with_schema(raw, path)
     vip_values = values["vip"]
     vip = VipSettings(address=parse_vip(vip_values["address"]), **{
-        k: vip_values[k] for k in ("interface", "announce_count", "probe_count", "probe_timeout")
+        k: vip_values[k] for k in ("interface", "announce_count", "announce_interval",
+                                   "probe_count", "probe_timeout")
     })
     if not _IFNAME.match(vip.interface):
         raise ConfigError(
             f"vip.interface={vip.interface!r} is not a valid interface name; use e.g. 'eth0'"
         )
-    _positive("vip", vip_values, "announce_count", "probe_count", "probe_timeout")
+    _positive("vip", vip_values, "announce_count", "announce_interval", "probe_count",
+              "probe_timeout")
     _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
     _choice(
         "fencing", "when_vip_not_free", values["fencing"]["when_vip_not_free"], UNFREE_POLICIES
     )
     _positive("fencing", values["fencing"], "fence_timeout", "ssh_connect_timeout",
               "ssh_command_timeout")
-    _positive("daemon", values["daemon"], "interval", "isolation_grace")
+    _positive("daemon", values["daemon"], "interval", "conflict_probe_interval")
+    if values["daemon"]["isolation_grace"] < 0:
+        raise ConfigError("daemon.isolation_grace must be 0 (auto) or more; fix it")
     _choice("daemon", "on_stop", values["daemon"]["on_stop"], STOP_POLICIES)
     for name, binary in values["commands"].items():
         if not os.path.isabs(binary):

@@ -19,6 +19,8 @@ class Action(Enum):
     KEEP = "keep"  # leave things as they are
     REFUSE = "refuse"  # would be unsafe; do nothing and report why
     PROMOTE_WITHOUT_VIP = "promote-without-vip"
+    ANNOUNCE = "announce"  # holding; send gratuitous ARP again
+    FENCE_CONFLICT = "fence-conflict"  # holding, and another host answers too
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,124 @@ def after_fencing(answered_by: tuple[str, ...], policy: str, *, fence_ran: bool)
     if policy == "promote-without-vip":
         return Decision(Action.PROMOTE_WITHOUT_VIP, why + "; promoting without the VIP (policy)")
     return Decision(Action.REFUSE, why + "; refusing to promote (fencing.when_vip_not_free)")
+
+
+# --- the reconciling daemon -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: int
+    node_name: str
+    node_type: str  # primary | standby | witness, as registered
+    view: NodeView
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one daemon cycle knows, gathered before deciding."""
+
+    now: float  # monotonic seconds
+    local: NodeView
+    local_surely_down: bool  # connection refused: PostgreSQL is not running
+    peers: tuple[Peer, ...]  # every other registered, active node
+    holds_vip: bool
+    interface_up: bool
+    foreign_macs: tuple[str, ...] | None  # other hosts answering for the VIP; None: not probed
+    self_fenced: bool  # child_nodes_disconnect_command released the VIP on purpose
+    reannounce_due: bool
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the daemon carries from one cycle to the next."""
+
+    majority_seen_at: float  # monotonic time the cluster majority was last reachable
+    local_failures: int = 0  # consecutive failed local queries
+    max_peer_timeline: int = 0  # highest timeline any peer has shown us
+    self_fenced: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    isolation_grace: float
+    local_failures_to_release: int = 2
+
+
+def _majority(snapshot: Snapshot) -> tuple[bool, str]:
+    voters = 1 + len(snapshot.peers)
+    reachable = 1 + sum(1 for p in snapshot.peers if p.view.reachable)
+    return reachable * 2 > voters, f"{reachable}/{voters} nodes reachable"
+
+
+def _hold_or_acquire(snapshot: Snapshot, why: str) -> Decision:
+    if not snapshot.holds_vip:
+        if not snapshot.interface_up:
+            return Decision(Action.KEEP, f"{why}; interface is down, cannot add the VIP")
+        return Decision(Action.ACQUIRE, f"{why}; VIP missing here")
+    if snapshot.foreign_macs:
+        return Decision(Action.FENCE_CONFLICT, f"{why}; CONFLICT: VIP also answers from "
+                        f"{', '.join(snapshot.foreign_macs)}")
+    if snapshot.reannounce_due:
+        return Decision(Action.ANNOUNCE, f"holding: {why}; periodic announcement")
+    return Decision(Action.KEEP, f"holding: {why}")
+
+
+def _drop(snapshot: Snapshot, why: str) -> Decision:
+    if snapshot.holds_vip:
+        return Decision(Action.RELEASE, why)
+    return Decision(Action.KEEP, f"not holding: {why}")
+
+
+def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[Decision, Memory]:
+    """One reconcile step: should this node hold the VIP right now?
+
+    A healthy primary never loses the VIP to a single failed query; a node that is a standby,
+    a stale primary or cut off from the majority lets it go.
+    """
+    peer_timelines = [p.view.timeline for p in snapshot.peers
+                      if p.view.reachable and p.view.timeline is not None]
+    has_majority, counted = _majority(snapshot)
+    self_fenced = (memory.self_fenced or snapshot.self_fenced) and not has_majority
+    memory = Memory(
+        majority_seen_at=snapshot.now if has_majority else memory.majority_seen_at,
+        local_failures=0 if snapshot.local.reachable else memory.local_failures + 1,
+        max_peer_timeline=max([memory.max_peer_timeline, *peer_timelines]),
+        self_fenced=self_fenced,
+    )
+    local = snapshot.local
+    if not local.reachable:
+        if snapshot.local_surely_down or memory.local_failures >= policy.local_failures_to_release:
+            return _drop(snapshot, f"local PostgreSQL is down ({local.error})"), memory
+        return Decision(Action.KEEP, f"local query failed once ({local.error}); "
+                        "not acting on a single failure"), memory
+    if local.in_recovery:
+        return _drop(snapshot, "local PostgreSQL is a standby"), memory
+    timeline = local.timeline or 0
+    for peer in snapshot.peers:
+        if peer.view.is_primary and (peer.view.timeline or 0) > timeline:
+            return _drop(snapshot, f"{peer.node_name} is primary on newer timeline "
+                         f"{peer.view.timeline} > {timeline}: this is a stale primary"), memory
+    for peer in snapshot.peers:
+        if peer.view.is_primary and (peer.view.timeline or 0) == timeline:
+            why = f"{peer.node_name} is also primary on timeline {timeline}"
+            if snapshot.holds_vip:
+                return Decision(Action.KEEP, f"holding, but {why}: resolve the split brain"), memory
+            return Decision(Action.KEEP, f"not acquiring: {why}"), memory
+    why = f"primary on timeline {timeline}, {counted}"
+    if self_fenced:
+        return _drop(snapshot, f"self-fenced after losing the standbys; {counted}"), memory
+    if has_majority:
+        return _hold_or_acquire(snapshot, why), memory
+    isolated_for = snapshot.now - memory.majority_seen_at
+    if 0 < memory.max_peer_timeline < timeline:
+        # promoted after losing contact: repmgr's election chose this node
+        return _hold_or_acquire(snapshot, why + f", newest timeline (peers last on "
+                                f"{memory.max_peer_timeline})"), memory
+    if isolated_for > policy.isolation_grace:
+        return _drop(snapshot, f"isolated: {counted} for {isolated_for:.1f} s "
+                     f"> isolation_grace {policy.isolation_grace:g} s"), memory
+    if snapshot.holds_vip:
+        return Decision(Action.KEEP, f"holding: {why}; within isolation grace "
+                        f"({isolated_for:.1f}/{policy.isolation_grace:g} s)"), memory
+    return Decision(Action.KEEP, f"not acquiring: {why} is not a majority"), memory

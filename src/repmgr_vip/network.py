@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from repmgr_vip import arp
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
 from repmgr_vip.privileges import effective_mode, privileged
@@ -58,7 +60,7 @@ class PrivilegedCommands:
     interface: str
     announce_count: int
     probe_count: int
-    probe_timeout: int
+    probe_timeout: float
 
     @classmethod
     def from_config(cls, config: Config) -> PrivilegedCommands:
@@ -84,7 +86,9 @@ class PrivilegedCommands:
                 self.address]
 
     def probe(self) -> list[str]:
-        return [self.arping, "-D", "-c", str(self.probe_count), "-w", str(self.probe_timeout),
+        # iputils arping counts its deadline in whole seconds
+        deadline = str(max(1, math.ceil(self.probe_timeout)))
+        return [self.arping, "-D", "-c", str(self.probe_count), "-w", deadline,
                 "-I", self.interface, self.address]
 
     def all(self) -> list[list[str]]:
@@ -172,7 +176,15 @@ class VipNetwork:
 
     def probe(self) -> ProbeResult:
         """Asks the segment who answers for the VIP (our own kernel never answers our probe)."""
-        timeout = self.config.vip.probe_timeout * self.config.vip.probe_count + CHANGE_TIMEOUT
+        vip = self.config.vip
+        if self.mode == "direct":
+            try:
+                return ProbeResult(arp.probe(vip.interface, vip.ip, vip.probe_count,
+                                             vip.probe_timeout))
+            except OSError as exc:
+                raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
+                                    "direct mode needs CAP_NET_RAW") from exc
+        timeout = math.ceil(vip.probe_timeout) * vip.probe_count + CHANGE_TIMEOUT
         result = self._privileged(self.commands.probe(), timeout)
         macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(result.stdout)))
         if result.returncode in (0, 1) and (macs or result.returncode == 0):
@@ -184,12 +196,17 @@ class VipNetwork:
         )
 
     def announce(self) -> None:
-        """Sends gratuitous ARPs in the background so that callers (hooks) are not held up.
+        """Tells the segment that the VIP is here now, so clients drop the old MAC at once.
 
-        iputils arping spaces packets by whole seconds; the first one leaves at once. A quick
-        failure (sudo refused, bad interface) is still reported to the caller.
+        Direct mode sends announce_count packets announce_interval apart and returns. Through
+        sudo, iputils arping spaces packets by whole seconds, so it runs in the background
+        (the first packet leaves at once) and a later release stops it; a quick failure (sudo
+        refused, bad interface) is still reported to the caller.
         """
         self.stop_announcer()
+        if self.mode == "direct":
+            self._announce_direct()
+            return
         argv = privileged(self.commands.announce(), self.mode, self.config.commands.sudo)
         try:
             proc = subprocess.Popen(
@@ -209,6 +226,19 @@ class VipNetwork:
                 f"gratuitous ARP failed (exit {proc.returncode}): {first_line(stderr)!r}; "
                 "check `repmgr-vip check` (sudo rules, arping)"
             )
+
+    def _announce_direct(self) -> None:
+        vip = self.config.vip
+        try:
+            for index in range(vip.announce_count):
+                if index:
+                    time.sleep(vip.announce_interval)
+                    if not self.holds():
+                        return  # released meanwhile: never advertise an address we gave up
+                arp.announce_once(vip.interface, vip.ip)
+        except OSError as exc:
+            raise CommandFailed(f"gratuitous ARP on {vip.interface} failed: {exc.strerror}; "
+                                "direct mode needs CAP_NET_RAW") from exc
 
     def _remember_announcer(self, pid: int) -> None:
         # best effort: without the file a release cannot cut a running announcement short

@@ -319,7 +319,7 @@ def test_switchover_failover_and_rewind(lab_factory: Callable[..., Lab]) -> None
     lab.repmgr(n2, "node", "rejoin", "-d", n1.conninfo, "--force-rewind", timeout=120)
     lab.wait_for(lambda: lab.streaming_count(n1) == 1, 30, what="node2 streams")
     # pg_rewind copies the data directory: node settings must survive it
-    assert lab.psql(n2, "SHOW listen_addresses", dbname="postgres") == n2.ip
+    assert lab.psql(n2, "SHOW cluster_name", dbname="postgres") == n2.name
     lab.wait_for(lambda: lab.psql(n2, "SELECT count(*) FROM lab_smoke") == "1", 10)
     assert lab.timeline(n2) == 3
     # switchover left repmgr's hard-coded /tmp/node-rejoin.*.log; down() removes it

@@ -1,0 +1,97 @@
+"""Gratuitous ARP and RFC 5227 probes on a raw packet socket (needs CAP_NET_RAW).
+
+Used when this process already has the capability (root, or the systemd unit's ambient
+capabilities). iputils arping counts time in whole seconds; here a probe listens for a
+fraction of a second, which is what a LAN needs and what a fast handover wants.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import select
+import socket
+import struct
+import time
+from pathlib import Path
+
+ETH_P_ARP = 0x0806
+BROADCAST = b"\xff" * 6
+ZERO_MAC = b"\x00" * 6
+REQUEST = 1
+REPLY = 2
+
+
+def interface_mac(interface: str) -> bytes:
+    text = Path("/sys/class/net", interface, "address").read_text(encoding="ascii").strip()
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def arp_frame(op: int, src_mac: bytes, sender_ip: bytes, target_mac: bytes, target_ip: bytes,
+              dst_mac: bytes = BROADCAST) -> bytes:
+    """An Ethernet + ARP frame, padded to the 60-byte Ethernet minimum."""
+    ethernet = dst_mac + src_mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + src_mac + sender_ip + target_mac + target_ip
+    return (ethernet + arp).ljust(60, b"\x00")
+
+
+def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes] | None:
+    """(op, sender MAC, sender IP, target IP) of an ARP frame, or None."""
+    if len(frame) < 42 or frame[12:14] != struct.pack("!H", ETH_P_ARP):
+        return None
+    htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", frame[14:22])
+    if (htype, ptype, hlen, plen) != (1, 0x0800, 6, 4):
+        return None
+    return op, frame[22:28], frame[28:32], frame[38:42]
+
+
+def _open(interface: str) -> socket.socket:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    sock.bind((interface, ETH_P_ARP))
+    return sock
+
+
+def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, ...]:
+    """MACs of other hosts that claim `address`: RFC 5227 probes (sender IP 0.0.0.0)."""
+    own = interface_mac(interface)
+    target = ipaddress.IPv4Address(address).packed
+    frame = arp_frame(REQUEST, own, b"\x00" * 4, ZERO_MAC, target)
+    seen: dict[str, None] = {}
+    with _open(interface) as sock:
+        spacing = wait / max(count, 1)
+        deadline = time.monotonic() + wait
+        next_send = time.monotonic()
+        sent = 0
+        while True:
+            now = time.monotonic()
+            if sent < count and now >= next_send:
+                sock.send(frame)
+                sent += 1
+                next_send = now + spacing
+            if now >= deadline and sent >= count:
+                break
+            timeout = max(0.0, min(deadline, next_send if sent < count else deadline) - now)
+            ready, _, _ = select.select([sock], [], [], timeout)
+            if not ready:
+                continue
+            parsed = parse_arp(sock.recv(2048))
+            if parsed is None:
+                continue
+            op, sender_mac, sender_ip, _ = parsed
+            if sender_ip == target and sender_mac != own and op in (REQUEST, REPLY):
+                seen[_mac_text(sender_mac)] = None
+                if op == REPLY:
+                    break  # one answer proves it is in use
+    return tuple(seen)
+
+
+def announce_once(interface: str, address: str) -> None:
+    """One gratuitous ARP request and one reply, so both kinds of neighbours update."""
+    own = interface_mac(interface)
+    ip = ipaddress.IPv4Address(address).packed
+    with _open(interface) as sock:
+        sock.send(arp_frame(REQUEST, own, ip, ZERO_MAC, ip))
+        sock.send(arp_frame(REPLY, own, ip, own, ip))
