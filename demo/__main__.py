@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
+from demo.plot import write_png
 from demo.timeline import Timeline
 from tests.integration.vipconf import hooked_cluster
 from tests.lab.lab import Lab
+
+PICTURE = Path("/tmp/repmgr-vip-demo.png")
 
 
 def _wait(lab: Lab, what: str, predicate: object, timeout: float = 60.0) -> None:
@@ -92,6 +96,9 @@ def run() -> int:
         print()
         print(f"VIP samples: {len(timeline.vip_samples)}, most holders at once: "
               f"{timeline.max_holders}; VIP ends on {final_holders}")
+        print(write_png(timeline, PICTURE, x_label="seconds since the demo started",
+                        title="repmgr-vip demo: failover (node1 killed) and switchover back "
+                        "to node1, 3-node lab"))
         print("RESULT: " + ("PASS: the VIP followed the primary and was never on two nodes"
                             if ok else "FAIL"))
         return 0 if ok else 1

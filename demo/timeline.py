@@ -37,6 +37,8 @@ class Timeline:
     _threads: list[threading.Thread] = field(default_factory=list)
     _writer: subprocess.Popen[str] | None = None
     writes: list[dict[str, object]] = field(default_factory=list)
+    writer_interval: float = 0.05  # the client's pause between writes
+    role_interval: float | None = None  # psql per node per round: the bench samples less often
 
     def note(self, kind: str, text: str, t: float | None = None) -> None:
         self.entries.append(Entry(time.time() if t is None else t, kind, text))
@@ -65,7 +67,7 @@ class Timeline:
                 if last.get(node.name) != role:
                     self.note("role", f"{node.name} is {role}")
                     last[node.name] = role
-            time.sleep(self.interval)
+            time.sleep(self.interval if self.role_interval is None else self.role_interval)
 
     def _read_writer(self) -> None:
         assert self._writer is not None and self._writer.stdout is not None
@@ -85,7 +87,8 @@ class Timeline:
 
     def __enter__(self) -> Timeline:
         self._writer = self.lab.popen(
-            None, [sys.executable, str(WRITER), "--host", VIP_IP, "--seconds", "3600"],
+            None, [sys.executable, str(WRITER), "--host", VIP_IP, "--seconds", "3600",
+                   "--interval", str(self.writer_interval)],
             user="postgres", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         for target in (self._sample_vip, self._sample_roles, self._read_writer):
             thread = threading.Thread(target=target, daemon=True)

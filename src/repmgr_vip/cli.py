@@ -171,6 +171,36 @@ def cmd_repmgr_conf(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from repmgr_vip.daemon import Daemon
+
+    return Daemon(_hook_config(args)).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from repmgr_vip.status import as_json, collect, render
+
+    rows, found = collect(_load(args))
+    print(as_json(rows, found) if args.json else render(rows, found))
+    return ExitCode.FAILED if found else ExitCode.OK
+
+
+def cmd_local_status(args: argparse.Namespace) -> int:
+    import json
+
+    from repmgr_vip.status import local_status
+
+    print(json.dumps(local_status(_load(args))))
+    return ExitCode.OK
+
+
+def cmd_fence_self(args: argparse.Namespace) -> int:
+    from repmgr_vip.hooks import fence_self
+
+    print(fence_self(_hook_config(args)))
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repmgr-vip",
@@ -221,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event", required=True, help="repmgr's %%e")
     p.add_argument("--success", default="1", help="repmgr's %%s")
     p.add_argument("--former-primary", default="", help="repmgr's %%p")
+    add("fence-self", cmd_fence_self, "child_nodes_disconnect_command: this primary lost its "
+        "standbys; release the VIP and keep it off until a majority is back")
+    add("daemon", cmd_daemon, "run the reconcile loop (SIGTERM stops it; see daemon.on_stop)")
+    p = add("status", cmd_status, "one table of every node; exit 1 if there is a conflict")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add("local-status", cmd_local_status, "this node's VIP and daemon state as JSON "
+        "(what `status` asks each node over SSH)")
     return parser
 
 

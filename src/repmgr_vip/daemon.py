@@ -44,6 +44,13 @@ def state_file(config: Config) -> Path:
     return config.state_dir / STATE_FILE
 
 
+def _age(path: Path) -> float | None:
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return None
+
+
 def _surely_down(error: str) -> bool:
     text = error.lower()
     return "refused" in text or "no such file" in text
@@ -142,7 +149,7 @@ class Daemon:
         return Snapshot(
             now=now, local=local, local_surely_down=_surely_down(local.error), peers=peers,
             holds_vip=holds, interface_up=state.up, foreign_macs=foreign,
-            self_fenced=self_fence_marker(self.config).exists(),
+            self_fence_age=_age(self_fence_marker(self.config)),
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
@@ -203,7 +210,7 @@ class Daemon:
             self.state.foreign_macs = snapshot.foreign_macs
         decision, memory = decide_cycle(snapshot, self.state.memory, self.policy)
         self.state = replace(self.state, memory=memory)
-        if snapshot.self_fenced and not memory.self_fenced:
+        if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
                 self_fence_marker(self.config).unlink()
                 LOG.info("majority reachable again: self-fence lifted")

@@ -82,7 +82,7 @@ class Snapshot:
     holds_vip: bool
     interface_up: bool
     foreign_macs: tuple[str, ...] | None  # other hosts answering for the VIP; None: not probed
-    self_fenced: bool  # child_nodes_disconnect_command released the VIP on purpose
+    self_fence_age: float | None  # seconds since child_nodes_disconnect_command fenced us
     reannounce_due: bool
 
 
@@ -93,13 +93,15 @@ class Memory:
     majority_seen_at: float  # monotonic time the cluster majority was last reachable
     local_failures: int = 0  # consecutive failed local queries
     max_peer_timeline: int = 0  # highest timeline any peer has shown us
-    self_fenced: bool = False
+    self_fenced: bool = False  # this cycle's verdict; the daemon lifts the marker when False
 
 
 @dataclass(frozen=True)
 class Policy:
     isolation_grace: float
     local_failures_to_release: int = 2
+    # repmgr saw the standbys go: trust that over our own (possibly older) view for a while
+    self_fence_hold: float = 5.0
 
 
 def _majority(snapshot: Snapshot) -> tuple[bool, str]:
@@ -136,7 +138,8 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     peer_timelines = [p.view.timeline for p in snapshot.peers
                       if p.view.reachable and p.view.timeline is not None]
     has_majority, counted = _majority(snapshot)
-    self_fenced = (memory.self_fenced or snapshot.self_fenced) and not has_majority
+    age = snapshot.self_fence_age
+    self_fenced = age is not None and (age < policy.self_fence_hold or not has_majority)
     memory = Memory(
         majority_seen_at=snapshot.now if has_majority else memory.majority_seen_at,
         local_failures=0 if snapshot.local.reachable else memory.local_failures + 1,
@@ -147,6 +150,10 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     if not local.reachable:
         if snapshot.local_surely_down or memory.local_failures >= policy.local_failures_to_release:
             return _drop(snapshot, f"local PostgreSQL is down ({local.error})"), memory
+        other = next((p for p in snapshot.peers if p.view.is_primary), None)
+        if other is not None:
+            return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and "
+                         f"{other.node_name} is primary"), memory
         return Decision(Action.KEEP, f"local query failed once ({local.error}); "
                         "not acting on a single failure"), memory
     if local.in_recovery:
@@ -168,8 +175,9 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     if has_majority:
         return _hold_or_acquire(snapshot, why), memory
     isolated_for = snapshot.now - memory.majority_seen_at
-    if 0 < memory.max_peer_timeline < timeline:
-        # promoted after losing contact: repmgr's election chose this node
+    if len(snapshot.peers) == 1 and 0 < memory.max_peer_timeline < timeline:
+        # two nodes, no witness: repmgr promotes without a majority, so the node it promoted
+        # after losing contact holds the newest timeline and may keep the VIP
         return _hold_or_acquire(snapshot, why + f", newest timeline (peers last on "
                                 f"{memory.max_peer_timeline})"), memory
     if isolated_for > policy.isolation_grace:

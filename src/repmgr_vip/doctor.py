@@ -112,6 +112,19 @@ def _check_ssh(config: Config, nodes: list[cluster.NodeRecord]) -> Iterator[Chec
         yield from pool.map(attempt, nodes)
 
 
+def _check_isolation_grace(config: Config) -> CheckResult:
+    from repmgr_vip.daemon import effective_isolation_grace
+
+    grace = effective_isolation_grace(config)
+    detection = config.repmgr.reconnect_attempts * config.repmgr.reconnect_interval
+    detail = (f"{grace:g} s; repmgr detects a failed primary after {detection} s "
+              "(reconnect_attempts x reconnect_interval)")
+    if grace >= detection:
+        return CheckResult("isolation grace", True, detail + ": an isolated primary may still "
+                           "hold the VIP when the new one takes it; make it shorter", warning=True)
+    return CheckResult("isolation grace", True, detail)
+
+
 def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
     yield CheckResult("config", True, f"{config.path} (VIP {config.vip.cidr} on "
                       f"{config.vip.interface}, node {config.repmgr.node_id} "
@@ -121,6 +134,7 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("binaries", lambda: _check_binaries(config, network.mode)),
         ("privileges", lambda: _check_privileges(config, network.mode)),
         ("state_dir", lambda: iter([_check_state_dir(config)])),
+        ("isolation grace", lambda: iter([_check_isolation_grace(config)])),
         ("cluster", lambda: _check_cluster(config)),
     ]
     for name, check in checks:

@@ -124,6 +124,22 @@ def follow(config: Config, upstream_node_id: int) -> int:
                                  f"--upstream-node-id={upstream_node_id}")
 
 
+def fence_self(config: Config) -> str:
+    """child_nodes_disconnect_command: a primary that lost its standbys gives the VIP up.
+
+    The marker file tells the daemon not to take it back until a majority is reachable again.
+    """
+    from repmgr_vip.daemon import self_fence_marker
+
+    network = VipNetwork(config)
+    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        self_fence_marker(config).write_text("child nodes disconnected\n", encoding="utf-8")
+        removed = network.remove()
+    message = "self-fenced: VIP released" if removed else "self-fenced: VIP was not held"
+    LOG.warning("%s (child nodes disconnected)", message)
+    return message
+
+
 @dataclass(frozen=True)
 class Event:
     node_id: int
@@ -177,6 +193,7 @@ def repmgr_conf_lines(config: Config) -> str:
         f"follow_command={value('follow', '%n')}",
         f"repmgrd_service_start_command={value('start-repmgrd')}",
         f"repmgrd_service_stop_command={value('stop-repmgrd')}",
+        f"child_nodes_disconnect_command={value('fence-self')}",
         "event_notification_command="
         + value("event", "--node-id=%n", "--event=%e", "--success=%s", "--former-primary=%p"),
         f"event_notifications='{events}'",

@@ -81,3 +81,20 @@ def hooked_cluster(lab: Lab, extra_toml: str = "", *, start: bool = True) -> Non
 def vip_log(node: Node) -> str:
     path = node.dir / "repmgr-vip.log"
     return path.read_text() if path.exists() else ""
+
+
+SETPRIV_AMBIENT = ["/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                   "--inh-caps=+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw"]
+
+
+def start_daemon(lab: Lab, node: Node, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen[str]:
+    """The daemon as the systemd unit runs it: user postgres with ambient CAP_NET_ADMIN/RAW."""
+    return lab.popen(node, [*SETPRIV_AMBIENT, REPMGR_VIP, "-c", str(config_path(node)),
+                            "daemon"], user="root", env=env,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_daemon(proc: subprocess.Popen[str], timeout: float = 10) -> int:
+    proc.terminate()
+    return proc.wait(timeout=timeout)

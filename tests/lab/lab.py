@@ -992,6 +992,18 @@ include_if_exists = '../postgresql.node.conf'
             upstream = ["-h", primary.ip, "-U", REPMGR_USER, "-d", REPMGR_DB]
             self.repmgr(n, *upstream, "standby", "clone", "--fast-checkpoint", timeout=120)
             self.start_postgres(n)
+            # register checks that the standby streams; right after start it may still be
+            # in "catchup", so wait for the primary to see it streaming first
+            self.wait_for(
+                lambda: self.psql(
+                    primary,
+                    "SELECT count(*) FROM pg_stat_replication "
+                    f"WHERE application_name = '{n.name}' AND state = 'streaming'",
+                    dbname="postgres",
+                ) == "1",
+                60,
+                what=f"{n.name} streaming before register",
+            )
             self.repmgr(n, "standby", "register")
 
         def witness_register() -> None:

@@ -1,0 +1,138 @@
+"""`make bench` / `python -m bench`: repeated failovers and switchovers in the lab, as a table.
+
+Environment: BENCH_RUNS=N repetitions per cluster size (default 3 at 3 nodes, 2 at 7),
+BENCH_SIZES=3,7 cluster sizes, BENCH_DAEMON_SECONDS=60 how long the daemon is watched
+(0 skips it). Prints a Markdown table; writes bench/results/latest.json and
+bench/results/failover.png (the first failover at the smallest size).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.report import markdown
+from bench.scenario import daemon_available, measure_daemon, run_repetition
+from tests.integration.vipconf import REPMGR_VIP
+from tests.lab.lab import PG_BIN, list_runs, missing_prerequisites
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_RUNS = {3: 3, 7: 2}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except OSError as exc:
+        return f"unavailable ({exc.strerror})"
+    return (result.stdout or result.stderr).strip().splitlines()[0] if (
+        result.stdout or result.stderr).strip() else ""
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: they mean little without it."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_start": os.getloadavg(),
+        "other_labs_at_start": sorted(list_runs()),
+        "repmgr_vip": _first_line([REPMGR_VIP, "--version"]),
+        "git": _first_line(["git", "-C", str(Path(__file__).parent), "describe", "--always",
+                            "--dirty"]),
+        "repmgr": _first_line([f"{PG_BIN}/repmgr", "--version"]),
+        "postgresql": _first_line([f"{PG_BIN}/postgres", "--version"]),
+        "python": sys.version.split()[0],
+    }
+
+
+def _sizes() -> list[int]:
+    raw = os.environ.get("BENCH_SIZES", "3,7")
+    return [int(part) for part in raw.split(",") if part.strip()]
+
+
+def _runs_for(size: int) -> int:
+    if os.environ.get("BENCH_RUNS"):
+        return int(os.environ["BENCH_RUNS"])
+    return DEFAULT_RUNS.get(size, 2)
+
+
+def main() -> int:
+    missing = missing_prerequisites()
+    if missing:
+        say("bench: cannot build the lab: " + "; ".join(missing) + " (run `make setup` as root)")
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = machine()
+    sizes = _sizes()
+    daemon_seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "60"))
+    say(f"bench: {meta['nproc']} CPUs, kernel {meta['kernel']}, {meta['repmgr_vip']}; "
+        f"sizes {sizes}, runs {[_runs_for(s) for s in sizes]}; other labs running: "
+        f"{len(meta['other_labs_at_start'])}")
+    started = time.monotonic()
+    runs: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    failed: list[dict[str, Any]] = []
+    picture = RESULTS / "failover.png"
+    for size in sizes:
+        for rep in range(1, _runs_for(size) + 1):
+            draw = picture if size == sizes[0] and not runs[size] else None
+            try:
+                runs[size].append(run_repetition(size, rep, say, draw))
+            except Exception as exc:  # one bad run must not lose the others' figures
+                say(f"    run failed: {exc!r}"[:2000])
+                failed.append({"nodes": size, "rep": rep, "error": repr(exc)[:4000],
+                               "traceback": traceback.format_exc()[-4000:]})
+    available, why = daemon_available()
+    daemon: dict[int, dict[str, Any]] = {}
+    for size in sizes:
+        if not available:
+            daemon[size] = {"error": why}
+        elif daemon_seconds <= 0:
+            daemon[size] = {"error": "skipped (BENCH_DAEMON_SECONDS=0)"}
+        else:
+            try:
+                daemon[size] = measure_daemon(size, daemon_seconds, say)
+            except Exception as exc:
+                daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
+    period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
+    table = markdown(runs, daemon, period)
+    meta["loadavg_end"] = os.getloadavg()
+    meta["wall_seconds"] = round(time.monotonic() - started, 1)
+    header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
+              f"{meta['kernel']}, {meta['postgresql']}, {meta['repmgr']}, "
+              f"{meta['repmgr_vip']} ({meta['git']}); load average at start "
+              f"{meta['loadavg_start'][0]:.2f}, other labs running at start: "
+              f"{len(meta['other_labs_at_start'])}; took {meta['wall_seconds']:.0f} s.")
+    (RESULTS / "latest.json").write_text(json.dumps(
+        {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon,
+         "table_markdown": table, "header": header}, indent=2, default=str) + "\n")
+    say("")
+    say(header)
+    say("")
+    say(table)
+    say("")
+    say(f"raw figures: {RESULTS / 'latest.json'}; picture: {picture}")
+    if failed:
+        say(f"{len(failed)} run(s) failed; see 'failed' in latest.json")
+    return 0 if all(runs.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The Markdown table (medians and spreads per cluster size) and how each figure is measured."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # figure name inside its section of a run's result
+    label: str
+    goal: float | None = None  # seconds; a figure meets it when its median is below it
+    note: int = 0  # footnote number
+
+
+FAILOVER_ROWS = (
+    Row("handover_s", "handover: `standby promote` exited → client sees the new MAC", 0.100, 1),
+    Row("outage_s", "client write outage through the VIP", None, 2),
+    Row("repmgr_s", "repmgr's own failure → promotion, same run", None, 3),
+    Row("added_s", "added by repmgr-vip (outage \u2212 repmgr's own)", 0.300, 4),
+    Row("vip_step_s", "VIP step: the hook's time around repmgr", None, 5),
+    Row("fencing_s", "· of which fencing (release elsewhere, ARP proves free)", None, 6),
+    Row("event_hooks_in_promote_s", "· of which our event hook inside `standby promote`", None, 7),
+    Row("client_reconnect_s", "\u00b7 client: new MAC seen \u2192 first write OK", None, 13),
+    Row("hook_startup_s", "hook start-up: process start → fencing begins", 0.150, 8),
+    Row("pre_promote_s", "hook process start → it runs `repmgr standby promote`", None, 12),
+)
+SECTIONS: tuple[tuple[str, str, tuple[Row, ...]], ...] = (
+    ("Failover: old primary's PostgreSQL killed, host alive", "failover_alive", FAILOVER_ROWS),
+    ("Failover: old primary's host cut off (link down, SSH unreachable)", "failover_down",
+     FAILOVER_ROWS),
+    ("Planned switchover (`repmgr standby switchover --siblings-follow`)", "switchover", (
+        Row("outage_s", "client write outage through the VIP", None, 2),
+        Row("duration_s", "the switchover command's own duration", None, 9),
+    )),
+    ("Hook command start-up, no cluster work", "startup", (
+        Row("help_median_s", "`repmgr-vip --help`, wall time", None, 10),
+        Row("hook_imports_s", "importing the promote hook's modules", None, 10),
+    )),
+)
+
+NOTES = {
+    1: "From the `standby promote exited 0` line in the promoting node's repmgr-vip.log to the "
+       "first ARP frame for the VIP carrying that node's MAC, seen by a raw-socket poller in "
+       "the client namespace (bench/arpwatch.py asks every 5 ms; the new holder's gratuitous "
+       "ARP counts too).",
+    2: "Client writer (demo/writer.py, one INSERT through the VIP every 20 ms, connect timeout "
+       "as libpq allows): from the first failed attempt after the fault to the first "
+       "successful one. A failed attempt counts from when it began, a success from when it "
+       "completed.",
+    3: "What repmgr alone takes: from the fault (kill -9 / link down, bench clock) to the "
+       "moment repmgrd starts promote_command (kernel start time of the hook process, "
+       "/proc/PID/stat, 10 ms ticks), plus the run time of `repmgr standby promote` (its "
+       "`running` and `exited` log lines), minus the time our event hook ran inside it.",
+    4: "Row 2 minus row 3 on the same run: everything this project puts between the fault and "
+       "the client writing again, including the client's own reconnect (TCP SYN "
+       "retransmission to a VIP that was briefly nowhere).",
+    5: "Hook process start → `running .../repmgr standby promote` line, plus our event hook "
+       "inside the promote (row 7), plus the handover (row 1).",
+    6: "The duration fence_others measures itself, from the `promote: fencing: ... (N s)` line.",
+    7: "`repmgr-vip event` processes for `standby_promote` that repmgr runs synchronously "
+       "inside `standby promote`: kernel start time to last sighting in /proc (20 ms scans).",
+    8: "Kernel start time of the hook process (10 ms ticks) to the start of fencing (the "
+       "fencing line's time minus its own duration): interpreter, imports, config, lock, "
+       "reading the node list from PostgreSQL.",
+    9: "Wall time of `repmgr standby switchover --siblings-follow` as run by the bench.",
+    10: "bench/startup.py inside a lab node as postgres: median of 10 runs of "
+        "`repmgr-vip --help`; `python -X importtime` of `import repmgr_vip.cli, "
+        "repmgr_vip.hooks` (sum of top-level cumulative times).",
+    11: "`repmgr-vip daemon` on every node of a quiet cluster with the default config: VmRSS "
+        "from /proc/PID/status at the end; CPU = utime+stime of the daemon and the helper "
+        "processes it waited for, over the measuring window, scaled to one hour. Median over "
+        "nodes, min\u2013max across nodes.",
+    12: "The issue's literal definition (`repmgr-vip promote` until it calls repmgr): kernel "
+        "start time of the hook process to its `running .../repmgr ... standby promote` line; "
+        "start-up (row 8) plus fencing (row 6).",
+    13: "From the first ARP frame with the new MAC (row 1) to the client's first successful "
+        "write: the client's TCP connect retrying (SYNs sent while the VIP was on no node "
+        "are retransmitted after 1 s, then 2 s).",
+}
+
+
+def fmt(seconds: float) -> str:
+    if abs(seconds) < 1.0:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def values(runs: list[dict[str, Any]], section: str, key: str) -> list[float]:
+    out = []
+    for run in runs:
+        value = run.get(section, {}).get(key)
+        if isinstance(value, int | float):
+            out.append(float(value))
+    return out
+
+
+def cell(vals: list[float], unit: str = "s") -> str:
+    if not vals:
+        return "n/a"
+    median = statistics.median(vals)
+    show = fmt if unit == "s" else (lambda v: f"{v:.1f} {unit}")
+    if len(vals) == 1:
+        return show(median)
+    return f"{show(median)} ({show(min(vals))}\u2013{show(max(vals))})"
+
+
+def goal_text(row: Row, by_size: dict[int, list[float]]) -> str:
+    if row.goal is None:
+        return ""
+    met = []
+    for _size, vals in sorted(by_size.items()):
+        met.append("n/a" if not vals else ("yes" if statistics.median(vals) < row.goal
+                                           else "no"))
+    return f"< {fmt(row.goal)}: " + " / ".join(met)
+
+
+def daemon_rows(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[str]:
+    lines = []
+    for key, label, unit in (("rss_mib", "resident memory", "MiB"),
+                             ("cpu_s_per_hour", "CPU time per hour", "CPU-s")):
+        cells = []
+        for size in sizes:
+            result = daemon.get(size, {})
+            if "per_node" in result:
+                vals = [float(v[key]) for v in result["per_node"].values()]
+                cells.append(cell(vals, unit))
+            else:
+                cells.append(f"not measured: {result.get('error', 'daemon not available')}")
+        lines.append(f"| {label} [11] | " + " | ".join(cells) + " |  |")
+    return lines
+
+
+def markdown(runs: dict[int, list[dict[str, Any]]], daemon: dict[int, dict[str, Any]],
+             daemon_period: str) -> str:
+    sizes = sorted(runs)
+    head = " | ".join(f"{s} nodes (n={len(runs[s])})" for s in sizes)
+    lines = [f"| figure | {head} | goal: met at " + " / ".join(str(s) for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes) + "---|"]
+    for title, section, rows in SECTIONS:
+        lines.append(f"| **{title}** |" + " |" * len(sizes) + " |")
+        for row in rows:
+            by_size = {s: values(runs[s], section, row.key) for s in sizes}
+            cells = " | ".join(cell(by_size[s]) for s in sizes)
+            lines.append(f"| {row.label} [{row.note}] | {cells} | {goal_text(row, by_size)} |")
+    period = f", period {daemon_period} s" if daemon_period else ""
+    lines.append(f"| **Daemon (`repmgr-vip daemon`, default settings{period})** |"
+                 + " |" * len(sizes) + " |")
+    lines += daemon_rows(daemon, sizes)
+    lines.append("")
+    lines.append("Each cell: median (min\u2013max) over the runs. How each figure is measured:")
+    lines.append("")
+    lines += [f"{n}. {text}" for n, text in NOTES.items()]
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""`repmgr-vip status`: one table of every node, from any node, and any conflict in it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from repmgr_vip import cluster
+from repmgr_vip.config import Config
+from repmgr_vip.daemon import daemon_pid, state_file
+from repmgr_vip.network import VipNetwork
+from repmgr_vip.remote import remote_vip_command, run_remote
+
+PEER_TIMEOUT = 2.0
+
+
+def local_status(config: Config) -> dict[str, Any]:
+    """What only this node can tell: the VIP on its interface and whether its daemon runs."""
+    network = VipNetwork(config)
+    state = network.interface_state()
+    last: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        last = json.loads(state_file(config).read_text(encoding="utf-8"))
+    return {
+        "node_id": config.repmgr.node_id,
+        "holds_vip": any(a.split("/")[0] == config.vip.ip for a in state.addresses),
+        "interface_up": state.up,
+        "daemon_pid": daemon_pid(config),
+        "last_decision": last.get("reason", ""),
+    }
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: int
+    node_name: str
+    node_type: str
+    role: str  # primary | standby | down
+    timeline: int | None
+    reachable: bool
+    holds_vip: bool | None  # None: could not ask the node
+    daemon: bool | None
+    note: str
+
+
+def _remote_status(config: Config, node: cluster.NodeRecord) -> dict[str, Any] | str:
+    if node.node_id == config.repmgr.node_id:
+        return local_status(config)
+    result = run_remote(config, node.host,
+                        remote_vip_command(config, node.node_name, node.node_id, "local-status"),
+                        timeout=config.fencing.ssh_connect_timeout + 5)
+    if not result.ok:
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        return f"ssh: {lines[-1] if lines else 'failed'}"
+    try:
+        data: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        return "ssh: unexpected answer"
+    return data
+
+
+def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
+    nodes = cluster.registered_nodes(config)
+    data_nodes = [n for n in nodes if n.active]
+    with ThreadPoolExecutor(max_workers=max(1, 2 * len(data_nodes))) as pool:
+        views = pool.map(lambda n: cluster.query_view(n.node_id, n.conninfo, PEER_TIMEOUT),
+                         data_nodes)
+        remotes = pool.map(lambda n: _remote_status(config, n), data_nodes)
+        pairs = list(zip(data_nodes, views, remotes, strict=True))
+    rows = []
+    for node, view, remote in pairs:
+        role = "down" if not view.reachable else ("standby" if view.in_recovery else "primary")
+        if isinstance(remote, str):
+            holds, daemon, note = None, None, remote
+        else:
+            holds = bool(remote.get("holds_vip"))
+            daemon = remote.get("daemon_pid") is not None
+            note = str(remote.get("last_decision", ""))
+        rows.append(NodeStatus(node.node_id, node.node_name, node.node_type, role,
+                               view.timeline, view.reachable, holds, daemon, note))
+    return rows, conflicts(rows)
+
+
+def conflicts(rows: list[NodeStatus]) -> list[str]:
+    found = []
+    holders = [r.node_name for r in rows if r.holds_vip]
+    primaries = [r.node_name for r in rows if r.role == "primary"]
+    if len(holders) > 1:
+        found.append(f"VIP held by {len(holders)} nodes: {', '.join(holders)}")
+    if len(primaries) > 1:
+        found.append(f"{len(primaries)} primaries: {', '.join(primaries)}")
+    for row in rows:
+        if row.holds_vip and row.role != "primary":
+            found.append(f"{row.node_name} holds the VIP but is {row.role}")
+    if primaries and not holders and all(r.holds_vip is not None for r in rows):
+        found.append("no node holds the VIP")
+    return found
+
+
+def render(rows: list[NodeStatus], found: list[str]) -> str:
+    def yes(value: bool | None) -> str:
+        return "?" if value is None else ("yes" if value else "no")
+
+    header = ("id", "name", "type", "role", "timeline", "reachable", "VIP", "daemon", "note")
+    table = [header] + [
+        (str(r.node_id), r.node_name, r.node_type, r.role, str(r.timeline or "-"),
+         yes(r.reachable), yes(r.holds_vip), yes(r.daemon), r.note[:60])
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in table]
+    lines.append("conflicts: " + ("; ".join(found) if found else "none"))
+    return "\n".join(lines)
+
+
+def as_json(rows: list[NodeStatus], found: list[str]) -> str:
+    return json.dumps({"nodes": [asdict(r) for r in rows], "conflicts": found}, indent=2)

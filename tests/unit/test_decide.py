@@ -1,0 +1,233 @@
+"""The decision rules, tested directly on plain data (no I/O anywhere in decide.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from repmgr_vip.cluster import NodeView
+from repmgr_vip.decide import (
+    Action,
+    Memory,
+    Peer,
+    Policy,
+    Snapshot,
+    after_fencing,
+    decide_cycle,
+    legitimacy,
+)
+
+POLICY = Policy(isolation_grace=2.0)
+
+
+def primary(node_id: int, timeline: int) -> NodeView:
+    return NodeView(node_id, reachable=True, in_recovery=False, timeline=timeline)
+
+
+def standby(node_id: int, timeline: int) -> NodeView:
+    return NodeView(node_id, reachable=True, in_recovery=True, timeline=timeline)
+
+
+def down(node_id: int, error: str = "timeout expired") -> NodeView:
+    return NodeView(node_id, reachable=False, error=error)
+
+
+def snap(local: NodeView, *peers: NodeView, holds: bool = True, now: float = 100.0,
+         foreign: tuple[str, ...] | None = None, surely_down: bool = False,
+         self_fence_age: float | None = None, reannounce: bool = False) -> Snapshot:
+    return Snapshot(
+        now=now, local=local, local_surely_down=surely_down,
+        peers=tuple(Peer(p.node_id, f"node{p.node_id}", "standby", p) for p in peers),
+        holds_vip=holds, interface_up=True, foreign_macs=foreign, self_fence_age=self_fence_age,
+        reannounce_due=reannounce,
+    )
+
+
+FRESH = Memory(majority_seen_at=100.0)
+
+
+def test_healthy_primary_keeps_and_says_why() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 3), standby(2, 3), standby(3, 3)), FRESH, POLICY)
+    assert decision.action is Action.KEEP
+    assert decision.reason == "holding: primary on timeline 3, 3/3 nodes reachable"
+
+
+def test_primary_without_vip_acquires() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 1), standby(2, 1), holds=False), FRESH, POLICY)
+    assert decision.action is Action.ACQUIRE
+
+
+def test_standby_releases_at_once() -> None:
+    decision, _ = decide_cycle(snap(standby(1, 1), primary(2, 2)), FRESH, POLICY)
+    assert decision.action is Action.RELEASE
+
+
+def test_local_down_for_sure_releases_at_once() -> None:
+    decision, _ = decide_cycle(snap(down(1, "connection refused"), standby(2, 1),
+                                    surely_down=True), FRESH, POLICY)
+    assert decision.action is Action.RELEASE
+
+
+def test_single_failed_local_query_does_not_flap() -> None:
+    first, memory = decide_cycle(snap(down(1), standby(2, 1)), FRESH, POLICY)
+    assert first.action is Action.KEEP
+    second, _ = decide_cycle(snap(down(1), standby(2, 1), now=101), memory, POLICY)
+    assert second.action is Action.RELEASE
+
+
+def test_returning_old_primary_releases() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 1), primary(2, 2), standby(3, 2)), FRESH, POLICY)
+    assert decision.action is Action.RELEASE
+    assert "newer timeline 2 > 1" in decision.reason
+
+
+def test_isolated_primary_waits_out_the_grace_then_releases() -> None:
+    seen = Memory(majority_seen_at=100.0, max_peer_timeline=1)
+    within, memory = decide_cycle(snap(primary(1, 1), down(2), down(3), now=101.5), seen, POLICY)
+    assert within.action is Action.KEEP
+    after, _ = decide_cycle(snap(primary(1, 1), down(2), down(3), now=102.5), memory, POLICY)
+    assert after.action is Action.RELEASE
+    assert "isolated: 1/3 nodes reachable" in after.reason
+
+
+def test_witness_counts_for_the_majority() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 1), down(2), standby(99, 1), now=110), FRESH,
+                               POLICY)
+    assert decision.action is Action.KEEP  # 2 of 3 reachable: witness and self
+
+
+def test_promoted_after_losing_contact_may_hold() -> None:
+    """Two nodes, no witness: the standby repmgr promoted has the newest timeline."""
+    memory = Memory(majority_seen_at=90.0, max_peer_timeline=1)
+    decision, _ = decide_cycle(snap(primary(2, 2), down(1), holds=False, now=110), memory,
+                               POLICY)
+    assert decision.action is Action.ACQUIRE
+
+
+def test_restarted_isolated_daemon_never_trusts_its_own_timeline() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 5), down(2), holds=True, now=110), FRESH, POLICY)
+    assert decision.action is Action.RELEASE
+
+
+def test_conflict_is_reported_while_holding() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 1), standby(2, 1), foreign=("02:aa:bb:cc:dd:ee",)),
+                               FRESH, POLICY)
+    assert decision.action is Action.FENCE_CONFLICT
+    assert "02:aa:bb:cc:dd:ee" in decision.reason
+
+
+def test_self_fence_holds_until_majority_returns() -> None:
+    alone = snap(primary(1, 1), down(2), down(3), holds=False, self_fence_age=60.0)
+    decision, memory = decide_cycle(alone, FRESH, POLICY)
+    assert decision.action is Action.KEEP and "self-fenced" in decision.reason
+    # a fresh marker wins over a view that still shows the majority (it may be seconds old)
+    fresh = snap(primary(1, 1), standby(2, 1), standby(3, 1), holds=False, self_fence_age=1.0)
+    decision, memory = decide_cycle(fresh, memory, POLICY)
+    assert decision.action is Action.KEEP and memory.self_fenced
+    back = snap(primary(1, 1), standby(2, 1), standby(3, 1), holds=False, self_fence_age=60.0)
+    decision, memory = decide_cycle(back, memory, POLICY)
+    assert decision.action is Action.ACQUIRE and not memory.self_fenced
+
+
+def test_same_timeline_second_primary_never_acquires() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 2), primary(2, 2), holds=False), FRESH, POLICY)
+    assert decision.action is Action.KEEP and "also primary" in decision.reason
+
+
+def test_periodic_announcement() -> None:
+    decision, _ = decide_cycle(snap(primary(1, 1), standby(2, 1), reannounce=True), FRESH, POLICY)
+    assert decision.action is Action.ANNOUNCE
+
+
+def test_start_legitimacy() -> None:
+    assert legitimacy(primary(1, 2), {2: standby(2, 2)}).action is Action.ACQUIRE
+    assert legitimacy(primary(1, 1), {2: primary(2, 2)}).action is Action.RELEASE
+    assert legitimacy(primary(1, 2), {2: primary(2, 2)}).action is Action.REFUSE
+    assert legitimacy(standby(1, 2), {}).action is Action.RELEASE
+
+
+def test_after_fencing_policies() -> None:
+    assert after_fencing((), "refuse", fence_ran=False).action is Action.ACQUIRE
+    assert after_fencing(("m",), "refuse", fence_ran=True).action is Action.REFUSE
+    assert after_fencing(("m",), "promote-without-vip",
+                         fence_ran=False).action is Action.PROMOTE_WITHOUT_VIP
+
+
+# --- property: across random clusters and event interleavings, never two holders --------
+
+views = st.sampled_from(["primary", "standby", "down", "refused"])
+
+
+def _view(node_id: int, kind: str, timeline: int) -> NodeView:
+    if kind == "primary":
+        return primary(node_id, timeline)
+    if kind == "standby":
+        return standby(node_id, timeline)
+    return down(node_id, "connection refused" if kind == "refused" else "timeout expired")
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> list[tuple[list[str], list[int], list[list[bool]], float]]:
+    """A sequence of cluster states: roles, timelines, who can reach whom, time step."""
+    nodes = draw(st.integers(min_value=2, max_value=4))
+    steps = draw(st.integers(min_value=1, max_value=25))
+    out = []
+    timelines = [1] * nodes
+    for _ in range(steps):
+        roles = [draw(views) for _ in range(nodes)]
+        for i, role in enumerate(roles):
+            if role == "primary" and draw(st.booleans()):
+                timelines[i] = max(timelines) + 1  # a promotion: a new, higher timeline
+        reach = [[i == j or draw(st.booleans()) for j in range(nodes)] for i in range(nodes)]
+        for i in range(nodes):  # links are symmetric
+            for j in range(i):
+                reach[i][j] = reach[j][i]
+        out.append((roles, list(timelines), reach, draw(st.floats(0.1, 3.0))))
+    return out
+
+
+@settings(max_examples=500, deadline=None)
+@given(worlds())
+def test_random_clusters_never_get_two_holders(world: list[Any]) -> None:
+    """Random roles, promotions, partitions and timing, fed through every node's decision.
+
+    Acting is modelled as the daemon does it: an acquisition first probes ARP, which sees
+    every holder on the same segment (a reachable node). Checked after every step: no two
+    mutually reachable holders; no standby, refused or twice-failed node holds; no holder
+    sees a reachable primary on a newer timeline.
+    """
+    nodes = len(world[0][0])
+    memories = [Memory(majority_seen_at=0.0) for _ in range(nodes)]
+    holding = [False] * nodes
+    failed_before = [False] * nodes
+    now = 0.0
+    for roles, timelines, reach, step in world:
+        now += step
+        for i in range(nodes):
+            local = _view(i + 1, roles[i], timelines[i])
+            peers = [(_view(j + 1, roles[j], timelines[j]) if reach[i][j] else down(j + 1))
+                     for j in range(nodes) if j != i]
+            others = [j for j in range(nodes) if j != i and holding[j] and reach[i][j]]
+            s = snap(local, *peers, holds=holding[i], now=now,
+                     surely_down=roles[i] == "refused",
+                     foreign=tuple(f"mac{j}" for j in others) if holding[i] else None)
+            decision, memories[i] = decide_cycle(s, memories[i], POLICY)
+            if decision.action is Action.ACQUIRE and not others:  # the probe sees holders
+                holding[i] = True
+            elif decision.action is Action.RELEASE:
+                holding[i] = False
+            elif decision.action is Action.FENCE_CONFLICT:
+                for j in others:  # fence_others asks every other node to release
+                    holding[j] = False
+            if roles[i] in ("standby", "refused") or (roles[i] == "down" and failed_before[i]):
+                assert not holding[i], (i, roles, decision)
+            if holding[i]:
+                for j in range(nodes):
+                    if j != i and reach[i][j] and roles[j] == "primary":
+                        assert timelines[j] <= timelines[i], (i, j, roles, timelines)
+            failed_before[i] = roles[i] == "down"
+        for a in range(nodes):  # after every node has run its cycle once
+            for b in range(a):
+                assert not (holding[a] and holding[b] and reach[a][b]), (roles, reach)
