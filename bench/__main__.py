@@ -9,6 +9,7 @@ bench/results/failover.png (the first failover at the smallest size).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -63,6 +64,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def installed_digest() -> str:
+    """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
+    result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
+                            capture_output=True, text=True, check=False)
+    package = Path(result.stdout.strip()).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _sizes() -> list[int]:
     raw = os.environ.get("BENCH_SIZES", "3,7")
     return [int(part) for part in raw.split(",") if part.strip()]
@@ -81,6 +93,7 @@ def main() -> int:
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine()
+    meta["installed_digest_start"] = installed_digest()
     sizes = _sizes()
     daemon_seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "60"))
     say(f"bench: {meta['nproc']} CPUs, kernel {meta['kernel']}, {meta['repmgr_vip']}; "
@@ -114,6 +127,9 @@ def main() -> int:
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
     table = markdown(runs, daemon, period)
     meta["loadavg_end"] = os.getloadavg()
+    meta["installed_digest_end"] = installed_digest()
+    if meta["installed_digest_end"] != meta["installed_digest_start"]:
+        say("WARNING: the installed repmgr-vip changed during the run; figures mix versions")
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
               f"{meta['kernel']}, {meta['postgresql']}, {meta['repmgr']}, "
@@ -123,12 +139,14 @@ def main() -> int:
     (RESULTS / "latest.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon,
          "table_markdown": table, "header": header}, indent=2, default=str) + "\n")
+    (RESULTS / "latest.md").write_text(f"{header}\n\n{table}\n")
     say("")
     say(header)
     say("")
     say(table)
     say("")
-    say(f"raw figures: {RESULTS / 'latest.json'}; picture: {picture}")
+    say(f"raw figures: {RESULTS / 'latest.json'}; table: {RESULTS / 'latest.md'}; "
+        f"picture: {picture}")
     if failed:
         say(f"{len(failed)} run(s) failed; see 'failed' in latest.json")
     return 0 if all(runs.values()) else 1

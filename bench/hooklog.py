@@ -1,7 +1,8 @@
-"""Reads repmgr-vip's own log file on a node: each line's wall-clock time and message.
+"""Reads log files with millisecond times: repmgr-vip's own, and PostgreSQL's.
 
 The hooks write `YYYY-mm-dd HH:MM:SS.mmm [node] LEVEL message`; the lab runs every process with
-TZ=UTC, so the times convert to epoch seconds without guessing a zone.
+TZ=UTC, so the times convert to epoch seconds without guessing a zone. PostgreSQL's lines
+(`log_line_prefix` '%m [%p] ') tell when a promoted server began to accept writes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from time import strptime
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) \[([^\]]+)\] (\w+) (.*)$")
+PG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) UTC \[(\d+)\] (\w+): +(.*)$")
 FENCING_SECONDS = re.compile(r"\((\d+(?:\.\d+)?) s\)\s*$")
 
 
@@ -24,12 +26,13 @@ class LogLine:
     message: str
 
 
-def read_log(path: Path) -> list[LogLine]:
+def read_log(path: Path, line: re.Pattern[str] = LINE) -> list[LogLine]:
+    """Lines of a repmgr-vip log (or, with PG_LINE, a PostgreSQL log) that carry a time."""
     if not path.exists():
         return []
     lines = []
     for raw in path.read_text(errors="replace").splitlines():
-        match = LINE.match(raw)
+        match = line.match(raw)
         if match:
             stamp, millis, node, level, message = match.groups()
             t = timegm(strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.hooklog import LogLine, fencing_seconds, first, read_log
+from bench.hooklog import PG_LINE, LogLine, fencing_seconds, first, read_log
 from bench.procwatch import Proc, ProcWatch
 from demo.timeline import Timeline
 from tests.integration import vipconf
@@ -169,12 +169,14 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
         raise ScenarioError(f"{new.name}: fencing line without a duration")
     arp_new = arp.first_from(new.mac, running)
     outage = tl.outage_after(t0)
-    if arp_new is None or outage is None:
-        raise ScenarioError("no ARP answer from the new primary or no client outage seen")
+    ready = first(read_log(new.pg_log, PG_LINE), r"ready to accept connections", running)
+    if arp_new is None or outage is None or ready is None:
+        raise ScenarioError("no ARP answer from the new primary, no client outage seen, or "
+                            "no 'ready to accept connections' in its PostgreSQL log")
     detection = hook.start - t0
     promote_s = exited - running
     repmgr_own = detection + promote_s - event_s
-    handover = arp_new - exited
+    handover = arp_new - ready.t
     fencing_began = lines["fencing"].t - fencing_s
     result = {
         "old": old.name, "new": new.name, "fault": "link down" if cut else "postmaster killed",
@@ -183,6 +185,7 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
             "hook_started": hook.start - t0,
             "fencing_began": fencing_began - t0,
             "promote_running": running - t0,
+            "postgres_promoted": ready.t - t0,
             "promote_exited": exited - t0,
             "vip_added_logged": lines["added"].t - t0,
             "arp_new_mac": arp_new - t0,
@@ -197,6 +200,7 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
         "promote_s": promote_s,
         "event_hooks_in_promote_s": event_s,
         "handover_s": handover,
+        "after_repmgr_s": arp_new - exited,
         "client_reconnect_s": outage[1] - arp_new,
         "vip_step_s": (running - hook.start) + event_s + handover,
         "repmgr_s": repmgr_own,
@@ -290,7 +294,8 @@ def draw_failover(tl: Timeline, figures: dict[str, Any], path: Path, nodes: int)
         "hook_started": "repmgrd starts promote_command (repmgr-vip promote)",
         "fencing_began": "fencing begins",
         "promote_running": "VIP proven free; repmgr standby promote runs",
-        "promote_exited": "standby promote exited 0",
+        "postgres_promoted": f"PostgreSQL on {figures['new']} accepts writes (its log)",
+        "promote_exited": "repmgr standby promote exited 0",
         "arp_new_mac": f"client sees {figures['new']}'s MAC for the VIP (ARP)",
         "client_ok_again": "client writes OK again",
     }

@@ -54,6 +54,9 @@ def run() -> int:
             _wait(lab, "client writes again", lambda: timeline.outage_after(killed) is not None)
             time.sleep(1.0)
 
+            _wait(lab, "repmgr metadata names node2 primary", lambda: lab.psql(
+                node2, "SELECT node_name FROM repmgr.nodes WHERE type = 'primary' AND active")
+                == "node2")
             # pg_rewind reads the new primary's timeline from its control file, which lags
             # until the first checkpoint after promotion
             lab.psql(node2, "CHECKPOINT")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from dataclasses import dataclass
 
 from repmgr_vip import cluster, repmgr
@@ -22,6 +23,7 @@ from repmgr_vip.network import VipNetwork
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
+PROMOTION_POLL = 0.05
 PRIMARY_EVENTS = frozenset({"standby_promote", "standby_switchover", "repmgrd_failover_promote"})
 STANDBY_EVENTS = frozenset({"node_rejoin", "standby_follow", "repmgrd_failover_follow"})
 HANDLED_EVENTS = PRIMARY_EVENTS | STANDBY_EVENTS
@@ -95,20 +97,48 @@ def promote(config: Config) -> int:
         if decision.action is Action.REFUSE:
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
-        status = repmgr.run_repmgr(config, "standby", "promote", "--log-to-file")
+        run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
+        want_vip = decision.action is Action.ACQUIRE
+        vip_added = want_vip and _add_vip_once_promoted(config, network, run)
+        status = run.finish()
         if status != 0:
-            LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken", status)
+            if vip_added:
+                LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
+                          "recovery: this node is primary and keeps the VIP", status)
+            else:
+                LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken",
+                          status)
             return status
-        if decision.action is Action.PROMOTE_WITHOUT_VIP:
+        if not want_vip:
             LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
-            return status
-        try:
-            network.add()
-            network.announce()
-            LOG.info("promote: VIP %s added and announced", config.vip.cidr)
-        except VipError as exc:
-            LOG.error("promote: promoted, but the VIP step failed: %s", exc)
+        elif not vip_added:
+            _add_vip(config, network)
         return status
+
+
+def _add_vip(config: Config, network: VipNetwork) -> bool:
+    try:
+        network.add()
+        network.announce()
+    except VipError as exc:
+        LOG.error("promote: promoted, but the VIP step failed: %s", exc)
+        return False
+    LOG.info("promote: VIP %s added and announced", config.vip.cidr)
+    return True
+
+
+def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun) -> bool:
+    """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling returns.
+
+    `repmgr standby promote` checks for the promotion once per promote_check_interval (1 s);
+    clients should not wait for that. If PostgreSQL never leaves recovery, nothing is added.
+    """
+    while run.process.poll() is None:
+        if cluster.local_view(config, timeout=1.0).is_primary:
+            LOG.info("promote: PostgreSQL left recovery")
+            return _add_vip(config, network)
+        time.sleep(PROMOTION_POLL)
+    return False
 
 
 def follow(config: Config, upstream_node_id: int) -> int:

@@ -6,7 +6,9 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
@@ -25,21 +27,43 @@ def repmgr_argv(config: Config, *args: str) -> list[str]:
     return [config.repmgr.repmgr_binary, "-f", str(config.repmgr.path), *args]
 
 
-def run_repmgr(config: Config, *args: str) -> int:
-    """Runs repmgr to completion (no timeout: repmgr bounds its own waits) and logs its output."""
+@dataclass
+class RepmgrRun:
+    """A repmgr command running in the background; output goes to a file, not a pipe."""
+
+    args: tuple[str, ...]
+    process: subprocess.Popen[bytes]
+    output: IO[bytes]
+
+    def finish(self) -> int:
+        """Waits (no timeout: repmgr bounds its own waits), logs the output, returns the status."""
+        code = self.process.wait()
+        self.output.seek(0)
+        for line in self.output.read().decode(errors="replace").splitlines():
+            if line.strip():
+                LOG.info("repmgr: %s", line.rstrip())
+        self.output.close()
+        LOG.info("%s exited %d", " ".join(self.args[:2]), code)
+        return code
+
+
+def start_repmgr(config: Config, *args: str) -> RepmgrRun:
     argv = repmgr_argv(config, *args)
     LOG.info("running %s", " ".join(argv))
     env = dict(os.environ, **{INSIDE_HOOK_ENV: "1"})
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by RepmgrRun.finish
     try:
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                env=env, check=False)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=subprocess.STDOUT, env=env)
     except FileNotFoundError as exc:
+        output.close()
         raise CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf") from exc
-    for line in (result.stdout + result.stderr).splitlines():
-        if line.strip():
-            LOG.info("repmgr: %s", line.rstrip())
-    LOG.info("%s exited %d", " ".join(args[:2]), result.returncode)
-    return result.returncode
+    return RepmgrRun(tuple(args), process, output)
+
+
+def run_repmgr(config: Config, *args: str) -> int:
+    """Runs repmgr to completion and logs its output."""
+    return start_repmgr(config, *args).finish()
 
 
 def repmgrd_binary(config: Config) -> str:

@@ -39,6 +39,10 @@ def _upstream_of(lab: Lab, node: Node) -> str | None:
     return match.group(1) if match else None
 
 
+def _registered_primary(lab: Lab, node: Node) -> str:
+    return lab.psql(node, "SELECT node_name FROM repmgr.nodes WHERE type = 'primary' AND active")
+
+
 def _wait(lab: Lab, what: str, predicate: Callable[[], bool], timeout: float = FAILOVER_TIMEOUT
           ) -> float:
     started = time.monotonic()
@@ -165,6 +169,8 @@ def test_rejoin_after_failover_keeps_vip_off(lab_factory: Callable[..., Lab]) ->
     with VipSampler(lab) as sampler:
         lab.kill_postgres(node1)
         _wait(lab, "VIP on node2", lambda: lab.vip_holders() == ["node2"])
+        _wait(lab, "repmgr metadata names node2 primary", lambda: _registered_primary(lab, node2)
+              == "node2")
         lab.psql(node2, "CHECKPOINT")  # pg_rewind reads the timeline from the control file
         result = lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                             check=False, timeout=120)
