@@ -23,7 +23,7 @@ FAILOVER_ROWS = (
     Row("added_s", "added by repmgr-vip (outage \u2212 repmgr's own)", 0.300, 4),
     Row("vip_step_s", "VIP step: the hook's time around repmgr", None, 5),
     Row("fencing_s", "· of which fencing (release elsewhere, ARP proves free)", None, 6),
-    Row("event_hooks_in_promote_s", "· of which our event hook inside `standby promote`", None, 7),
+    Row("event_hooks_in_promote_s", "our event hook inside `standby promote`", None, 7),
     Row("client_reconnect_s", "\u00b7 client: new MAC seen \u2192 first write OK", None, 13),
     Row("hook_startup_s", "hook start-up: process start → fencing begins", 0.150, 8),
     Row("pre_promote_s", "hook process start → it runs `repmgr standby promote`", None, 12),
@@ -39,6 +39,7 @@ SECTIONS: tuple[tuple[str, str, tuple[Row, ...]], ...] = (
     ("Hook command start-up, no cluster work", "startup", (
         Row("help_median_s", "`repmgr-vip --help`, wall time", None, 10),
         Row("hook_imports_s", "importing the promote hook's modules", None, 10),
+        Row("psycopg_import_s", "importing psycopg (the hook reads the node list)", None, 10),
     )),
 )
 
@@ -52,24 +53,28 @@ NOTES = {
        "successful one. A failed attempt counts from when it began, a success from when it "
        "completed.",
     3: "What repmgr alone takes: from the fault (kill -9 / link down, bench clock) to the "
-       "moment repmgrd starts promote_command (kernel start time of the hook process, "
-       "/proc/PID/stat, 10 ms ticks), plus the run time of `repmgr standby promote` (its "
-       "`running` and `exited` log lines), minus the time our event hook ran inside it.",
+       "moment repmgrd starts promote_command (detection and election; kernel start time of "
+       "the hook process, /proc/PID/stat, 10 ms ticks), plus from the hook's `running "
+       ".../repmgr standby promote` line to the promoted server's `ready to accept "
+       "connections` log line. The hook's own time before it calls repmgr is left out.",
     4: "Row 2 minus row 3 on the same run: everything this project puts between the fault and "
        "the client writing again, including the client's own reconnect (TCP SYN "
        "retransmission to a VIP that was briefly nowhere).",
-    5: "Hook process start → `running .../repmgr standby promote` line, plus our event hook "
-       "inside the promote (row 7), plus the handover (row 1).",
+    5: "Hook process start → `running .../repmgr standby promote` line (row 12), plus the "
+       "handover (row 1).",
     6: "The duration fence_others measures itself, from the `promote: fencing: ... (N s)` line.",
     7: "`repmgr-vip event` processes for `standby_promote` that repmgr runs synchronously "
-       "inside `standby promote`: kernel start time to last sighting in /proc (20 ms scans).",
+       "inside `standby promote`: kernel start time to last sighting in /proc (20 ms scans). "
+       "They run after PostgreSQL accepts writes, so they delay repmgr's return and its "
+       "followers, not the clients.",
     8: "Kernel start time of the hook process (10 ms ticks) to the start of fencing (the "
        "fencing line's time minus its own duration): interpreter, imports, config, lock, "
        "reading the node list from PostgreSQL.",
     9: "Wall time of `repmgr standby switchover --siblings-follow` as run by the bench.",
     10: "bench/startup.py inside a lab node as postgres: median of 10 runs of "
-        "`repmgr-vip --help`; `python -X importtime` of `import repmgr_vip.cli, "
-        "repmgr_vip.hooks` (sum of top-level cumulative times).",
+        "`repmgr-vip --help`; `python -X importtime` (sum of top-level cumulative times) of "
+        "`import repmgr_vip.cli, repmgr_vip.hooks`, and of `import psycopg`, which the hook "
+        "loads to read the node list.",
     11: "`repmgr-vip daemon` on every node of a quiet cluster with the default config: VmRSS "
         "from /proc/PID/status at the end; CPU = utime+stime of the daemon and the helper "
         "processes it waited for, over the measuring window, scaled to one hour. Median over "

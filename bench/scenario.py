@@ -175,7 +175,9 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
                             "no 'ready to accept connections' in its PostgreSQL log")
     detection = hook.start - t0
     promote_s = exited - running
-    repmgr_own = detection + promote_s - event_s
+    # repmgr's part: detection and election, then pg_promote until the server accepts writes;
+    # our event hook runs after that, inside repmgr's own wait, and delays no client
+    repmgr_own = detection + (ready.t - running)
     handover = arp_new - ready.t
     fencing_began = lines["fencing"].t - fencing_s
     result = {
@@ -202,7 +204,7 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
         "handover_s": handover,
         "after_repmgr_s": arp_new - exited,
         "client_reconnect_s": outage[1] - arp_new,
-        "vip_step_s": (running - hook.start) + event_s + handover,
+        "vip_step_s": (running - hook.start) + handover,
         "repmgr_s": repmgr_own,
         "outage_s": outage[1] - outage[0],
         "added_s": (outage[1] - outage[0]) - repmgr_own,

@@ -3,7 +3,7 @@
 Every hook is a fresh `repmgr-vip` process started by repmgr(d), so interpreter start and
 imports are paid on each failover. This prints one JSON object: wall times of
 `repmgr-vip --help` and `python -c pass` (the floor), and the import time of the modules the
-promote hook loads (`python -X importtime`). Standard library only.
+promote hook loads (`python -X importtime`), psycopg included. Standard library only.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _wall(argv: list[str], runs: int) -> list[float]:
     return times
 
 
-def _import_times(python: str) -> dict[str, float]:
-    """Cumulative import seconds of each top-level module the hook path imports."""
-    result = subprocess.run([python, "-X", "importtime", "-c", HOOK_MODULES],
+def _import_times(python: str, statement: str) -> dict[str, float]:
+    """Cumulative import seconds of each top-level module the statement imports."""
+    result = subprocess.run([python, "-X", "importtime", "-c", statement],
                             capture_output=True, text=True, check=True)
     top: dict[str, float] = {}
     for line in result.stderr.splitlines():
@@ -54,15 +54,17 @@ def main() -> int:
     _wall([args.command, "--help"], 2)  # warm the page cache, as on a running server
     help_times = _wall([args.command, "--help"], args.runs)
     bare = _wall([python, "-c", "pass"], args.runs)
-    imports = _import_times(python)
+    imports = _import_times(python, HOOK_MODULES)
     ours = sum(v for k, v in imports.items() if k.startswith("repmgr_vip"))
     heaviest = sorted(imports.items(), key=lambda kv: kv[1], reverse=True)[:5]
+    psycopg = _import_times(python, "import psycopg")
     print(json.dumps({
         "help_s": help_times,
         "help_median_s": statistics.median(help_times),
         "python_pass_median_s": statistics.median(bare),
         "hook_imports_s": sum(imports.values()),
         "repmgr_vip_modules_s": ours,
+        "psycopg_import_s": sum(psycopg.values()),
         "heaviest_imports": heaviest,
     }))
     return 0

@@ -10,7 +10,9 @@ power-off), and only silence after that lets the caller proceed.
 
 from __future__ import annotations
 
+import math
 import shlex
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,55 +84,162 @@ def _run_fence_command(config: Config, node: NodeRecord) -> bool:
     return result.returncode == 0
 
 
-def fence_others(config: Config, network: VipNetwork, nodes: Sequence[NodeRecord]) -> FenceReport:
-    started = time.monotonic()
-    report = FenceReport()
-    sessions: dict[str, RemoteSession] = {}
-    for node in nodes:
-        if not node.host:
-            report.failed.append(node.node_name)
-            continue
-        argv = remote_vip_command(config, node.node_name, node.node_id, "release")
-        sessions[node.node_name] = start_remote(config, node.host, argv)
-    deadline = started + config.fencing.ssh_command_timeout
+class Prober(threading.Thread):
+    """Probes ARP for the VIP again and again in the background, keeping every result."""
 
-    def collect() -> None:
-        for name, session in list(sessions.items()):
+    def __init__(self, network: VipNetwork) -> None:
+        super().__init__(daemon=True, name="arp-prober")
+        self.network = network
+        self.stopped = threading.Event()
+        self.changed = threading.Condition()
+        # (started, finished, answered); answered None: the probe itself failed
+        self.results: list[tuple[float, float, tuple[str, ...] | None]] = []
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            started = time.monotonic()
+            answered: tuple[str, ...] | None
+            try:
+                answered = self.network.probe().answered_by
+            except VipError as exc:
+                LOG.error("ARP probe failed: %s", exc)
+                answered = None
+            with self.changed:
+                self.results.append((started, time.monotonic(), answered))
+                self.changed.notify_all()
+            if answered or answered is None:
+                self.stopped.wait(IN_USE_RETRY)
+
+    def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
+        """Who answers, judged by probes that ended after `since`; None if none came in time.
+
+        Silence in a probe that ended after `since` proves the VIP free (a holder's kernel
+        answers at once); an answer counts only from a probe that also started after it.
+        """
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for started, finished, answered in self.results:
+                    if finished < since or answered is None:
+                        continue
+                    if answered == () or started >= since:
+                        return answered
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.is_alive():
+                    return None
+                self.changed.wait(remaining)
+
+    def latest(self) -> tuple[str, ...] | None:
+        with self.changed:
+            return self.results[-1][2] if self.results else None
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class Fencing:
+    """A fencing round: remote releases over SSH racing an ARP prober."""
+
+    def __init__(self, config: Config, network: VipNetwork, nodes: Sequence[NodeRecord]) -> None:
+        self.config = config
+        self.network = network
+        self.nodes = list(nodes)
+        self.started = time.monotonic()
+        self.report = FenceReport()
+        self.confirmed_at: float | None = None
+        self.sessions: dict[str, RemoteSession] = {}
+        for node in self.nodes:
+            if not node.host:
+                self.report.failed.append(node.node_name)
+                continue
+            argv = remote_vip_command(config, node.node_name, node.node_id, "release")
+            self.sessions[node.node_name] = start_remote(config, node.host, argv)
+        self.prober = Prober(network)
+        self.prober.start()
+
+    def _collect(self) -> None:
+        for name, session in list(self.sessions.items()):
             if not session.finished():
                 continue
             result = session.result()
-            del sessions[name]
+            del self.sessions[name]
             if result.ok:
-                report.released.append(name)
+                self.report.released.append(name)
                 LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
             else:
-                report.failed.append(name)
+                self.report.failed.append(name)
                 LOG.warning("node %s: remote release failed (exit %d): %s", name,
                             result.returncode, _last_line(result.stdout))
+        if self.all_confirmed and self.confirmed_at is None:
+            self.confirmed_at = time.monotonic()
 
-    while True:
-        answered = network.probe().answered_by
-        collect()
-        if not answered:
-            report.pending = sorted(sessions)  # they go on by themselves; ARP says free
-            break
-        if not sessions:
-            break
-        if time.monotonic() >= deadline:
-            for name, session in sessions.items():
-                session.kill()
-                report.failed.append(name)
-                LOG.warning("node %s: no answer over SSH within %d s", name,
-                            config.fencing.ssh_command_timeout)
-            sessions.clear()
-            break
-        time.sleep(IN_USE_RETRY)
-    report.answered_by = answered
-    if answered and config.fencing.fence_command:
-        suspects = [n for n in nodes if n.node_name not in report.released] or list(nodes)
-        for node in suspects:
-            if _run_fence_command(config, node):
-                report.fenced.append(node.node_name)
-        report.answered_by = network.probe().answered_by
-    report.seconds = time.monotonic() - started
-    return report
+    @property
+    def all_confirmed(self) -> bool:
+        """Every other registered node said, over SSH, that the VIP is not on it."""
+        return not self.sessions and len(self.report.released) == len(self.nodes)
+
+    def wait(self, *, confirmations_suffice: bool = False) -> FenceReport:
+        """Returns once ARP shows the VIP free, or (if allowed) every node confirmed release.
+
+        Otherwise waits for every SSH session (bounded by ssh_command_timeout) and then runs
+        fence_command for the nodes that did not confirm, and probes again.
+        """
+        deadline = self.started + self.config.fencing.ssh_command_timeout
+        answered: tuple[str, ...] | None = None
+        while True:
+            self._collect()
+            latest = self.prober.latest()
+            if latest == ():
+                answered = ()
+                self.report.pending = sorted(self.sessions)  # they finish on their own
+                break
+            if confirmations_suffice and self.all_confirmed:
+                answered = latest
+                break
+            if not self.sessions and latest is not None:
+                answered = latest
+                break
+            if time.monotonic() >= deadline:
+                for name, session in self.sessions.items():
+                    session.kill()
+                    self.report.failed.append(name)
+                    LOG.warning("node %s: no answer over SSH within %d s", name,
+                                self.config.fencing.ssh_command_timeout)
+                self.sessions.clear()
+                answered = self.prober.latest()
+                break
+            time.sleep(0.02)
+        self.report.answered_by = answered or ()
+        if answered and not (confirmations_suffice and self.all_confirmed) and (
+                self.config.fencing.fence_command):
+            suspects = [n for n in self.nodes
+                        if n.node_name not in self.report.released] or self.nodes
+            for node in suspects:
+                if _run_fence_command(self.config, node):
+                    self.report.fenced.append(node.node_name)
+            fenced_at = time.monotonic()
+            self.report.answered_by = self._proof(fenced_at)
+        self.report.seconds = time.monotonic() - self.started
+        return self.report
+
+    def _proof(self, since: float) -> tuple[str, ...]:
+        timeout = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
+        answered = self.prober.result_since(since, timeout)
+        return answered if answered is not None else ("unknown (probe failed)",)
+
+    def proven_free(self) -> tuple[str, ...]:
+        """Who answers ARP in a probe started after the last confirmation (blocks for it)."""
+        since = self.confirmed_at if self.confirmed_at is not None else self.started
+        return self._proof(since)
+
+    def close(self) -> None:
+        self.prober.stop()
+
+
+def fence_others(config: Config, network: VipNetwork, nodes: Sequence[NodeRecord]) -> FenceReport:
+    """Fences and waits for proof: ARP silence, or fence_command followed by ARP silence."""
+    fencing = Fencing(config, network, nodes)
+    try:
+        return fencing.wait()
+    finally:
+        fencing.close()

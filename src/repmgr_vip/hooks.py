@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from repmgr_vip import cluster, repmgr
 from repmgr_vip.config import Config
 from repmgr_vip.decide import Action, after_fencing, legitimacy
 from repmgr_vip.errors import ExitCode, VipError
-from repmgr_vip.fencing import fence_others
+from repmgr_vip.fencing import Fencing, fence_others
 from repmgr_vip.lock import vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
@@ -83,40 +84,63 @@ def stop_repmgrd(config: Config) -> tuple[int, str]:
 
 
 def promote(config: Config) -> int:
-    """promote_command: fence, prove the VIP free, promote, and only then take the VIP."""
+    """promote_command: fence, prove the VIP free, promote, and only then take the VIP.
+
+    When every other registered node has confirmed over SSH that it released the VIP, the
+    promotion starts at once and the ARP proof runs alongside it; the VIP is still added
+    only after that proof, so a host outside the cluster answering for it keeps it off.
+    """
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
         try:
-            report = fence_others(config, network, _other_nodes(config))
+            fencing = Fencing(config, network, _other_nodes(config))
         except VipError as exc:
             LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
             return ExitCode.REFUSED
-        LOG.info("promote: fencing: %s", report.summary())
-        decision = after_fencing(report.answered_by, config.fencing.when_vip_not_free,
-                                 fence_ran=bool(report.fenced))
-        if decision.action is Action.REFUSE:
-            LOG.error("promote: %s", decision.reason)
-            return ExitCode.REFUSED
-        run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
-        want_vip = decision.action is Action.ACQUIRE
-        vip_added = want_vip and _add_vip_once_promoted(config, network, run)
-        status = run.finish()
-        if status != 0:
-            if vip_added:
-                LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
-                          "recovery: this node is primary and keeps the VIP", status)
-            else:
-                LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken",
-                          status)
-            return status
-        if not want_vip:
-            LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
-        elif not vip_added:
-            _add_vip(config, network)
+        try:
+            return _promote_fenced(config, network, fencing)
+        finally:
+            fencing.close()
+
+
+def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> int:
+    report = fencing.wait(confirmations_suffice=True)
+    LOG.info("promote: fencing: %s", report.summary())
+    proof_pending = not report.vip_free and fencing.all_confirmed
+    answered = () if proof_pending else report.answered_by
+    decision = after_fencing(answered, config.fencing.when_vip_not_free,
+                             fence_ran=bool(report.fenced))
+    if decision.action is Action.REFUSE:
+        LOG.error("promote: %s", decision.reason)
+        return ExitCode.REFUSED
+    run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
+    want_vip = decision.action is Action.ACQUIRE
+    proof = fencing.proven_free if proof_pending else None
+    outcome = _add_vip_once_promoted(config, network, run, proof) if want_vip else None
+    vip_added = outcome is True
+    status = run.finish()
+    if status != 0:
+        if vip_added:
+            LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
+                      "recovery: this node is primary and keeps the VIP", status)
+        else:
+            LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken", status)
         return status
+    if not want_vip:
+        LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
+    elif outcome is None:  # repmgr returned before we saw the promotion
+        _add_vip_if_free(config, network, proof)
+    return status
 
 
-def _add_vip(config: Config, network: VipNetwork) -> bool:
+def _add_vip_if_free(config: Config, network: VipNetwork,
+                     proof: Callable[[], tuple[str, ...]] | None) -> bool:
+    if proof is not None:
+        answered = proof()
+        if answered:
+            LOG.error("promote: every node released the VIP, yet it answers from %s: "
+                      "promoted WITHOUT the VIP; find that host", ", ".join(answered))
+            return False
     try:
         network.add()
         network.announce()
@@ -127,18 +151,20 @@ def _add_vip(config: Config, network: VipNetwork) -> bool:
     return True
 
 
-def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun) -> bool:
+def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun,
+                           proof: Callable[[], tuple[str, ...]] | None) -> bool | None:
     """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling returns.
 
     `repmgr standby promote` checks for the promotion once per promote_check_interval (1 s);
-    clients should not wait for that. If PostgreSQL never leaves recovery, nothing is added.
+    clients should not wait for that. Returns None if repmgr finished before PostgreSQL was
+    seen out of recovery (nothing tried), else whether the VIP was added.
     """
     while run.process.poll() is None:
         if cluster.local_view(config, timeout=1.0).is_primary:
             LOG.info("promote: PostgreSQL left recovery")
-            return _add_vip(config, network)
+            return _add_vip_if_free(config, network, proof)
         time.sleep(PROMOTION_POLL)
-    return False
+    return None
 
 
 def follow(config: Config, upstream_node_id: int) -> int:
