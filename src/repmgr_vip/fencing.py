@@ -147,6 +147,7 @@ class Fencing:
         self.started = time.monotonic()
         self.report = FenceReport()
         self.confirmed_at: float | None = None
+        self.last_finished = self.started  # when the latest SSH session ended
         self.sessions: dict[str, RemoteSession] = {}
         for node in self.nodes:
             if not node.host:
@@ -163,6 +164,7 @@ class Fencing:
                 continue
             result = session.result()
             del self.sessions[name]
+            self.last_finished = time.monotonic()
             if result.ok:
                 self.report.released.append(name)
                 LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
@@ -196,8 +198,9 @@ class Fencing:
             if confirmations_suffice and self.all_confirmed:
                 answered = latest
                 break
-            if not self.sessions and latest is not None:
-                answered = latest
+            if not self.sessions:
+                # judge by a probe that saw the segment after the last release took effect
+                answered = self._proof(self.last_finished)
                 break
             if time.monotonic() >= deadline:
                 for name, session in self.sessions.items():
@@ -206,7 +209,7 @@ class Fencing:
                     LOG.warning("node %s: no answer over SSH within %d s", name,
                                 self.config.fencing.ssh_command_timeout)
                 self.sessions.clear()
-                answered = self.prober.latest()
+                answered = self._proof(time.monotonic())
                 break
             time.sleep(0.02)
         self.report.answered_by = answered or ()
