@@ -35,6 +35,7 @@ def cmd_config(args: argparse.Namespace) -> int:
           f"state_dir {config.state_dir}")
     values = {section: dict(keys) for section, keys in config.values.items()}
     values[""]["state_dir"] = str(config.state_dir)
+    values[""]["log_file"] = str(config.log_file)
     print(render_toml(values), end="")
     return ExitCode.OK
 
