@@ -25,6 +25,7 @@ from repmgr_vip.errors import CommandFailed
 from repmgr_vip.privileges import effective_mode, privileged
 from repmgr_vip.process import describe, first_line, run
 
+_SENT = re.compile(r"Sent (\d+) probe")
 _REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
 QUERY_TIMEOUT = 5.0
 CHANGE_TIMEOUT = 10.0
@@ -184,14 +185,19 @@ class VipNetwork:
             except OSError as exc:
                 raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
                                     "direct mode needs CAP_NET_RAW") from exc
-        timeout = math.ceil(vip.probe_timeout) * vip.probe_count + CHANGE_TIMEOUT
-        result = self._privileged(self.commands.probe(), timeout)
-        macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(result.stdout)))
-        if result.returncode in (0, 1) and (macs or result.returncode == 0):
+        argv = privileged(self.commands.probe(), self.mode, self.config.commands.sudo)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError as exc:
+            raise CommandFailed(f"{argv[0]} not found; install it or fix [commands]") from exc
+        out, err, proven = _listen(proc, self.commands.arping, vip.probe_timeout)
+        macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(out)))
+        if macs or proven:
             return ProbeResult(macs)
         raise CommandFailed(
-            f"ARP probe failed (exit {result.returncode}): "
-            f"{first_line(result.stderr) or first_line(result.stdout)!r}; "
+            f"ARP probe failed (exit {proc.returncode}): "
+            f"{first_line(err) or first_line(out)!r}; "
             "check `repmgr-vip check` (sudo rules, arping)"
         )
 
@@ -263,6 +269,49 @@ class VipNetwork:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._announcer.wait(timeout=1.0)
             self._announcer = None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+    except OSError:
+        return []
+    return [int(word) for word in text.split()]
+
+
+def _listen(proc: subprocess.Popen[str], arping: str, window: float) -> tuple[str, str, bool]:
+    """Lets `arping -D` listen for `window` seconds, then stops it: (stdout, stderr, proven).
+
+    iputils arping waits whole seconds. It is stopped with SIGINT (sudo passes it on) once it
+    has listened for `window` seconds; it then prints how many probes it sent. Silence proves
+    the VIP free only if at least one probe left ("Sent N probes", N >= 1).
+    """
+    deadline = time.monotonic() + CHANGE_TIMEOUT
+    started: float | None = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        if started is None:
+            children = _children(proc.pid)  # sudo with use_pty adds a monitor in between
+            pids = [proc.pid, *children, *(g for c in children for g in _children(c))]
+            if any(_command_name(pid) == os.path.basename(arping) for pid in pids):
+                started = time.monotonic()
+        elif time.monotonic() >= started + window:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    try:
+        out, err = proc.communicate(timeout=CHANGE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    sent = _SENT.search(out)
+    return out, err, bool(sent and int(sent.group(1)) >= 1)
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
 
 
 def _is_our_announcer(pid: int, announce_argv: list[str]) -> bool:
