@@ -154,6 +154,9 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
         if other is not None:
             return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and "
                          f"{other.node_name} is primary"), memory
+        if snapshot.foreign_macs:
+            return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and the "
+                         f"VIP also answers from {', '.join(snapshot.foreign_macs)}"), memory
         return Decision(Action.KEEP, f"local query failed once ({local.error}); "
                         "not acting on a single failure"), memory
     if local.in_recovery:

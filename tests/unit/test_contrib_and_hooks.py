@@ -61,3 +61,21 @@ def test_fence_command_placeholders_never_reach_a_shell() -> None:
     node = NodeRecord(1, "db1; rm -rf /", "primary", True, "host='10.0.0.1 x'", 0)
     argv = fence_command_argv("/usr/local/bin/ipmi-off --host {host} --name {node_name}", node)
     assert argv == ["/usr/local/bin/ipmi-off", "--host", "10.0.0.1 x", "--name", "db1; rm -rf /"]
+
+
+def test_check_warns_when_isolation_grace_is_not_shorter_than_repmgr_detection(
+        write_config: Callable[..., Path]) -> None:
+    from repmgr_vip.config import load_config
+    from repmgr_vip.doctor import _check_isolation_grace
+
+    # the fixture's repmgr.conf: reconnect_attempts=3, reconnect_interval=2 -> 6 s
+    auto = _check_isolation_grace(load_config(write_config()))
+    assert auto.ok and not auto.warning and auto.detail.startswith("3 s")
+    slow = _check_isolation_grace(load_config(_with_daemon(write_config(),
+                                                           "isolation_grace = 6")))
+    assert slow.warning and "make it shorter" in slow.detail
+
+
+def _with_daemon(path: Path, line: str) -> Path:
+    path.write_text(path.read_text() + f"\n[daemon]\n{line}\n")
+    return path

@@ -77,6 +77,12 @@ def test_single_failed_local_query_does_not_flap() -> None:
     assert second.action is Action.RELEASE
 
 
+def test_unanswering_holder_yields_to_another_holder() -> None:
+    decision, _ = decide_cycle(snap(down(1), down(2), foreign=("02:00:00:00:00:02",)), FRESH,
+                               POLICY)
+    assert decision.action is Action.RELEASE
+
+
 def test_returning_old_primary_releases() -> None:
     decision, _ = decide_cycle(snap(primary(1, 1), primary(2, 2), standby(3, 2)), FRESH, POLICY)
     assert decision.action is Action.RELEASE
@@ -188,7 +194,7 @@ def worlds(draw: st.DrawFn) -> list[tuple[list[str], list[int], list[list[bool]]
     return out
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(worlds())
 def test_random_clusters_never_get_two_holders(world: list[Any]) -> None:
     """Random roles, promotions, partitions and timing, fed through every node's decision.
