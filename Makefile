@@ -40,7 +40,7 @@ demo: setup
 clean-labs:
 	/usr/bin/python3 -m tests.lab list
 
-# Timings in the lab: a Markdown table, bench/results/latest.json and failover.png (about 10 min).
+# Timings in the lab: a Markdown table, bench/results/latest.json and failover.png (~7 min).
 # matplotlib only draws the picture; BENCH_RUNS=N repetitions per size (default 3 at 3 nodes,
 # 2 at 7), BENCH_SIZES=3,7, BENCH_DAEMON_SECONDS=60.
 .PHONY: bench

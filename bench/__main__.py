@@ -64,15 +64,28 @@ def machine() -> dict[str, Any]:
     }
 
 
-def installed_digest() -> str:
-    """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
-    result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
-                            capture_output=True, text=True, check=False)
-    package = Path(result.stdout.strip()).parent
+def _digest(package: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(package.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def installed_digest() -> str:
+    """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
+    result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
+                            capture_output=True, text=True, check=False)
+    return _digest(Path(result.stdout.strip()).parent)
+
+
+def measured_version() -> str:
+    """Which code the figures belong to: a commit, when the installed package is exactly it."""
+    checkout = Path(__file__).resolve().parent.parent
+    head = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(checkout), "status", "--porcelain", "--", "src"])
+    if installed_digest() != _digest(checkout / "src" / "repmgr_vip"):
+        return f"installed package differs from the checkout's src (HEAD {head})"
+    return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
 
 
 def _sizes() -> list[int]:
@@ -94,6 +107,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine()
     meta["installed_digest_start"] = installed_digest()
+    meta["measured_version"] = measured_version()
     sizes = _sizes()
     daemon_seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "60"))
     say(f"bench: {meta['nproc']} CPUs, kernel {meta['kernel']}, {meta['repmgr_vip']}; "
@@ -133,7 +147,7 @@ def main() -> int:
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
               f"{meta['kernel']}, {meta['postgresql']}, {meta['repmgr']}, "
-              f"{meta['repmgr_vip']} ({meta['git']}); load average at start "
+              f"{meta['repmgr_vip']} ({meta['measured_version']}); load average at start "
               f"{meta['loadavg_start'][0]:.2f}, other labs running at start: "
               f"{len(meta['other_labs_at_start'])}; took {meta['wall_seconds']:.0f} s.")
     (RESULTS / "latest.json").write_text(json.dumps(

@@ -73,8 +73,8 @@ class ProcWatch:
         boot = _boot_wall()
         with self._lock:
             running = [(key, proc) for key, proc in self.procs.items() if not proc.ended]
-        for (pid, ticks), proc in running:
-            if pid in live and _start_ticks(pid) == ticks:
+        for (pid, started), proc in running:
+            if pid in live and _start_ticks(pid) == started:
                 proc.last_seen = now
             else:
                 proc.ended = True

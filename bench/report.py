@@ -16,17 +16,17 @@ class Row:
 
 
 FAILOVER_ROWS = (
-    Row("handover_s", "handover: PostgreSQL promoted → client sees the new MAC", 0.100, 1),
-    Row("after_repmgr_s", "`standby promote` exited → client sees the new MAC", None, 14),
+    Row("handover_s", "handover: PostgreSQL promoted \u2192 client sees the new MAC", 0.100, 1),
+    Row("after_repmgr_s", "`standby promote` exited \u2192 client sees the new MAC", None, 14),
     Row("outage_s", "client write outage through the VIP", None, 2),
-    Row("repmgr_s", "repmgr's own failure → promotion, same run", None, 3),
+    Row("repmgr_s", "repmgr's own failure \u2192 promotion, same run", None, 3),
     Row("added_s", "added by repmgr-vip (outage \u2212 repmgr's own)", 0.300, 4),
     Row("vip_step_s", "VIP step: the hook's time around repmgr", None, 5),
-    Row("fencing_s", "· of which fencing (release elsewhere, ARP proves free)", None, 6),
+    Row("hook_startup_s", "\u00b7 hook start-up: process start \u2192 fencing begins", 0.150, 8),
+    Row("fencing_s", "\u00b7 fencing (release elsewhere, ARP proves free)", None, 6),
+    Row("pre_promote_s", "hook process start \u2192 it runs `repmgr standby promote`", None, 12),
+    Row("client_reconnect_s", "client: new MAC seen \u2192 first write OK", None, 13),
     Row("event_hooks_in_promote_s", "our event hook inside `standby promote`", None, 7),
-    Row("client_reconnect_s", "\u00b7 client: new MAC seen \u2192 first write OK", None, 13),
-    Row("hook_startup_s", "hook start-up: process start → fencing begins", 0.150, 8),
-    Row("pre_promote_s", "hook process start → it runs `repmgr standby promote`", None, 12),
 )
 SECTIONS: tuple[tuple[str, str, tuple[Row, ...]], ...] = (
     ("Failover: old primary's PostgreSQL killed, host alive", "failover_alive", FAILOVER_ROWS),
@@ -61,7 +61,7 @@ NOTES = {
        "the client writing again, including the client's own reconnect (TCP SYN "
        "retransmission to a VIP that was briefly nowhere).",
     5: "Hook process start → `running .../repmgr standby promote` line (row 12), plus the "
-       "handover (row 1).",
+       "handover (row 1). Row 4 is this plus the client's reconnect (row 13).",
     6: "The duration fence_others measures itself, from the `promote: fencing: ... (N s)` line.",
     7: "`repmgr-vip event` processes for `standby_promote` that repmgr runs synchronously "
        "inside `standby promote`: kernel start time to last sighting in /proc (20 ms scans). "
@@ -93,18 +93,19 @@ NOTES = {
 
 
 def fmt(seconds: float) -> str:
-    if abs(seconds) < 1.0:
-        return f"{seconds * 1000:.0f} ms"
-    return f"{seconds:.2f} s"
+    text = f"{seconds * 1000:.0f} ms" if abs(seconds) < 1.0 else f"{seconds:.2f} s"
+    return text.replace("-", "\u2212")
 
 
 def _spread(median: float, low: float, high: float) -> str:
-    """`20 ms (14\u201321)`: one unit for all three where they share it."""
-    if max(abs(median), abs(low), abs(high)) < 1.0:
-        return f"{median * 1000:.0f} ms ({low * 1000:.0f}\u2013{high * 1000:.0f})"
-    if min(abs(median), abs(low), abs(high)) >= 1.0:
-        return f"{median:.2f} s ({low:.2f}\u2013{high:.2f})"
-    return f"{fmt(median)} ({fmt(low)}\u2013{fmt(high)})"
+    """`20 ms (14\u201321)`: the median's unit for all three; `to` where a sign would clash."""
+    scale, unit, digits = (1000.0, "ms", 0) if abs(median) < 1.0 else (1.0, "s", 2)
+
+    def num(value: float) -> str:
+        return f"{value * scale:.{digits}f}".replace("-", "\u2212")
+
+    joint = "\u2013" if low >= 0 else " to "
+    return f"{num(median)} {unit} ({num(low)}{joint}{num(high)})"
 
 
 def values(runs: list[dict[str, Any]], section: str, key: str) -> list[float]:

@@ -211,7 +211,7 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, *, cut: bo
     }
     say(f"    {result['fault']}: {old.name} -> {new.name}: outage {result['outage_s']:.2f} s, "
         f"repmgr {repmgr_own:.2f} s, handover {handover * 1000:.0f} ms, "
-        f"fencing {fencing_s:.2f} s, hook start-up {result['hook_startup_s'] * 1000:.0f} ms")
+        f"fencing {fencing_s:.2f} s, hook start-up {(fencing_began - hook.start) * 1000:.0f} ms")
     return result
 
 
