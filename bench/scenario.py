@@ -41,15 +41,6 @@ ROLE_INTERVAL = 0.25
 Say = Callable[[str], None]
 
 
-class BenchLab(Lab):
-    """The test lab with room for 7 nodes: six standbys cloned at once need 2 WAL senders each
-    (pg_basebackup -X stream), more than the lab's max_wal_senders = 10."""
-
-    def _postgresql_conf(self) -> str:
-        # a repeated setting: PostgreSQL takes the last one
-        return super()._postgresql_conf() + "max_wal_senders = 20\nmax_replication_slots = 20\n"
-
-
 class ScenarioError(RuntimeError):
     """A repetition did not go as a failover or switchover should; its figures are unusable."""
 
@@ -257,7 +248,7 @@ def run_repetition(nodes: int, rep: int, say: Say,
                    picture: Path | None = None) -> dict[str, Any]:
     """A fresh lab, the four steps, the figures; draws the first failover if asked."""
     started = time.time()
-    with BenchLab(nodes=nodes) as lab:
+    with Lab(nodes=nodes) as lab:
         say(f"  [{nodes} nodes, run {rep}] lab {lab.prefix} up in {lab.timings['up']:.1f} s")
         node1 = lab.nodes[0]
         lab.psql(node1, "CREATE TABLE demo_writes(id bigserial PRIMARY KEY, "
@@ -381,7 +372,7 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
     /proc/PID/stat, over `seconds` after a warm-up; per hour is that rate times 3600.
     """
     clk = os.sysconf("SC_CLK_TCK")
-    with BenchLab(nodes=nodes) as lab:
+    with Lab(nodes=nodes) as lab:
         hooked_cluster(lab)
         _wait(lab, "VIP on node1", lambda: lab.vip_holders() == ["node1"])
         config = subprocess.run([REPMGR_VIP, "-c", str(config_path(lab.nodes[0])), "config"],

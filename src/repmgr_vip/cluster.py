@@ -8,9 +8,13 @@ answer is recorded as unreachable rather than raising.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from repmgr_vip.config import Config
@@ -25,6 +29,8 @@ SELECT pg_is_in_recovery(),
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
        END
 """
+
+NODES_CACHE = "repmgr-vip-nodes.json"
 
 NODES_QUERY = """
 SELECT node_id, node_name, type, active, conninfo, COALESCE(upstream_node_id, 0)
@@ -93,8 +99,32 @@ def registered_nodes(config: Config, timeout: float = 3.0) -> list[NodeRecord]:
             f"cannot read repmgr.nodes through conninfo of {config.repmgr.path}: "
             f"{_one_line(exc)}; is the local PostgreSQL running and the node registered?"
         ) from exc
-    return [NodeRecord(int(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]), int(r[5]))
-            for r in rows]
+    records = [NodeRecord(int(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]), int(r[5]))
+               for r in rows]
+    _remember(config, records)
+    return records
+
+
+def _cache_path(config: Config) -> Path:
+    return config.state_dir / NODES_CACHE
+
+
+def _remember(config: Config, records: list[NodeRecord]) -> None:
+    """Keeps the node list on disk so a hook can start fencing before PostgreSQL answers."""
+    path = _cache_path(config)
+    tmp = path.with_name(path.name + f".{os.getpid()}")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps([asdict(r) for r in records]), encoding="utf-8")
+        tmp.replace(path)
+
+
+def cached_nodes(config: Config) -> list[NodeRecord]:
+    """The node list as last read from repmgr.nodes on this node; empty if never read."""
+    try:
+        data = json.loads(_cache_path(config).read_text(encoding="utf-8"))
+        return [NodeRecord(**item) for item in data]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def query_views(nodes: Iterable[NodeRecord], timeout: float) -> dict[int, NodeView]:

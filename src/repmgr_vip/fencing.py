@@ -149,14 +149,26 @@ class Fencing:
         self.confirmed_at: float | None = None
         self.last_finished = self.started  # when the latest SSH session ended
         self.sessions: dict[str, RemoteSession] = {}
+        self.asked: set[str] = set()
+        self.expect(self.nodes)
+        self.prober = Prober(network)
+        self.prober.start()
+
+    def expect(self, nodes: Sequence[NodeRecord]) -> None:
+        """Sets the nodes that must release (the fresh node list) and asks any not yet asked.
+
+        A hook may start with the cached list and correct it once PostgreSQL answers.
+        """
+        self.nodes = list(nodes)
         for node in self.nodes:
+            if node.node_name in self.asked:
+                continue
+            self.asked.add(node.node_name)
             if not node.host:
                 self.report.failed.append(node.node_name)
                 continue
-            argv = remote_vip_command(config, node.node_name, node.node_id, "release")
-            self.sessions[node.node_name] = start_remote(config, node.host, argv)
-        self.prober = Prober(network)
-        self.prober.start()
+            argv = remote_vip_command(self.config, node.node_name, node.node_id, "release")
+            self.sessions[node.node_name] = start_remote(self.config, node.host, argv)
 
     def _collect(self) -> None:
         for name, session in list(self.sessions.items()):
@@ -178,7 +190,8 @@ class Fencing:
     @property
     def all_confirmed(self) -> bool:
         """Every other registered node said, over SSH, that the VIP is not on it."""
-        return not self.sessions and len(self.report.released) == len(self.nodes)
+        released = set(self.report.released)
+        return bool(self.nodes) and all(n.node_name in released for n in self.nodes)
 
     def wait(self, *, confirmations_suffice: bool = False) -> FenceReport:
         """Returns once ARP shows the VIP free, or (if allowed) every node confirmed release.

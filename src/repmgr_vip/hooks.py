@@ -92,13 +92,16 @@ def promote(config: Config) -> int:
     """
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        # start releasing at once with the node list cached on disk, then correct it from
+        # repmgr.nodes: a failover should not wait for the PostgreSQL driver to load
+        cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
+        fencing = Fencing(config, network, cached)
         try:
-            fencing = Fencing(config, network, _other_nodes(config))
+            fencing.expect(_other_nodes(config))
+            return _promote_fenced(config, network, fencing)
         except VipError as exc:
             LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
             return ExitCode.REFUSED
-        try:
-            return _promote_fenced(config, network, fencing)
         finally:
             fencing.close()
 

@@ -860,8 +860,8 @@ class Lab:
 port = {PG_PORT}
 wal_level = replica
 hot_standby = on
-max_wal_senders = 10
-max_replication_slots = 10
+max_wal_senders = 20  # 7 nodes: six clones at once, 2 senders each
+max_replication_slots = 20
 wal_log_hints = on
 wal_keep_size = '128MB'
 shared_preload_libraries = 'repmgr'
