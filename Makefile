@@ -35,6 +35,7 @@ test: setup lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
+	@$(PY) -m pip install -q matplotlib >/dev/null
 	$(PY) -m demo
 
 clean-labs:

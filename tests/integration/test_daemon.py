@@ -4,6 +4,7 @@ stopped PostgreSQL, daemon restarts. A sampler watches every node throughout."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -19,6 +20,7 @@ from tests.integration.vipconf import (
     stop_daemon,
     vip,
     vip_log,
+    write_vip_config,
 )
 from tests.lab.lab import VIP, VIP_IP, Lab, Node, VipSampler
 
@@ -196,3 +198,25 @@ def test_fence_self_from_child_nodes_disconnect(cluster3: Cluster) -> None:
 
 def test_setpriv_is_available() -> None:
     assert subprocess.run(["/usr/bin/setpriv", "--help"], capture_output=True).returncode == 0
+
+
+def test_sigint_with_on_stop_release_gives_the_vip_up(cluster3: Cluster) -> None:
+    lab = cluster3.lab
+    node1 = lab.nodes[0]
+    stop_daemon(cluster3.daemons["node1"])
+    write_vip_config(lab, node1, "[daemon]\non_stop = \"release\"\n")
+    cluster3.daemons["node1"] = start_daemon(lab, node1)
+    pid = cluster3.daemons["node1"].pid  # ip netns exec, setpriv and the script all exec
+
+    def new_daemon_cycled() -> bool:
+        try:
+            state = json.loads((node1.dir / "repmgr-vip-daemon.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(state["pid"] == pid and state["holds_vip"])
+
+    _wait(lab, "the restarted daemon holds the VIP", new_daemon_cycled, 15)
+    cluster3.daemons["node1"].send_signal(signal.SIGINT)
+    assert cluster3.daemons["node1"].wait(timeout=10) == 0
+    assert not _has_vip(lab, node1)
+    assert "released the VIP on stop (daemon.on_stop = release)" in vip_log(node1)
