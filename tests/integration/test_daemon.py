@@ -44,6 +44,15 @@ def _never_during(lab: Lab, predicate: Callable[[], bool], seconds: float) -> No
         time.sleep(0.05)
 
 
+def _metrics(lab: Lab, node: Node) -> str:
+    """The node's Prometheus endpoint as seen from inside its namespace ("" if it is not up)."""
+    python = str(Path(REPMGR_VIP).with_name("python"))
+    get = ("import urllib.request;print(urllib.request.urlopen("
+           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
+    fetch = lab.run(node, [python, "-c", get], check=False)
+    return fetch.stdout if fetch.returncode == 0 else ""
+
+
 class Cluster:
     """A lab with hooks wired, repmgrd started, and the daemon on every node."""
 
@@ -113,20 +122,12 @@ def test_daemon_kill_and_restart_does_not_flap(cluster3: Cluster) -> None:
 def test_metrics_status_and_sigterm(cluster3: Cluster) -> None:
     lab = cluster3.lab
     node1, node2, _ = lab.nodes
-    python = str(Path(REPMGR_VIP).with_name("python"))
-    get = ("import urllib.request;print(urllib.request.urlopen("
-           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
-
-    def metrics() -> str:
-        fetch = lab.run(node1, [python, "-c", get], check=False)
-        return fetch.stdout if fetch.returncode == 0 else ""
-
     _wait(lab, "metrics with both peers reachable",
-          lambda: "repmgr_vip_peers_reachable 2.0" in metrics(), 10)
-    fetch = lab.run(node1, [python, "-c", get])
-    assert "repmgr_vip_held 1.0" in fetch.stdout
-    assert 'repmgr_vip_role{role="primary"} 1.0' in fetch.stdout
-    assert "repmgr_vip_peers_reachable 2.0" in fetch.stdout
+          lambda: "repmgr_vip_peers_reachable 2.0" in _metrics(lab, node1), 10)
+    fetch = _metrics(lab, node1)
+    assert "repmgr_vip_held 1.0" in fetch
+    assert 'repmgr_vip_role{role="primary"} 1.0' in fetch
+    assert "repmgr_vip_peers_reachable 2.0" in fetch
     status = vip(lab, node2, "status", "--json")
     assert status.returncode == 0, status.stdout + status.stderr
     rows = {r["node_name"]: r for r in json.loads(status.stdout)["nodes"]}
@@ -216,3 +217,21 @@ def test_sigint_with_on_stop_release_gives_the_vip_up(cluster3: Cluster) -> None
     assert cluster3.daemons["node1"].wait(timeout=10) == 0
     assert not _has_vip(lab, node1)
     assert "released the VIP on stop (daemon.on_stop = release)" in vip_log(node1)
+
+
+def test_conflict_is_reported_and_fenced(cluster3: Cluster) -> None:
+    """Someone adds the VIP by hand on a standby whose daemon is stopped: the holder notices
+    another MAC answering, says so loudly (log, metric) and has the other node release it."""
+    lab = cluster3.lab
+    node1, node2, _ = lab.nodes
+    stop_daemon(cluster3.daemons["node2"])
+    lab.run(node2, ["ip", "-4", "address", "add", VIP, "dev", "eth0"], user="root")
+    _wait(lab, "node2's copy fenced away by node1", lambda: not _has_vip(lab, node2), 30)
+    _wait(lab, "node1 logs the conflict fencing",
+          lambda: "conflict fencing: released on" in vip_log(node1), 15)
+    assert _has_vip(lab, node1)
+    log = vip_log(node1)
+    assert "VIP CONFLICT" in log and node2.mac in log, log
+    metrics = _metrics(lab, node1)
+    assert "repmgr_vip_conflicts_total 0.0" not in metrics
+    assert 'repmgr_vip_actions_total{action="fence"}' in metrics
