@@ -15,19 +15,20 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from repmgr_vip import cluster
 from repmgr_vip.config import Config
 from repmgr_vip.decide import Action, Decision, Memory, Peer, Policy, Snapshot, decide_cycle
-from repmgr_vip.errors import CommandFailed, VipError
+from repmgr_vip.errors import VipError
 from repmgr_vip.fencing import fence_others
-from repmgr_vip.lock import vip_lock
+from repmgr_vip.lock import LockBusy, vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
 from repmgr_vip.network import VipNetwork
+from repmgr_vip.process import alive
 
 PEER_TIMEOUT = 2.0
 STATE_FILE = "repmgr-vip-daemon.json"
@@ -93,7 +94,6 @@ class DaemonState:
     last_probe: float = 0.0
     last_announce: float = 0.0
     last_conflict_fence: float = 0.0
-    foreign_macs: tuple[str, ...] = ()
 
 
 class Daemon:
@@ -137,7 +137,7 @@ class Daemon:
                            self.watchers[r.node_id].view(stale_after))
                       for r in self.records if r.node_id in self.watchers)
         state = self.network.interface_state()
-        holds = any(a.split("/")[0] == self.config.vip.ip for a in state.addresses)
+        holds = state.address_as(self.config.vip.ip) is not None
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
             try:
@@ -160,14 +160,11 @@ class Daemon:
             return
         try:
             with vip_lock(self.config.lock_path, LOCK_WAIT):
-                self._act_locked(decision)
-        except CommandFailed as exc:
-            if "holds" in str(exc) and "lock" in str(exc):
-                LOG.info("another repmgr-vip action is running; acting next cycle")
-                return
-            raise
+                self._act_locked(decision, snapshot)
+        except LockBusy:
+            LOG.info("another repmgr-vip action is running; acting next cycle")
 
-    def _act_locked(self, decision: Decision) -> None:
+    def _act_locked(self, decision: Decision, snapshot: Snapshot) -> None:
         action = decision.action
         if action is Action.RELEASE:
             if self.network.remove():
@@ -188,7 +185,7 @@ class Daemon:
             self.state.last_announce = time.monotonic()
             self.metrics.action("announce")
         elif action is Action.FENCE_CONFLICT:
-            self._conflict(self.state.foreign_macs or (), decision.reason)
+            self._conflict(snapshot.foreign_macs or (), decision.reason)
 
     def _conflict(self, macs: tuple[str, ...], reason: str) -> None:
         LOG.error("VIP CONFLICT: %s (answering: %s)", reason, ", ".join(macs) or "?")
@@ -206,10 +203,8 @@ class Daemon:
     def cycle(self) -> Decision:
         started = time.monotonic()
         snapshot = self.snapshot()
-        if snapshot.foreign_macs is not None:
-            self.state.foreign_macs = snapshot.foreign_macs
         decision, memory = decide_cycle(snapshot, self.state.memory, self.policy)
-        self.state = replace(self.state, memory=memory)
+        self.state.memory = memory
         if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
                 self_fence_marker(self.config).unlink()
@@ -293,9 +288,7 @@ def sd_notify(message: str) -> None:
 def daemon_pid(config: Config) -> int | None:
     """The pid of a running daemon for this config, from its state file, checked in /proc."""
     try:
-        data = json.loads(state_file(config).read_text(encoding="utf-8"))
-        pid = int(data["pid"])
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        pid = int(json.loads(state_file(config).read_text(encoding="utf-8"))["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return None if stat.rsplit(")", 1)[-1].split()[0] == "Z" else pid
+    return pid if alive(pid) else None

@@ -244,7 +244,8 @@ class Fencing:
         return answered if answered is not None else ("unknown (probe failed)",)
 
     def proven_free(self) -> tuple[str, ...]:
-        """Who answers ARP in a probe started after the last confirmation (blocks for it)."""
+        """Who answers ARP once every node confirmed its release (blocks for a probe that
+        ended after that moment; see Prober.result_since)."""
         since = self.confirmed_at if self.confirmed_at is not None else self.started
         return self._proof(since)
 

@@ -34,9 +34,9 @@ def _other_nodes(config: Config) -> list[cluster.NodeRecord]:
     return [n for n in cluster.registered_nodes(config) if n.node_id != config.repmgr.node_id]
 
 
-def fence_and_acquire(config: Config, network: VipNetwork) -> str:
+def fence_and_acquire(config: Config, network: VipNetwork,
+                      others: list[cluster.NodeRecord]) -> str:
     """Release the VIP everywhere else, prove it free, then add and announce it here."""
-    others = _other_nodes(config)
     report = fence_others(config, network, others)
     LOG.info("fencing: %s", report.summary())
     decision = after_fencing(report.answered_by, "refuse", fence_ran=bool(report.fenced))
@@ -56,12 +56,11 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
     try:
         with vip_lock(config.lock_path, LOCK_TIMEOUT):
             local = cluster.local_view(config)
-            peers = cluster.query_views(_other_nodes(config), PEER_QUERY_TIMEOUT) if (
-                local.is_primary) else {}
-            decision = legitimacy(local, peers)
+            others = _other_nodes(config) if local.is_primary else []
+            decision = legitimacy(local, cluster.query_views(others, PEER_QUERY_TIMEOUT))
             LOG.info("start-repmgrd: %s: %s", decision.action.value, decision.reason)
             if decision.action is Action.ACQUIRE:
-                vip_note = fence_and_acquire(config, network)
+                vip_note = fence_and_acquire(config, network, others)
             elif decision.action is Action.RELEASE:
                 vip_note = "VIP released" if network.remove() else "VIP not held"
             else:
@@ -97,11 +96,12 @@ def promote(config: Config) -> int:
         cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
         fencing = Fencing(config, network, cached)
         try:
-            fencing.expect(_other_nodes(config))
+            try:
+                fencing.expect(_other_nodes(config))
+            except VipError as exc:
+                LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+                return ExitCode.REFUSED
             return _promote_fenced(config, network, fencing)
-        except VipError as exc:
-            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
-            return ExitCode.REFUSED
         finally:
             fencing.close()
 
@@ -229,7 +229,8 @@ def handle_event(config: Config, event: Event) -> str:
             return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
         if network.holds():
             return f"event {event.name}: VIP already held here"
-        return f"event {event.name}: " + fence_and_acquire(config, network)
+        return f"event {event.name}: " + fence_and_acquire(config, network,
+                                                            _other_nodes(config))
 
 
 def repmgr_conf_lines(config: Config) -> str:

@@ -13,6 +13,10 @@ from pathlib import Path
 from repmgr_vip.errors import CommandFailed, ConfigError
 
 
+class LockBusy(CommandFailed):
+    """Another repmgr-vip action holds the lock longer than the caller wants to wait."""
+
+
 @contextmanager
 def vip_lock(path: Path, timeout: float) -> Iterator[None]:
     """Holds an exclusive flock; the kernel frees it if the holder dies, so no stale locks."""
@@ -35,7 +39,7 @@ def vip_lock(path: Path, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise CommandFailed(
+                    raise LockBusy(
                         f"another repmgr-vip action holds {path} for more than {timeout:g} s; "
                         "wait for it or find it with `fuser -v " + str(path) + "`"
                     ) from None

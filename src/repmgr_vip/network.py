@@ -23,7 +23,7 @@ from repmgr_vip import arp
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
 from repmgr_vip.privileges import effective_mode, privileged
-from repmgr_vip.process import describe, first_line, run
+from repmgr_vip.process import alive, describe, first_line, run
 
 _SENT = re.compile(r"Sent (\d+) probe")
 _REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
@@ -48,6 +48,10 @@ class InterfaceState:
     up: bool
     mac: str
     addresses: tuple[str, ...]  # "a.b.c.d/len"
+
+    def address_as(self, ip: str) -> str | None:
+        """`ip` as configured here ("ip/len"), or None; an exact match, never a substring."""
+        return next((a for a in self.addresses if a.split("/", 1)[0] == ip), None)
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,7 @@ class VipNetwork:
 
     def held_as(self) -> str | None:
         """The VIP as configured on the interface ("ip/len"), or None; exact IP match."""
-        for cidr in self.interface_state().addresses:
-            if cidr.split("/", 1)[0] == self.config.vip.ip:
-                return cidr
-        return None
+        return self.interface_state().address_as(self.config.vip.ip)
 
     def holds(self) -> bool:
         return self.held_as() is not None
@@ -317,10 +318,9 @@ def _command_name(pid: int) -> str:
 def _is_our_announcer(pid: int, announce_argv: list[str]) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
     except OSError:
         return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+    if not alive(pid):
         return False
     words = [w.decode(errors="replace") for w in cmdline if w]
     return words[-len(announce_argv):] == announce_argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from repmgr_vip.errors import CommandFailed
 
@@ -28,6 +29,15 @@ def run(
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(f"{describe(argv)} did not finish within {timeout:g} s") from exc
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed daemon lingers as one until reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def describe(argv: Sequence[str]) -> str:

@@ -26,7 +26,7 @@ def local_status(config: Config) -> dict[str, Any]:
         last = json.loads(state_file(config).read_text(encoding="utf-8"))
     return {
         "node_id": config.repmgr.node_id,
-        "holds_vip": any(a.split("/")[0] == config.vip.ip for a in state.addresses),
+        "holds_vip": state.address_as(config.vip.ip) is not None,
         "interface_up": state.up,
         "daemon_pid": daemon_pid(config),
         "last_decision": last.get("reason", ""),
