@@ -1,8 +1,12 @@
 # repmgr-vip: set-up, tests and the lab demo on a Debian 12 machine, as root.
 VENV ?= /opt/repmgr-vip/venv
 PY := $(VENV)/bin/python
-DEBS := postgresql-15 postgresql-15-repmgr openssh-server openssh-client sudo iputils-arping \
-        iproute2 procps psmisc python3-venv util-linux
+# Every program the lab, the tests, the bench and the demo run comes from one of these
+# (tests/lab/lab.py PREREQUISITES maps each program to its package; a unit test keeps the
+# two in step).
+DEBS := postgresql-15 postgresql-client-15 postgresql-15-repmgr openssh-server openssh-client \
+        sudo passwd iputils-arping iputils-ping iproute2 procps psmisc python3 python3-venv \
+        util-linux mount git
 PYTEST_ARGS ?=
 
 .PHONY: setup debs venv install lint test unit lab-test demo clean-labs

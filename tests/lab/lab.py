@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -58,6 +61,13 @@ SSH_KEYGEN = "/usr/bin/ssh-keygen"
 ARPING = "/usr/bin/arping"
 VISUDO = "/usr/sbin/visudo"
 USERMOD = "/usr/sbin/usermod"
+PING = "/usr/bin/ping"
+SETPRIV = "/usr/bin/setpriv"
+SUDO = "/usr/bin/sudo"
+MOUNT = "/usr/bin/mount"
+UMOUNT = "/usr/bin/umount"
+IPCS = "/usr/bin/ipcs"
+IPCRM = "/usr/bin/ipcrm"
 SUDOERS_DIR = Path("/etc/sudoers.d")
 SUDOERS_PREFIX = "repmgr-vip-lab-"
 WORKDIR_ROOT = Path("/tmp")
@@ -468,13 +478,13 @@ def _remove_orphan_shm(workdir: Path) -> None:
             wanted.add((int(key), int(shmid)))
     if not wanted:
         return
-    res = run_cmd(["/usr/bin/ipcs", "-m"], check=False, env=_base_env("root", None))
+    res = run_cmd([IPCS, "-m"], check=False, env=_base_env("root", None))
     for line in res.stdout.splitlines():
         cols = line.split()
         if len(cols) < 6 or not cols[0].startswith("0x") or not cols[1].isdigit():
             continue
         if (int(cols[0], 16), int(cols[1])) in wanted and cols[5] == "0":
-            run_cmd(["/usr/bin/ipcrm", "-m", cols[1]], check=False, env=_base_env("root", None))
+            run_cmd([IPCRM, "-m", cols[1]], check=False, env=_base_env("root", None))
 
 
 def _is_postmaster(pid: int) -> bool:
@@ -504,23 +514,52 @@ def list_runs() -> dict[str, list[str]]:
     return runs
 
 
+# Every program the lab, the lab tests, the bench and the demo run, with the Debian 12
+# package that provides it. `make setup` installs the Makefile's DEBS; a unit test checks
+# that each package named here is in DEBS, so a fresh machine has every one of them.
+PREREQUISITES: tuple[tuple[str, str], ...] = (
+    *((f"{PG_BIN}/{b}", "postgresql-15") for b in ("initdb", "pg_ctl", "postgres")),
+    *((f"{PG_BIN}/{b}", "postgresql-client-15") for b in ("psql", "pg_isready")),
+    *((f"{PG_BIN}/{b}", "postgresql-15-repmgr") for b in ("repmgr", "repmgrd")),
+    (IP_BIN, "iproute2"),
+    (RUNUSER, "util-linux"),
+    (SETPRIV, "util-linux"),
+    (IPCS, "util-linux"),
+    (IPCRM, "util-linux"),
+    (MOUNT, "mount"),
+    (UMOUNT, "mount"),
+    (SSHD, "openssh-server"),
+    (SSH, "openssh-client"),
+    (SSH_KEYGEN, "openssh-client"),
+    (ARPING, "iputils-arping"),
+    (PING, "iputils-ping"),
+    (SUDO, "sudo"),
+    (VISUDO, "sudo"),
+    (USERMOD, "passwd"),
+    ("/usr/bin/fuser", "psmisc"),  # named by repmgr-vip's lock-busy message
+    ("/usr/bin/python3", "python3"),
+    ("/usr/bin/git", "git"),  # bench: which commit the figures belong to
+)
+REPMGR_EXTENSION = ("/usr/share/postgresql/15/extension/repmgr.control", "postgresql-15-repmgr")
+
+
 def missing_prerequisites() -> list[str]:
-    """Why the lab cannot run here (empty list: it can)."""
+    """Why the lab cannot run here (empty list: it can), each with the package to install."""
     missing: list[str] = []
     if os.geteuid() != 0:
         missing.append("not running as root")
-    binaries = [
-        f"{PG_BIN}/{b}"
-        for b in ("initdb", "pg_ctl", "postgres", "psql", "repmgr", "repmgrd", "pg_isready")
+    missing += [
+        f"missing {path}: apt-get install {package}"
+        for path, package in PREREQUISITES
+        if not os.access(path, os.X_OK)
     ]
-    binaries += [IP_BIN, RUNUSER, SSHD, SSH, SSH_KEYGEN, ARPING, VISUDO, USERMOD]
-    missing += [f"missing {b}" for b in binaries if not os.access(b, os.X_OK)]
-    if not Path("/usr/share/postgresql/15/extension/repmgr.control").exists():
-        missing.append("repmgr extension for PostgreSQL 15 not installed")
+    path, package = REPMGR_EXTENSION
+    if not Path(path).exists():
+        missing.append(f"missing {path}: apt-get install {package}")
     try:
         pwd.getpwnam(PG_USER)
     except KeyError:
-        missing.append("no postgres user")
+        missing.append("no postgres user: apt-get install postgresql-15")
     return missing
 
 
@@ -566,6 +605,154 @@ def _quote_conf(value: str) -> str:
 
 
 # --------------------------------------------------------------------------
+# reading addresses over rtnetlink
+
+CLONE_NEWNET = 0x40000000
+NETLINK_ROUTE = 0
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFLA_IFNAME, IFLA_OPERSTATE = 3, 16
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IF_OPER_DOWN, IF_OPER_LOWERLAYERDOWN = 2, 3
+_NLMSGHDR = struct.Struct("=LHHLL")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _rtattrs(data: bytes) -> dict[int, bytes]:
+    """Route attributes (type -> payload) of one netlink message body."""
+    attrs: dict[int, bytes] = {}
+    off = 0
+    while off + _RTATTR.size <= len(data):
+        length, kind = _RTATTR.unpack_from(data, off)
+        if length < _RTATTR.size:
+            break
+        attrs.setdefault(kind, data[off + _RTATTR.size : off + length])
+        off += _align4(length)
+    return attrs
+
+
+def _netlink_socket_in(netns: str) -> socket.socket:
+    """An rtnetlink socket that lives in network namespace `netns`.
+
+    A socket stays in the namespace it was created in, so a throw-away thread
+    enters the namespace (setns affects only the calling thread), opens it and ends.
+    """
+    box: list[socket.socket | BaseException] = []
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            sock.bind((0, 0))
+            box.append(sock)
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=work, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if not box:
+        raise LabError(f"{netns}: opening a netlink socket failed silently")
+    if isinstance(box[0], BaseException):
+        raise LabError(f"{netns}: cannot open a netlink socket: {box[0]}") from box[0]
+    return box[0]
+
+
+class NetnsReader:
+    """Reads one interface's carrier and IPv4 addresses in a namespace over rtnetlink.
+
+    Why: a fork+exec of `ip` per namespace and sample takes tens of milliseconds on a
+    loaded box; two netlink dumps on a socket opened once take well under one. Errors
+    raise (OSError, LabError): a sampler must never read a failure as "no address".
+    """
+
+    def __init__(self, netns: str, timeout: float = 1.0) -> None:
+        self.netns = netns
+        self._sock = _netlink_socket_in(netns)
+        self._sock.settimeout(timeout)
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the socket (it keeps the namespace alive while open)."""
+        with self._lock:
+            self._sock.close()
+
+    def _dump(self, kind: int, payload: bytes) -> list[tuple[int, bytes]]:
+        """Send one dump request and return its (type, body) replies."""
+        with self._lock:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seq = self._seq
+            header = _NLMSGHDR.pack(
+                _NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+            )
+            self._sock.send(header + payload)
+            out: list[tuple[int, bytes]] = []
+            while True:
+                data = self._sock.recv(1 << 16)
+                off = 0
+                while off + _NLMSGHDR.size <= len(data):
+                    length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+                    if length < _NLMSGHDR.size:
+                        raise LabError(f"{self.netns}: malformed netlink reply")
+                    body = data[off + _NLMSGHDR.size : off + length]
+                    off += _align4(length)
+                    if mseq != seq:
+                        continue  # a late reply to an earlier, timed-out request
+                    if mtype == NLMSG_DONE:
+                        return out
+                    if mtype == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", body)[0]
+                        if err:
+                            raise OSError(err, f"{self.netns}: netlink: {os.strerror(err)}")
+                        return out
+                    out.append((mtype, body))
+
+    def interface(self, ifname: str) -> tuple[bool, list[str]]:
+        """(has carrier, IPv4 addresses as 'a.b.c.d/len') of `ifname`; LabError if absent."""
+        index = None
+        carrier = False
+        for mtype, body in self._dump(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
+            if mtype != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
+                continue
+            attrs = _rtattrs(body[_IFINFOMSG.size :])
+            if attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode() != ifname:
+                continue
+            index = _IFINFOMSG.unpack_from(body)[2]
+            oper = attrs.get(IFLA_OPERSTATE, b"\0")[0]
+            carrier = oper not in (IF_OPER_DOWN, IF_OPER_LOWERLAYERDOWN)
+        if index is None:
+            raise LabError(f"{self.netns}: no interface {ifname}")
+        addrs: list[str] = []
+        request = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        for mtype, body in self._dump(RTM_GETADDR, request):
+            if mtype != RTM_NEWADDR or len(body) < _IFADDRMSG.size:
+                continue
+            family, prefixlen, _flags, _scope, idx = _IFADDRMSG.unpack_from(body)
+            if family != socket.AF_INET or idx != index:
+                continue
+            attrs = _rtattrs(body[_IFADDRMSG.size :])
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw is not None and len(raw) == 4:
+                addrs.append(f"{socket.inet_ntoa(raw)}/{prefixlen}")
+        return carrier, addrs
+
+
+# --------------------------------------------------------------------------
 # the lab
 
 
@@ -597,6 +784,8 @@ class Lab:
         self._owns_prefix = True
         self._is_up = False
         self._lock = threading.Lock()
+        self._readers: dict[str, NetnsReader] = {}
+        self._readers_lock = threading.Lock()
 
     # ---- naming ---------------------------------------------------------
 
@@ -724,6 +913,7 @@ class Lab:
                     with contextlib.suppress(OSError):
                         stream.close()
         self._popens.clear()
+        self._close_readers()
         cleanup(self.prefix)
         self.sudoers_file = None
         self._is_up = False
@@ -1209,18 +1399,34 @@ include_if_exists = '../postgresql.node.conf'
         links = self._link_json(node.netns, "link", "show", "dev", INTERFACE)
         return bool(links) and links[0].get("operstate") not in ("DOWN", "LOWERLAYERDOWN")
 
+    def _reader(self, node: Node) -> NetnsReader:
+        """The node's netlink reader, opened on first use and closed by down()."""
+        with self._readers_lock:
+            reader = self._readers.get(node.netns)
+            if reader is None:
+                reader = self._readers[node.netns] = NetnsReader(node.netns)
+            return reader
+
+    def _close_readers(self) -> None:
+        """Close every netlink socket: an open one would keep its namespace alive."""
+        with self._readers_lock:
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for reader in readers:
+            with contextlib.suppress(OSError):
+                reader.close()
+
     def vip_holders(self, ip: str = VIP_IP) -> list[str]:
-        """Nodes with `ip` on an eth0 that has carrier: the ones that could collide."""
+        """Nodes with `ip` on an eth0 that has carrier: the ones that could collide.
+
+        Read over netlink (cheap enough for a 50 ms sampler); raises when a node
+        cannot be read, never answers "nobody" for "could not look".
+        """
         holders: list[str] = []
         for n in self.all_nodes:
-            for link in self._link_json(n.netns, "addr", "show", "dev", INTERFACE):
-                if link.get("operstate") in ("DOWN", "LOWERLAYERDOWN"):
-                    continue
-                if any(
-                    a.get("family") == "inet" and a.get("local") == ip
-                    for a in link.get("addr_info", [])
-                ):
-                    holders.append(n.name)
+            carrier, addrs = self._reader(n).interface(INTERFACE)
+            if carrier and any(a.split("/", 1)[0] == ip for a in addrs):
+                holders.append(n.name)
         return holders
 
     def client_arping(self, ip: str = VIP_IP, count: int = 1, timeout: float = 1.0) -> list[str]:
@@ -1516,13 +1722,18 @@ include_if_exists = '../postgresql.node.conf'
 class VipSampler:
     """Samples lab.vip_holders() every ~50 ms in a thread: catches even brief double VIPs.
 
-    Use as a context manager around a scenario, then call assert_never_two().
+    Use as a context manager around a scenario, then call assert_never_two(). A sampler
+    that could not look proves nothing: any sampling error, no samples at all, or a gap
+    over `max_gap` between two samples fails assert_sound() (and so assert_never_two()).
     """
 
-    def __init__(self, lab: Lab, interval: float = 0.05, ip: str = VIP_IP) -> None:
+    def __init__(
+        self, lab: Any, interval: float = 0.05, ip: str = VIP_IP, max_gap: float = 0.2
+    ) -> None:
         self.lab = lab
         self.interval = interval
         self.ip = ip
+        self.max_gap = max_gap
         self.samples: list[tuple[float, tuple[str, ...]]] = []
         self.errors: list[tuple[float, str]] = []
         self._stop = threading.Event()
@@ -1608,8 +1819,52 @@ class VipSampler:
         with self._lock:
             return next((t for t, h in self.samples if predicate(h)), None)
 
+    def periods(self) -> list[float]:
+        """Seconds between consecutive samples."""
+        with self._lock:
+            times = [t for t, _ in self.samples]
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    def period_stats(self) -> dict[str, float]:
+        """count, median, p99 and max of the sample period in ms (for reports)."""
+        periods = sorted(self.periods())
+        if not periods:
+            return {"count": 0}
+
+        def pick(q: float) -> float:
+            return round(1000 * periods[min(len(periods) - 1, int(q * len(periods)))], 1)
+
+        return {"count": len(periods) + 1, "median_ms": pick(0.5), "p99_ms": pick(0.99),
+                "max_ms": round(1000 * periods[-1], 1)}
+
+    def assert_sound(self) -> None:
+        """AssertionError unless the samples prove something: no errors, some samples,
+        no gap over max_gap between two of them."""
+        with self._lock:
+            errors = list(self.errors)
+            samples = list(self.samples)
+        if errors:
+            t0 = samples[0][0] if samples else errors[0][0]
+            shown = "; ".join(f"+{t - t0:.2f}s {e}" for t, e in errors[:5])
+            raise AssertionError(f"VIP sampler failed {len(errors)} times: {shown}")
+        if not samples:
+            raise AssertionError("VIP sampler took no samples: it proves nothing")
+        t0 = samples[0][0]
+        gaps = [
+            (a - t0, b - a)
+            for (a, _), (b, _) in itertools.pairwise(samples)
+            if b - a > self.max_gap
+        ]
+        if gaps:
+            shown = ", ".join(f"+{t:.2f}s: {g * 1000:.0f} ms" for t, g in gaps[:10])
+            raise AssertionError(
+                f"VIP sampler left {len(gaps)} gaps over {self.max_gap * 1000:.0f} ms "
+                f"between samples (a double VIP could hide there): {shown}"
+            )
+
     def assert_never_two(self) -> None:
-        """AssertionError listing the samples where two or more nodes held the VIP."""
+        """AssertionError listing the samples where two or more nodes held the VIP,
+        or when the sampling itself is unsound (see assert_sound)."""
         with self._lock:
             bad = [(t, h) for t, h in self.samples if len(h) > 1]
             t0 = self.samples[0][0] if self.samples else 0.0
@@ -1620,3 +1875,4 @@ class VipSampler:
                 f"VIP {self.ip} held by more than one node in {len(bad)} of {count} "
                 f"samples: {shown}; transitions: {self.transitions()}"
             )
+        self.assert_sound()
