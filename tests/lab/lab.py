@@ -1567,6 +1567,27 @@ include_if_exists = '../postgresql.node.conf'
             stopped |= fresh
         return sorted(stopped)
 
+    def freeze_postgres(self, node: Node) -> list[int]:
+        """SIGSTOP the node's postmaster and every process below it (a hung PostgreSQL on a
+        host that is otherwise fine: sshd, repmgrd and the kernel still answer)."""
+        pid = self.postmaster_pid(node)
+        if pid is None:
+            raise LabError(f"{node.name}: PostgreSQL is not running")
+        _signal([pid], signal.SIGSTOP)  # first: a stopped postmaster forks no new children
+        stopped = [pid]
+        frontier = [pid]
+        while frontier:
+            kids = [k for p in frontier for k in self._children(p) if k not in stopped]
+            _signal(kids, signal.SIGSTOP)
+            stopped += kids
+            frontier = kids
+        return stopped  # in the order stopped: the postmaster first
+
+    def thaw_postgres(self, pids: Iterable[int]) -> None:
+        """SIGCONT what freeze_postgres() stopped (postmaster last, so it finds its children
+        running)."""
+        _signal(reversed(list(pids)), signal.SIGCONT)
+
     def thaw(self, node: Node) -> None:
         """SIGCONT every process in the node's namespace."""
         _signal(netns_pids(node.netns), signal.SIGCONT)
