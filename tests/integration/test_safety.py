@@ -27,7 +27,7 @@ from tests.integration.vipconf import (
     vip,
     vip_log,
 )
-from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler
+from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
 
 pytestmark = pytest.mark.lab
 
@@ -220,10 +220,17 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
 # ---- d. fence-self with a full state directory ---------------------------------------
 
 
-def _fill(directory: Path) -> None:
-    with open(directory / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 4096)
+def _fill(directory: Path, limit: int = 1 << 20) -> None:
+    """Fill a small tmpfs until ENOSPC; never more than `limit` bytes (refuses a real disk)."""
+    assert os.path.ismount(directory), f"{directory} is not the test's tmpfs"
+    written = 0
+    with open(directory / "filler", "wb", buffering=0) as fh:
+        while written < limit:
+            try:
+                written += fh.write(b"\0" * 4096)
+            except OSError:
+                return
+    raise AssertionError(f"{directory} is not full after {limit} bytes")
 
 
 def test_fence_self_with_a_full_state_dir_removes_the_vip(
@@ -235,8 +242,8 @@ def test_fence_self_with_a_full_state_dir_removes_the_vip(
     lab.repmgr(node1, "daemon", "pause")
     state = lab.workdir / "full-state"
     state.mkdir()
-    lab.run(None, [MOUNT, "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(state)],
-            user="root")
+    # in this (the root) mount namespace: `ip netns exec` would mount in a private one
+    run_cmd([MOUNT, "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(state)])
     try:
         _postgres_owned(state)
         _fill(state)
@@ -250,9 +257,9 @@ def test_fence_self_with_a_full_state_dir_removes_the_vip(
         sampler.assert_never_two()
         assert not _has_vip(lab, node1), (result.returncode, result.stderr)
     finally:
-        lab.run(None, [UMOUNT, str(state)], user="root", check=False)
+        run_cmd([UMOUNT, str(state)], check=False)
         if os.path.ismount(state):
-            subprocess.run([UMOUNT, "-l", str(state)], check=False)
+            run_cmd([UMOUNT, "-l", str(state)], check=False)
 
 
 # ---- e. hooks only: the primary's link down long enough for a failover ---------------
