@@ -274,8 +274,9 @@ def test_hooks_only_link_down_then_back_loses_the_old_copy(
         lab.link_down(node1)
         down_at = time.monotonic()
         _wait(lab, "node2 promoted and holding", lambda: lab.vip_holders() == ["node2"]
-              and lab.is_in_recovery(node2) is False, 14)
-        time.sleep(max(0.0, 15 - (time.monotonic() - down_at)))
+              and lab.is_in_recovery(node2) is False, 40)
+        # 15 s down, or longer if the failover took that long (it is what is tested)
+        time.sleep(max(0.5, 15 - (time.monotonic() - down_at)))
         lab.link_up(node1)
         healed = time.monotonic()
         time.sleep(10)
@@ -326,6 +327,7 @@ def test_lock_on_repmgr_nodes_does_not_stall_the_daemons(
         with contextlib.suppress(Exception):
             lab.psql(node1, f"SELECT pg_terminate_backend({backend[0]})", dbname="postgres")
         session.kill()
+    print(f"longest daemon stalls {stalls}; VIP back after {back} s")
     sampler.assert_never_two()
     assert max(stalls.values()) <= 3.0, f"daemons stopped cycling under the lock: {stalls}"
     assert back is not None and back <= 2 * PERIOD + 0.5, f"VIP back after {back} s"
