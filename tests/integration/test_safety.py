@@ -50,6 +50,12 @@ def _ip_vip(lab: Lab, node: Node | None, verb: str) -> None:
     lab.run(node, ["ip", "-4", "address", verb, VIP, "dev", "eth0"], user="root", check=False)
 
 
+def _never_two(sampler: VipSampler) -> None:
+    """assert_never_two(), after printing the sample periods (they are part of the proof)."""
+    print(f"sampler periods: {sampler.period_stats()}")
+    sampler.assert_never_two()
+
+
 def _start_daemons(lab: Lab) -> dict[str, subprocess.Popen[str]]:
     """The daemon on every node (as the systemd unit runs it), once each has cycled."""
     daemons = {n.name: start_daemon(lab, n) for n in lab.nodes}
@@ -137,7 +143,7 @@ def test_two_primaries_on_one_timeline_at_most_one_holds(
                     3 * PERIOD + 0.5)
     with VipSampler(lab) as sampler:
         time.sleep(5)
-    sampler.assert_never_two()
+    _never_two(sampler)
     status = vip(lab, node2, "status", "--json")
     assert status.returncode == 1, status.stdout + status.stderr
     report = json.loads(status.stdout)
@@ -176,7 +182,7 @@ def test_foreign_host_on_the_vip_refuses_promotion_and_fences_nobody(
         lab.kill_postgres(node1)
         _wait(lab, "the promote hook's exit code", lambda: rc_log.exists(), 60)
         time.sleep(max(2.0, 12.0 - (time.monotonic() - stray_at)))  # daemons' conflict checks
-    sampler.assert_never_two()
+    _never_two(sampler)
     fenced = fence_log.read_text() if fence_log.exists() else ""
     codes = rc_log.read_text().split()
     recovery = {n.name: lab.is_in_recovery(n) for n in (node2, node3)}
@@ -212,7 +218,7 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
         while time.monotonic() < end:
             assert not _has_vip(lab, node1), "node1 re-added the VIP after SIGCONT"
             time.sleep(0.05)
-    sampler.assert_never_two()
+    _never_two(sampler)
     assert stalls["node1"] <= 3.0, f"node1's daemon stopped cycling: {stalls}"
     print(f"VIP moved {moved:.2f} s after the freeze; longest daemon stall {stalls}")
 
@@ -254,7 +260,7 @@ def test_fence_self_with_a_full_state_dir_removes_the_vip(
                        + text)
         with VipSampler(lab) as sampler:
             result = vip(lab, node1, "fence-self")
-        sampler.assert_never_two()
+        _never_two(sampler)
         assert not _has_vip(lab, node1), (result.returncode, result.stderr)
     finally:
         run_cmd([UMOUNT, str(state)], check=False)
@@ -280,6 +286,7 @@ def test_hooks_only_link_down_then_back_loses_the_old_copy(
         lab.link_up(node1)
         healed = time.monotonic()
         time.sleep(10)
+    print(f"sampler periods: {sampler.period_stats()}")
     sampler.assert_sound()
     doubles = [t - healed for t, h in sampler.samples if len(h) > 1]
     assert not doubles or max(doubles) <= 2.0, (
@@ -328,6 +335,6 @@ def test_lock_on_repmgr_nodes_does_not_stall_the_daemons(
             lab.psql(node1, f"SELECT pg_terminate_backend({backend[0]})", dbname="postgres")
         session.kill()
     print(f"longest daemon stalls {stalls}; VIP back after {back} s")
-    sampler.assert_never_two()
+    _never_two(sampler)
     assert max(stalls.values()) <= 3.0, f"daemons stopped cycling under the lock: {stalls}"
     assert back is not None and back <= 2 * PERIOD + 0.5, f"VIP back after {back} s"
