@@ -67,6 +67,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "ssh_connect_timeout": (int, 3),
         "ssh_command_timeout": (int, 10),
         "when_vip_not_free": (str, "refuse"),
+        "release_retry_for": (int, 86400),
+        "checkpoint_after_promote": (bool, True),
     },
     "remote": {"command": (str, ""), "config": (str, "")},
     "daemon": {
@@ -126,6 +128,8 @@ class FencingSettings:
     ssh_connect_timeout: int
     ssh_command_timeout: int
     when_vip_not_free: str
+    release_retry_for: int  # seconds to keep asking unconfirmed nodes to release; 0: never
+    checkpoint_after_promote: bool  # so pg_rewind sees the new timeline at once
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
     name = _key_name(section, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(
             f"{name} must be a {expected.__name__}, "
             f"got {type(value).__name__} {value!r}; fix {name}"
@@ -280,6 +284,8 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
     _positive("fencing", values["fencing"], "fence_timeout", "ssh_connect_timeout",
               "ssh_command_timeout")
     _positive("daemon", values["daemon"], "interval", "conflict_probe_interval")
+    if values["fencing"]["release_retry_for"] < 0:
+        raise ConfigError("fencing.release_retry_for must be 0 (off) or more seconds; fix it")
     if values["daemon"]["isolation_grace"] < 0:
         raise ConfigError("daemon.isolation_grace must be 0 (auto) or more; fix it")
     _choice("daemon", "on_stop", values["daemon"]["on_stop"], STOP_POLICIES)

@@ -28,6 +28,11 @@ class Metrics:
         self.conflicts = Counter("repmgr_vip_conflicts", "another host answered for our VIP",
                                  registry=r)
         self.actions = Counter("repmgr_vip_actions", "actions taken", ["action"], registry=r)
+        self.split_brain = Gauge("repmgr_vip_split_brain",
+                                 "1 while another primary is on this node's timeline", registry=r)
+        self.split_brain_cycles = Counter("repmgr_vip_split_brain_cycles",
+                                          "cycles that saw two primaries on one timeline",
+                                          registry=r)
         self.loop = Histogram("repmgr_vip_loop_seconds", "duration of one cycle", registry=r,
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
 
@@ -57,4 +62,8 @@ class Metrics:
         self.peers.set(sum(1 for p in snapshot.peers if p.view.reachable))
         self.peers_total.set(len(snapshot.peers))
         self.decision.info({"action": decision.action.value, "reason": decision.reason[:200]})
+        split = decision.alarm == "split-brain"
+        self.split_brain.set(1 if split else 0)
+        if split:
+            self.split_brain_cycles.inc()
         self.loop.observe(seconds)

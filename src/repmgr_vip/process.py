@@ -50,3 +50,19 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def start_detached(argv: Sequence[str]) -> int:
+    """Starts a process that outlives its caller (own session, no inherited stdio); its pid.
+
+    The child is reaped by init once the caller (a short-lived hook) exits.
+    """
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    return proc.pid
+
+
+def start_detached_child(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A background child whose output nobody reads (the caller only wants its status)."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
