@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repmgr_vip import statefiles
 from repmgr_vip.errors import ConfigError
 from repmgr_vip.repmgrconf import RepmgrConf, load_repmgr_conf, parse_conninfo
 
@@ -164,7 +165,7 @@ class Config:
 
     @property
     def lock_path(self) -> Path:
-        return self.state_dir / "repmgr-vip.lock"
+        return statefiles.lock_file(self.state_dir)
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
@@ -309,7 +310,7 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         remote=RemoteSettings(**values["remote"]),
         daemon=DaemonSettings(**values["daemon"]),
         state_dir=Path(state_dir),
-        log_file=Path(values[""]["log_file"] or Path(state_dir) / "repmgr-vip.log"),
+        log_file=Path(values[""]["log_file"] or statefiles.default_log_file(Path(state_dir))),
         values=values,
     )
 
