@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import TextIO
 
 LOCK = "repmgr-vip.lock"
 DAEMON_STATE = "repmgr-vip-daemon.json"
@@ -109,6 +110,23 @@ def read_text(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     with os.fdopen(fd, "rb") as handle:
         return handle.read().decode("utf-8")
+
+
+def open_append(path: Path) -> TextIO:
+    """Opens a log file for appending, line-buffered, never through a symlink.
+
+    A file this call creates gets mode 0644 and, when we are root, the directory's owner,
+    so postgres can still write it; an existing file keeps the owner the DBA gave it.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | _NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        fd = os.open(path, flags)
+    else:
+        with contextlib.suppress(OSError):
+            fix_owner_and_mode(fd, path)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 def remove(path: Path) -> bool:

@@ -155,3 +155,29 @@ def test_postgres_locked_out_exits_2_naming_the_file(
     assert result.returncode == 2, result.stderr
     assert str(lock) in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_log_file_symlink_is_not_followed(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from repmgr_vip.log import LOG, setup_logging
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "repmgr-vip.log"
+    link.symlink_to(victim)
+    setup_logging(link, "pg-b", to_stderr=False)
+    LOG.warning("hello")
+    assert victim.read_text() == "precious\n"
+    assert "cannot write log file" in capsys.readouterr().err
+
+
+@root_only
+def test_log_created_by_root_stays_writable_for_postgres(shared_dir: Path) -> None:
+    log = shared_dir / "repmgr-vip.log"
+    old = os.umask(0o077)
+    try:
+        statefiles.open_append(log).close()
+    finally:
+        os.umask(old)
+    info = log.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
