@@ -56,7 +56,7 @@ def open_lock_file(path: Path) -> int:
         os.close(fd)
         raise ConfigError(
             f"cannot give lock file {path} mode 0644 and the owner of {path.parent} "
-            f"({exc.strerror}); fix it with chown/chmod or remove it"
+            f"({exc.strerror}); remove it (repmgr-vip creates it again)"
         ) from exc
     return fd
 

@@ -9,8 +9,10 @@ file behind. So every write goes through `write_atomic`, every read through `rea
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import TextIO
 
@@ -62,6 +64,10 @@ def fix_owner_and_mode(fd: int, path: Path) -> None:
     A non-root process can only fix files it owns; others are left alone.
     """
     info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        # a hard link to another file (or a FIFO, a device) planted in the directory: giving
+        # it to postgres would hand over whatever it points at
+        raise OSError(errno.EPERM, f"{path} is not a plain file with a single link")
     if os.geteuid() == 0:
         uid, gid = directory_owner(path)
         if (info.st_uid, info.st_gid) != (uid, gid):

@@ -181,3 +181,19 @@ def test_log_created_by_root_stays_writable_for_postgres(shared_dir: Path) -> No
         os.umask(old)
     info = log.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
+
+
+@root_only
+def test_root_never_hands_over_a_hard_linked_lock(shared_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from repmgr_vip.errors import ConfigError
+
+    secret = shared_dir.parent / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    os.link(secret, shared_dir / "repmgr-vip.lock")
+    with pytest.raises(ConfigError), vip_lock(shared_dir / "repmgr-vip.lock", 1.0):
+        pass
+    info = secret.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o600)
+    assert secret.read_text() == "root only\n"
