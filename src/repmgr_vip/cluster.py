@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from repmgr_vip import statefiles
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed, VipError
 from repmgr_vip.repmgrconf import parse_conninfo
@@ -35,7 +36,7 @@ SELECT pg_is_in_recovery(),
        END
 """
 
-NODES_CACHE = "repmgr-vip-nodes.json"
+NODES_CACHE = statefiles.NODES_CACHE
 
 NODES_QUERY = """
 SELECT node_id, node_name, type, active, conninfo, COALESCE(upstream_node_id, 0)
@@ -231,21 +232,19 @@ def refuses_connections(conninfo: str, timeout: float = 0.5) -> bool:
 
 
 def _cache_path(config: Config) -> Path:
-    return config.state_dir / NODES_CACHE
+    return statefiles.nodes_cache(config.state_dir)
 
 
 def _remember(config: Config, records: list[NodeRecord]) -> None:
     """Keeps the node list on disk so a hook can start fencing before PostgreSQL answers."""
-    from repmgr_vip.statefiles import write_atomic
-
     with contextlib.suppress(OSError):
-        write_atomic(_cache_path(config), json.dumps([asdict(r) for r in records]))
+        statefiles.write_atomic(_cache_path(config), json.dumps([asdict(r) for r in records]))
 
 
 def cached_nodes(config: Config) -> list[NodeRecord]:
     """The node list as last read from repmgr.nodes on this node; empty if never read."""
     try:
-        data = json.loads(_cache_path(config).read_text(encoding="utf-8"))
+        data = json.loads(statefiles.read_text(_cache_path(config)))
         return [NodeRecord(**item) for item in data]
     except (OSError, ValueError, TypeError):
         return []

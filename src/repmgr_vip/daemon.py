@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from repmgr_vip import cluster, journal
+from repmgr_vip import cluster, journal, statefiles
 from repmgr_vip.config import Config
 from repmgr_vip.decide import (
     CONFLICT,
@@ -43,11 +43,10 @@ from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.process import alive
-from repmgr_vip.statefiles import write_atomic
 
 PEER_TIMEOUT = 2.0
-STATE_FILE = "repmgr-vip-daemon.json"
-SELF_FENCE_FILE = "repmgr-vip-self-fenced"
+STATE_FILE = statefiles.DAEMON_STATE
+SELF_FENCE_FILE = statefiles.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
 T = TypeVar("T")
@@ -58,11 +57,11 @@ class SnapshotFailed(VipError):
 
 
 def self_fence_marker(config: Config) -> Path:
-    return config.state_dir / SELF_FENCE_FILE
+    return statefiles.self_fence_marker(config.state_dir)
 
 
 def state_file(config: Config) -> Path:
-    return config.state_dir / STATE_FILE
+    return statefiles.daemon_state_file(config.state_dir)
 
 
 def _boot_id() -> str:
@@ -81,9 +80,11 @@ def marker_text(reason: str) -> str:
 def marker_age(path: Path) -> float | None:
     """Seconds since the marker was written; a marker from an earlier boot counts as old."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+        text = statefiles.read_text(path)
+    except FileNotFoundError:
         return None
+    except OSError:
+        return float("inf")  # there, but unreadable (a symlink): still a marker
     try:
         data = json.loads(text)
         if data["boot_id"] == _boot_id():
@@ -315,7 +316,7 @@ class Daemon:
         self.state.memory = memory
         if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
-                self_fence_marker(self.config).unlink()
+                statefiles.remove(self_fence_marker(self.config))
                 LOG.info("majority reachable again: self-fence lifted")
         if self.last_decision is None or decision.reason != self.last_decision.reason:
             level = logging.ERROR if decision.alarm else logging.INFO
@@ -357,7 +358,7 @@ class Daemon:
                 "action": decision.action.value, "reason": decision.reason,
                 "alarm": decision.alarm}
         with contextlib.suppress(OSError):  # status only; a full disk must not stop the loop
-            write_atomic(state_file(self.config), json.dumps(data))
+            statefiles.write_atomic(state_file(self.config), json.dumps(data))
 
     def run(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -390,7 +391,7 @@ class Daemon:
         else:
             LOG.info("stopped; VIP left as it is (daemon.on_stop = keep)")
         with contextlib.suppress(OSError):
-            state_file(self.config).unlink()
+            statefiles.remove(state_file(self.config))
         return 0
 
 
@@ -423,7 +424,7 @@ def sd_notify(message: str) -> None:
 def daemon_pid(config: Config) -> int | None:
     """The pid of a running daemon for this config, from its state file, checked in /proc."""
     try:
-        pid = int(json.loads(state_file(config).read_text(encoding="utf-8"))["pid"])
+        pid = int(json.loads(statefiles.read_text(state_file(config)))["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return pid if alive(pid) else None

@@ -15,12 +15,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-JOURNAL_FILE = "repmgr-vip-journal.jsonl"
+from repmgr_vip import statefiles
+
+JOURNAL_FILE = statefiles.JOURNAL
 MAX_BYTES = 4 * 1024 * 1024  # then the file is rotated to .1 (one generation kept)
 
 
 def journal_path(state_dir: Path) -> Path:
-    return state_dir / JOURNAL_FILE
+    return statefiles.journal_file(state_dir)
 
 
 def record(state_dir: Path, node: str, source: str, action: str, reason: str, *,
@@ -47,6 +49,7 @@ def record(state_dir: Path, node: str, source: str, action: str, reason: str, *,
     except OSError:
         return
     try:
+        statefiles.fix_owner_and_mode(fd, path)  # a root run must not lock postgres out
         os.write(fd, line)
     except OSError:
         pass
