@@ -49,9 +49,29 @@ def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes] | None:
 
 
 def _open(interface: str) -> socket.socket:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-    sock.bind((interface, ETH_P_ARP))
+    """A packet socket for ARP on `interface` only.
+
+    Created with protocol 0 it receives nothing; bind() then sets both the interface and
+    the protocol. Created with ETH_P_ARP it would queue ARP frames from every interface
+    until bound, and a probe could take another segment's answer for a conflict here.
+    """
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.bind((interface, ETH_P_ARP))
+        _drain(sock)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _drain(sock: socket.socket) -> None:
+    """Discards anything queued before now (nothing is expected: belt and braces)."""
+    while select.select([sock], [], [], 0)[0]:
+        try:
+            sock.recv(2048, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
 
 
 def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, ...]:

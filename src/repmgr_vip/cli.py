@@ -97,9 +97,23 @@ def cmd_release(args: argparse.Namespace) -> int:
     from repmgr_vip.network import VipNetwork
 
     config = _load(args)
+    if args.unless_newer_than is not None:
+        from repmgr_vip import cluster
+
+        local = cluster.local_view(config, timeout=2.0)
+        if local.is_primary and (local.timeline or 0) > args.unless_newer_than:
+            print(f"not released: this node is primary on timeline {local.timeline}, newer "
+                  f"than {args.unless_newer_than}")
+            return ExitCode.REFUSED
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
         print(release(VipNetwork(config)))
     return ExitCode.OK
+
+
+def cmd_retry_release(args: argparse.Namespace) -> int:
+    from repmgr_vip.release_retry import run_retrier
+
+    return run_retrier(_hook_config(args), args.timeline, args.nodes)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -234,7 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
             "probe, then add and announce the VIP here (refuses if another host answers)")
     p.add_argument("--force", action="store_true",
                    help="add even if another host answers for the VIP (creates a conflict!)")
-    add("release", cmd_release, "remove the VIP from this node (idempotent)")
+    p = add("release", cmd_release, "remove the VIP from this node (idempotent)")
+    p.add_argument("--unless-newer-than", type=int, metavar="TIMELINE",
+                   help="keep the VIP if this node is primary on a newer timeline (exit 3); "
+                        "what a promoting node's retries send")
+    p = add("retry-release", cmd_retry_release, "keep asking NODEs to release the VIP until "
+            "each confirms (started in the background by promote; not for manual use)")
+    p.add_argument("--timeline", type=int, required=True, help="the promoted node's timeline")
+    p.add_argument("nodes", nargs="+", metavar="NODE", help="node names, as in repmgr.nodes")
     add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
     add("start-repmgrd", cmd_start_repmgrd,

@@ -9,17 +9,23 @@ answer is recorded as unreachable rather than raising.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
-from collections.abc import Iterable
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from repmgr_vip import statefiles
 from repmgr_vip.config import Config
-from repmgr_vip.errors import CommandFailed
+from repmgr_vip.errors import CommandFailed, VipError
 from repmgr_vip.repmgrconf import parse_conninfo
+
+T = TypeVar("T")
 
 ROLE_QUERY = """
 SELECT pg_is_in_recovery(),
@@ -30,7 +36,7 @@ SELECT pg_is_in_recovery(),
        END
 """
 
-NODES_CACHE = "repmgr-vip-nodes.json"
+NODES_CACHE = statefiles.NODES_CACHE
 
 NODES_QUERY = """
 SELECT node_id, node_name, type, active, conninfo, COALESCE(upstream_node_id, 0)
@@ -51,7 +57,23 @@ class NodeRecord:
 
     @property
     def host(self) -> str:
-        return parse_conninfo(self.conninfo).get("host", "")
+        """The conninfo's host, or "" when the conninfo cannot be parsed (see conninfo_error).
+
+        Cluster data is input: a malformed row must make that node unreachable, not crash
+        the hook or the daemon.
+        """
+        try:
+            return parse_conninfo(self.conninfo).get("host", "")
+        except (VipError, ValueError):
+            return ""
+
+    @property
+    def conninfo_error(self) -> str:
+        try:
+            parse_conninfo(self.conninfo)
+        except (VipError, ValueError) as exc:
+            return _one_line(exc)
+        return ""
 
 
 @dataclass(frozen=True)
@@ -69,31 +91,84 @@ class NodeView:
         return self.reachable and self.in_recovery is False
 
 
+class QueryTimeout(CommandFailed):
+    """A query did not finish within its client-side deadline (a stalled or frozen server)."""
+
+
+def with_deadline(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """Runs fn in a helper thread and stops waiting after `timeout` seconds.
+
+    libpq's connect_timeout bounds only the connection, and statement_timeout is enforced by
+    the server, which a frozen server does not do. The abandoned thread ends when the server
+    answers or TCP gives up (keepalives, tcp_user_timeout); the caller never waits longer.
+    """
+    box: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # handed to the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True, name=f"query {what}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise QueryTimeout(f"{what}: no answer within {timeout:g} s")
+    if error:
+        raise error[0]
+    return box[0]
+
+
 def connect(conninfo: str, timeout: float) -> Any:
+    """A connection whose every wait is bounded: connect, statements, locks and dead peers."""
     import psycopg  # lazy: keeps the short-lived hook path fast when no query is needed
 
-    return psycopg.connect(conninfo, connect_timeout=max(1, int(timeout)), autocommit=True)
+    millis = max(100, int(timeout * 1000))
+    try:  # keep the DBA's own options; ours bound the statement and any lock wait
+        own = parse_conninfo(conninfo).get("options", "")
+    except (VipError, ValueError):
+        own = ""  # psycopg reports the malformed conninfo itself
+    options = f"{own} -c statement_timeout={millis} -c lock_timeout={millis}".strip()
+    return psycopg.connect(
+        conninfo, connect_timeout=max(1, int(timeout)), autocommit=True,
+        keepalives=1, keepalives_idle=max(1, int(timeout)), keepalives_interval=1,
+        keepalives_count=2, tcp_user_timeout=millis, options=options,
+    )
+
+
+def _role_row(conninfo: str, timeout: float) -> tuple[bool, int]:
+    with connect(conninfo, timeout) as conn:
+        row = conn.execute(ROLE_QUERY).fetchone()
+    return bool(row[0]), int(row[1])
 
 
 def query_view(node_id: int, conninfo: str, timeout: float) -> NodeView:
+    """What the node says about itself; within `timeout` plus a second, whatever the server does."""
     try:
-        with connect(conninfo, timeout) as conn:
-            conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
-            row = conn.execute(ROLE_QUERY).fetchone()
+        in_recovery, timeline = with_deadline(lambda: _role_row(conninfo, timeout),
+                                              timeout + 1.0, f"node {node_id}")
     except Exception as exc:  # any failure means "cannot tell", never a crash
         return NodeView(node_id, reachable=False, error=_one_line(exc))
-    return NodeView(node_id, reachable=True, in_recovery=bool(row[0]), timeline=int(row[1]))
+    return NodeView(node_id, reachable=True, in_recovery=in_recovery, timeline=timeline)
 
 
 def local_view(config: Config, timeout: float = 3.0) -> NodeView:
     return query_view(config.repmgr.node_id, config.repmgr.conninfo, timeout)
 
 
+def _node_rows(conninfo: str, timeout: float) -> list[Any]:
+    with connect(conninfo, timeout) as conn:
+        rows: list[Any] = conn.execute(NODES_QUERY).fetchall()
+    return rows
+
+
 def registered_nodes(config: Config, timeout: float = 3.0) -> list[NodeRecord]:
     """repmgr.nodes as the local node sees it (a standby has a replicated copy)."""
     try:
-        with connect(config.repmgr.conninfo, timeout) as conn:
-            rows = conn.execute(NODES_QUERY).fetchall()
+        rows = with_deadline(lambda: _node_rows(config.repmgr.conninfo, timeout),
+                             timeout + 1.0, "repmgr.nodes")
     except Exception as exc:
         raise CommandFailed(
             f"cannot read repmgr.nodes through conninfo of {config.repmgr.path}: "
@@ -105,23 +180,71 @@ def registered_nodes(config: Config, timeout: float = 3.0) -> list[NodeRecord]:
     return records
 
 
+def checkpoint(config: Config, timeout: float) -> None:
+    """CHECKPOINT on the local node (needs a superuser or pg_checkpoint, as repmgr's user is)."""
+    def run() -> None:
+        with connect(config.repmgr.conninfo, timeout) as conn:
+            conn.execute("CHECKPOINT")
+
+    try:
+        with_deadline(run, timeout + 1.0, "CHECKPOINT")
+    except Exception as exc:
+        raise CommandFailed(f"CHECKPOINT failed: {_one_line(exc)}") from exc
+
+
+def refuses_connections(conninfo: str, timeout: float = 0.5) -> bool:
+    """True when nothing listens where conninfo points: PostgreSQL is surely not running.
+
+    Judged by the socket's errno (connection refused, no socket file), never by libpq's
+    message, whose words depend on lc_messages. A host given as a name is not resolved
+    (DNS can hang), so it never counts as surely down.
+    """
+    try:
+        params = parse_conninfo(conninfo)
+    except (VipError, ValueError):
+        return False
+    port = params.get("port", "5432").split(",")[0] or "5432"
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    host = params.get("host", "").split(",")[0]
+    try:
+        if not host or host.startswith("/"):
+            path = os.path.join(host or "/var/run/postgresql", f".s.PGSQL.{port}")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(path)
+            return False
+        address = ipaddress.ip_address(host)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except (OSError, ValueError):
+        return False
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((str(address), int(port)))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _cache_path(config: Config) -> Path:
-    return config.state_dir / NODES_CACHE
+    return statefiles.nodes_cache(config.state_dir)
 
 
 def _remember(config: Config, records: list[NodeRecord]) -> None:
     """Keeps the node list on disk so a hook can start fencing before PostgreSQL answers."""
-    path = _cache_path(config)
-    tmp = path.with_name(path.name + f".{os.getpid()}")
     with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps([asdict(r) for r in records]), encoding="utf-8")
-        tmp.replace(path)
+        statefiles.write_atomic(_cache_path(config), json.dumps([asdict(r) for r in records]))
 
 
 def cached_nodes(config: Config) -> list[NodeRecord]:
     """The node list as last read from repmgr.nodes on this node; empty if never read."""
     try:
-        data = json.loads(_cache_path(config).read_text(encoding="utf-8"))
+        data = json.loads(statefiles.read_text(_cache_path(config)))
         return [NodeRecord(**item) for item in data]
     except (OSError, ValueError, TypeError):
         return []

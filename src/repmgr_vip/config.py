@@ -8,6 +8,7 @@ each raise ConfigError (exit 2) with one line naming the key and the fix.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -18,15 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repmgr_vip import statefiles
 from repmgr_vip.errors import ConfigError
 from repmgr_vip.repmgrconf import RepmgrConf, load_repmgr_conf, parse_conninfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/repmgr-vip.toml")
 CONFIG_ENV = "REPMGR_VIP_CONFIG"
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}\Z")
 PRIVILEGE_MODES = ("auto", "sudo", "direct")
 UNFREE_POLICIES = ("refuse", "promote-without-vip")
 STOP_POLICIES = ("keep", "release")
+
+
+def valid_interface_name(name: str) -> bool:
+    return _IFNAME.match(name) is not None
 
 
 def _first_existing(*candidates: str) -> str:
@@ -67,6 +73,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "ssh_connect_timeout": (int, 3),
         "ssh_command_timeout": (int, 10),
         "when_vip_not_free": (str, "refuse"),
+        "release_retry_for": (int, 86400),
+        "checkpoint_after_promote": (bool, True),
     },
     "remote": {"command": (str, ""), "config": (str, "")},
     "daemon": {
@@ -126,6 +134,8 @@ class FencingSettings:
     ssh_connect_timeout: int
     ssh_command_timeout: int
     when_vip_not_free: str
+    release_retry_for: int  # seconds to keep asking unconfirmed nodes to release; 0: never
+    checkpoint_after_promote: bool  # so pg_rewind sees the new timeline at once
 
 
 @dataclass(frozen=True)
@@ -164,29 +174,61 @@ class Config:
 
     @property
     def lock_path(self) -> Path:
-        return self.state_dir / "repmgr-vip.lock"
+        return statefiles.lock_file(self.state_dir)
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
+    """The config file, made absolute: it is written into hook lines and remote commands,
+    which repmgr and ssh run from another working directory."""
     if cli_value:
-        return Path(cli_value)
+        return Path(os.path.abspath(cli_value))
     from_env = os.environ.get(CONFIG_ENV)
-    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+    return Path(os.path.abspath(from_env)) if from_env else DEFAULT_CONFIG_PATH
 
 
 def _key_name(section: str, key: str) -> str:
     return f"{section}.{key}" if section else key
 
 
+# Inclusive bounds of every number (a float bound of 0 with "> 0" is checked separately).
+RANGES: dict[str, tuple[float, float]] = {
+    "vip.announce_count": (1, 1000),
+    "vip.announce_interval": (0, 3600),
+    "vip.probe_count": (1, 100),
+    "vip.probe_timeout": (0, 60),
+    "fencing.fence_timeout": (1, 86400),
+    "fencing.ssh_connect_timeout": (1, 3600),
+    "fencing.ssh_command_timeout": (1, 86400),
+    "daemon.interval": (0, 3600),
+    "daemon.isolation_grace": (0, 86400),
+    "daemon.conflict_probe_interval": (0, 3600),
+    "daemon.reannounce_interval": (0, 86400),
+    "daemon.metrics_port": (0, 65535),
+}
+
+
+def has_control_characters(text: str) -> bool:
+    """Any C0/C1 control character but tab: none belongs in a path, name or command line."""
+    return any((ord(ch) < 0x20 and ch != "\t") or 0x7F <= ord(ch) < 0xA0 for ch in text)
+
+
 def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
     name = _key_name(section, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(
             f"{name} must be a {expected.__name__}, "
             f"got {type(value).__name__} {value!r}; fix {name}"
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r} is not a finite number; give a number of seconds")
+    if isinstance(value, int | float) and name in RANGES:
+        low, high = RANGES[name]
+        if not low <= value <= high:
+            raise ConfigError(f"{name} = {value!r} is out of range; use {low:g}..{high:g}")
+    if isinstance(value, str) and has_control_characters(value):
+        raise ConfigError(f"{name} contains a control character ({value!r}); remove it")
     return value
 
 
@@ -240,9 +282,12 @@ def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
         raise ConfigError(f"{key}={text!r}: {address!r} is not an IP address; fix {key}") from exc
     if ip.version == 6:
         raise ConfigError(f"{key}={text!r}: IPv6 VIPs are not supported yet; use an IPv4 address")
-    if not prefix.isdigit() or not 1 <= int(prefix) <= 32:
+    if not (prefix.isascii() and prefix.isdigit()) or not 1 <= int(prefix) <= 32:
         raise ConfigError(f"{key}={text!r}: prefix length must be 1..32; fix {key}")
-    vip = ipaddress.IPv4Interface(text)
+    try:
+        vip = ipaddress.IPv4Interface(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key}={text!r} is not ADDRESS/PREFIX; fix {key}") from exc
     broadcast = vip.network.broadcast_address if vip.network.prefixlen < 31 else None
     if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == broadcast:
         raise ConfigError(f"{key}={text!r} cannot be a service address; use a unicast address")
@@ -280,6 +325,8 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
     _positive("fencing", values["fencing"], "fence_timeout", "ssh_connect_timeout",
               "ssh_command_timeout")
     _positive("daemon", values["daemon"], "interval", "conflict_probe_interval")
+    if values["fencing"]["release_retry_for"] < 0:
+        raise ConfigError("fencing.release_retry_for must be 0 (off) or more seconds; fix it")
     if values["daemon"]["isolation_grace"] < 0:
         raise ConfigError("daemon.isolation_grace must be 0 (auto) or more; fix it")
     _choice("daemon", "on_stop", values["daemon"]["on_stop"], STOP_POLICIES)
@@ -309,7 +356,7 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         remote=RemoteSettings(**values["remote"]),
         daemon=DaemonSettings(**values["daemon"]),
         state_dir=Path(state_dir),
-        log_file=Path(values[""]["log_file"] or Path(state_dir) / "repmgr-vip.log"),
+        log_file=Path(values[""]["log_file"] or statefiles.default_log_file(Path(state_dir))),
         values=values,
     )
 
@@ -342,13 +389,35 @@ def load_config(path: Path, *, check_host: bool = True) -> Config:
     return build_config(raw, path, check_host=check_host)
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string that tomllib reads back as exactly `text` (controls escaped)."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    if isinstance(value, int):
+        return str(value)
+    return _toml_string(str(value))
 
 
 def render_toml(values: Mapping[str, Mapping[str, Any]]) -> str:

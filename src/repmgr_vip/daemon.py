@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any, Generic, TypeVar
 
-from repmgr_vip import cluster
+from repmgr_vip import cluster, journal, statefiles
 from repmgr_vip.config import Config
-from repmgr_vip.decide import Action, Decision, Memory, Peer, Policy, Snapshot, decide_cycle
+from repmgr_vip.decide import (
+    CONFLICT,
+    Action,
+    Decision,
+    Memory,
+    Peer,
+    Policy,
+    Snapshot,
+    decide_cycle,
+)
 from repmgr_vip.errors import VipError
 from repmgr_vip.fencing import fence_others
 from repmgr_vip.lock import LockBusy, vip_lock
@@ -31,50 +45,107 @@ from repmgr_vip.network import VipNetwork
 from repmgr_vip.process import alive
 
 PEER_TIMEOUT = 2.0
-STATE_FILE = "repmgr-vip-daemon.json"
-SELF_FENCE_FILE = "repmgr-vip-self-fenced"
+STATE_FILE = statefiles.DAEMON_STATE
+SELF_FENCE_FILE = statefiles.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
+T = TypeVar("T")
+
+
+class SnapshotFailed(VipError):
+    """A cycle could not see the facts it needs; it does nothing and the next one retries."""
 
 
 def self_fence_marker(config: Config) -> Path:
-    return config.state_dir / SELF_FENCE_FILE
+    return statefiles.self_fence_marker(config.state_dir)
 
 
 def state_file(config: Config) -> Path:
-    return config.state_dir / STATE_FILE
+    return statefiles.daemon_state_file(config.state_dir)
 
 
-def _age(path: Path) -> float | None:
+def _boot_id() -> str:
     try:
-        return max(0.0, time.time() - path.stat().st_mtime)
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
     except OSError:
+        return ""
+
+
+def marker_text(reason: str) -> str:
+    """The self-fence marker records when, on a clock that a wall-clock step cannot move."""
+    return json.dumps({"boot_id": _boot_id(), "boottime": time.clock_gettime(time.CLOCK_BOOTTIME),
+                       "reason": reason}) + "\n"
+
+
+def marker_age(path: Path) -> float | None:
+    """Seconds since the marker was written; a marker from an earlier boot counts as old."""
+    try:
+        text = statefiles.read_text(path)
+    except FileNotFoundError:
         return None
+    except OSError:
+        return float("inf")  # there, but unreadable (a symlink): still a marker
+    try:
+        data = json.loads(text)
+        if data["boot_id"] == _boot_id():
+            return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - float(data["boottime"]))
+    except (ValueError, KeyError, TypeError):
+        pass
+    return float("inf")  # unreadable or from another boot: old, but still a marker
 
 
-def _surely_down(error: str) -> bool:
-    text = error.lower()
-    return "refused" in text or "no such file" in text
+class SingleFlight(Generic[T]):
+    """At most one call of fn at a time; a caller waits a bounded time for its result.
+
+    A frozen or stalled server must never stretch the daemon's cycle: while the previous
+    call still hangs, the caller gets `on_timeout` at once instead of a second hung call.
+    """
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: Future[T] | None = None
+        self._started = 0.0
+
+    def call(self, wait: float) -> tuple[T | None, float]:
+        """(result, 0) or (None, seconds the pending call has been running)."""
+        if self._pending is None:
+            self._pending = self._pool.submit(self.fn)
+            self._started = time.monotonic()
+        try:
+            result = self._pending.result(timeout=wait)
+        except FutureTimeout:
+            return None, time.monotonic() - self._started
+        self._pending = None
+        return result, 0.0
 
 
 class PeerWatcher(threading.Thread):
     """Keeps the latest view of one peer; views older than `stale_after` count as unreachable."""
 
     def __init__(self, record: cluster.NodeRecord, interval: float, stop: threading.Event):
-        super().__init__(daemon=True, name=f"peer-{record.node_name}")
+        super().__init__(daemon=True, name=f"peer-{record.node_id}")
         self.record = record
         self.interval = interval
-        self.stop = stop
+        self.daemon_stop = stop
+        self.retired = threading.Event()  # the node left repmgr.nodes or changed conninfo
         self._latest: tuple[float, cluster.NodeView] | None = None
         self._lock = threading.Lock()
 
+    def _stopped(self) -> bool:
+        return self.daemon_stop.is_set() or self.retired.is_set()
+
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self._stopped():
             started = time.monotonic()
             view = cluster.query_view(self.record.node_id, self.record.conninfo, PEER_TIMEOUT)
             with self._lock:
                 self._latest = (time.monotonic(), view)
-            self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self.retired.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def retire(self) -> None:
+        self.retired.set()
 
     def view(self, stale_after: float) -> cluster.NodeView:
         with self._lock:
@@ -107,36 +178,65 @@ class Daemon:
         self.state = DaemonState(Memory(majority_seen_at=time.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
+        self.local_query = SingleFlight(
+            lambda: cluster.local_view(config, timeout=PEER_TIMEOUT), "local-query")
+        self.node_list = SingleFlight(
+            lambda: cluster.registered_nodes(config, timeout=PEER_TIMEOUT), "node-list")
+        # hooks' entries written before this daemon started are history, not news
+        self.journal_offset = journal.read_from(config.state_dir, 0)[1]
 
     # --- snapshot ---------------------------------------------------------------------
 
     def _refresh_peers(self) -> None:
-        """Re-reads repmgr.nodes when the local node answers; keeps the last list otherwise."""
+        """Re-reads repmgr.nodes without ever waiting on it; keeps the last list meanwhile.
+
+        A DBA's lock on repmgr.nodes or a stalled server delays only the list, not the cycle.
+        """
         try:
-            records = cluster.registered_nodes(self.config, timeout=PEER_TIMEOUT)
+            records, _ = self.node_list.call(wait=0.0 if self.records else 0.5)
         except VipError:
+            return
+        if records is None:
             return
         others = [r for r in records if r.node_id != self.config.repmgr.node_id and r.active]
         self.records = others
         for record in others:
             watcher = self.watchers.get(record.node_id)
             if watcher is None or watcher.record.conninfo != record.conninfo:
+                if watcher is not None:
+                    watcher.retire()
                 watcher = PeerWatcher(record, self.config.daemon.interval, self.stop_event)
                 self.watchers[record.node_id] = watcher
                 watcher.start()
         for node_id in set(self.watchers) - {r.node_id for r in others}:
-            del self.watchers[node_id]
+            self.watchers.pop(node_id).retire()
+
+    def _local_view(self) -> cluster.NodeView:
+        # a slow but healthy server gets a moment; a frozen one costs at most this per cycle
+        wait = min(PEER_TIMEOUT, max(0.5, 1.5 * self.config.daemon.interval))
+        view, waited = self.local_query.call(wait)
+        if view is None:
+            return cluster.NodeView(self.config.repmgr.node_id, reachable=False,
+                                    error=f"no answer for {waited:.1f} s")
+        return view
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
-        local = cluster.local_view(self.config, timeout=PEER_TIMEOUT)
+        local = self._local_view()
         if local.reachable:
             self._refresh_peers()
+        surely_down = (not local.reachable
+                       and cluster.refuses_connections(self.config.repmgr.conninfo))
         stale_after = max(3 * self.config.daemon.interval, PEER_TIMEOUT + 1)
         peers = tuple(Peer(r.node_id, r.node_name, r.node_type,
                            self.watchers[r.node_id].view(stale_after))
                       for r in self.records if r.node_id in self.watchers)
-        state = self.network.interface_state()
+        try:
+            state = self.network.interface_state()
+        except VipError as exc:  # unreadable `ip` output: act on nothing, look again next cycle
+            LOG.error("cannot read interface %s: %s; retrying next cycle",
+                      self.config.vip.interface, exc)
+            raise SnapshotFailed(str(exc)) from exc
         holds = state.address_as(self.config.vip.ip) is not None
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
@@ -147,9 +247,10 @@ class Daemon:
             self.state.last_probe = now
         reannounce = self.config.daemon.reannounce_interval
         return Snapshot(
-            now=now, local=local, local_surely_down=_surely_down(local.error), peers=peers,
+            now=now, local_name=self.config.repmgr.node_name, local=local,
+            local_surely_down=surely_down, peers=peers,
             holds_vip=holds, interface_up=state.up, foreign_macs=foreign,
-            self_fence_age=_age(self_fence_marker(self.config)),
+            self_fence_age=marker_age(self_fence_marker(self.config)),
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
@@ -170,9 +271,12 @@ class Daemon:
             if self.network.remove():
                 LOG.warning("released the VIP: %s", decision.reason)
                 self.metrics.action("release")
+                self._journal("release", decision.reason, outcome="released")
         elif action is Action.ACQUIRE:
             probe = self.network.probe()
             if probe.in_use:
+                self._journal("refuse", f"not adding the VIP: {decision.reason}",
+                              alarm=CONFLICT, answered_by=list(probe.answered_by))
                 self._conflict(probe.answered_by, f"not adding the VIP: {decision.reason}")
                 return
             self.network.add()
@@ -180,6 +284,7 @@ class Daemon:
             self.state.last_announce = time.monotonic()
             LOG.warning("added the VIP: %s", decision.reason)
             self.metrics.action("acquire")
+            self._journal("acquire", decision.reason, outcome="held")
         elif action is Action.ANNOUNCE:
             self.network.announce()
             self.state.last_announce = time.monotonic()
@@ -200,17 +305,27 @@ class Daemon:
 
     # --- loop -------------------------------------------------------------------------
 
-    def cycle(self) -> Decision:
+    def cycle(self) -> Decision | None:
         started = time.monotonic()
-        snapshot = self.snapshot()
+        try:
+            snapshot = self.snapshot()
+        except SnapshotFailed:
+            self.metrics.action("snapshot_failed")
+            return None
         decision, memory = decide_cycle(snapshot, self.state.memory, self.policy)
         self.state.memory = memory
         if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
-                self_fence_marker(self.config).unlink()
+                statefiles.remove(self_fence_marker(self.config))
                 LOG.info("majority reachable again: self-fence lifted")
         if self.last_decision is None or decision.reason != self.last_decision.reason:
-            LOG.info("%s: %s", decision.action.value, decision.reason)
+            level = logging.ERROR if decision.alarm else logging.INFO
+            LOG.log(level, "%s: %s", decision.action.value, decision.reason)
+            self._journal(decision.action.value, decision.reason, alarm=decision.alarm,
+                          holds=snapshot.holds_vip, local=_view_text(snapshot.local),
+                          peers={p.node_name: _view_text(p.view) for p in snapshot.peers},
+                          foreign=list(snapshot.foreign_macs or ()))
+        self._count_hook_alarms()
         try:
             self.act(decision, snapshot)
         except VipError as exc:
@@ -222,14 +337,28 @@ class Daemon:
         self._write_state(decision, holds)
         return decision
 
+    def _journal(self, action: str, reason: str, **kw: Any) -> None:
+        journal.record(self.config.state_dir, self.config.repmgr.node_name, "daemon", action,
+                       reason, **kw)
+
+    def _count_hook_alarms(self) -> None:
+        """Refusals and conflicts seen by hooks (short-lived processes) show in our metrics."""
+        entries, self.journal_offset = journal.read_from(self.config.state_dir,
+                                                         self.journal_offset)
+        for entry in entries:
+            if entry.get("pid") == os.getpid():
+                continue
+            if entry.get("alarm") == CONFLICT:
+                self.metrics.conflict()
+            if entry.get("action") in ("refuse", "refused"):
+                self.metrics.action(f"{entry.get('source', 'hook')}_refused")
+
     def _write_state(self, decision: Decision, holds: bool) -> None:
         data = {"pid": os.getpid(), "time": time.time(), "holds_vip": holds,
-                "action": decision.action.value, "reason": decision.reason}
-        path = state_file(self.config)
-        tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(data), encoding="utf-8")
-            tmp.replace(path)
+                "action": decision.action.value, "reason": decision.reason,
+                "alarm": decision.alarm}
+        with contextlib.suppress(OSError):  # status only; a full disk must not stop the loop
+            statefiles.write_atomic(state_file(self.config), json.dumps(data))
 
     def run(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -251,6 +380,7 @@ class Daemon:
                 first = False
             if self.last_decision is not None:
                 sd_notify(f"STATUS={self.last_decision.reason[:200]}")
+            sd_notify("WATCHDOG=1")  # the unit's WatchdogSec restarts a loop that stopped
             self.stop_event.wait(max(0.0, self.config.daemon.interval
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
@@ -261,8 +391,14 @@ class Daemon:
         else:
             LOG.info("stopped; VIP left as it is (daemon.on_stop = keep)")
         with contextlib.suppress(OSError):
-            state_file(self.config).unlink()
+            statefiles.remove(state_file(self.config))
         return 0
+
+
+def _view_text(view: cluster.NodeView) -> str:
+    if not view.reachable:
+        return f"unreachable: {view.error}"
+    return f"{'standby' if view.in_recovery else 'primary'} tl {view.timeline}"
 
 
 def effective_isolation_grace(config: Config) -> float:
@@ -288,7 +424,7 @@ def sd_notify(message: str) -> None:
 def daemon_pid(config: Config) -> int | None:
     """The pid of a running daemon for this config, from its state file, checked in /proc."""
     try:
-        pid = int(json.loads(state_file(config).read_text(encoding="utf-8"))["pid"])
+        pid = int(json.loads(statefiles.read_text(state_file(config)))["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return pid if alive(pid) else None

@@ -6,7 +6,7 @@ property-based ones) exercise the exact code that guards the VIP.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,44 +23,15 @@ class Action(Enum):
     FENCE_CONFLICT = "fence-conflict"  # holding, and another host answers too
 
 
+SPLIT_BRAIN = "split-brain"  # another primary on our timeline: nobody may hold the VIP
+CONFLICT = "conflict"  # a host we cannot account for answers for the VIP
+
+
 @dataclass(frozen=True)
 class Decision:
     action: Action
     reason: str
-
-
-def legitimacy(local: NodeView, peers: Mapping[int, NodeView]) -> Decision:
-    """Should this node hold the VIP at start-up? Only as the one primary on the newest timeline."""
-    if not local.reachable:
-        return Decision(Action.RELEASE, f"local PostgreSQL is not reachable ({local.error})")
-    if local.in_recovery:
-        return Decision(Action.RELEASE, "local PostgreSQL is a standby (in recovery)")
-    for node_id, peer in sorted(peers.items()):
-        if not peer.is_primary or peer.timeline is None or local.timeline is None:
-            continue
-        if peer.timeline > local.timeline:
-            return Decision(Action.RELEASE, f"node {node_id} is primary on a newer timeline "
-                            f"({peer.timeline} > {local.timeline}); this is a stale primary")
-        if peer.timeline == local.timeline:
-            return Decision(Action.REFUSE, f"node {node_id} is also primary on timeline "
-                            f"{local.timeline}; refusing to pick one, resolve the split brain")
-    return Decision(Action.ACQUIRE, f"primary on timeline {local.timeline}, "
-                    f"no other primary among {len(peers)} peer(s)")
-
-
-def after_fencing(answered_by: tuple[str, ...], policy: str, *, fence_ran: bool) -> Decision:
-    """Before a promotion: go ahead only when nobody else answers for the VIP."""
-    if not answered_by:
-        return Decision(Action.ACQUIRE, "VIP is free (no ARP answer)")
-    holders = ", ".join(answered_by)
-    why = (f"VIP still answers from {holders}"
-           + (" after fence_command" if fence_ran else " and no fence_command is configured"))
-    if policy == "promote-without-vip":
-        return Decision(Action.PROMOTE_WITHOUT_VIP, why + "; promoting without the VIP (policy)")
-    return Decision(Action.REFUSE, why + "; refusing to promote (fencing.when_vip_not_free)")
-
-
-# --- the reconciling daemon -------------------------------------------------------------
+    alarm: str = ""  # SPLIT_BRAIN, CONFLICT or "": what the metrics and status count
 
 
 @dataclass(frozen=True)
@@ -70,12 +41,70 @@ class Peer:
     node_type: str  # primary | standby | witness, as registered
     view: NodeView
 
+    @property
+    def is_data_primary(self) -> bool:
+        """A primary of the cluster's data; a witness runs its own, unrelated primary."""
+        return self.node_type != "witness" and self.view.is_primary
+
+
+def split_brain_advice(local_name: str, other_name: str, timeline: int) -> str:
+    """The one rule for same-timeline primaries: nobody can tell which is legitimate."""
+    return (f"{local_name} and {other_name} are both primary on timeline {timeline}: "
+            "cannot tell which is legitimate, so neither holds the VIP; stop one of them and "
+            "rejoin it as a standby (`repmgr node rejoin`), then the other takes the VIP")
+
+
+def legitimacy(local_name: str, local: NodeView, peers: Sequence[Peer]) -> Decision:
+    """Should this node hold the VIP at start-up? Only as the one primary on the newest timeline."""
+    if not local.reachable:
+        return Decision(Action.RELEASE, f"local PostgreSQL is not reachable ({local.error})")
+    if local.in_recovery:
+        return Decision(Action.RELEASE, "local PostgreSQL is a standby (in recovery)")
+    for peer in sorted(peers, key=lambda p: p.node_id):
+        if not peer.is_data_primary or peer.view.timeline is None or local.timeline is None:
+            continue
+        if peer.view.timeline > local.timeline:
+            return Decision(Action.RELEASE, f"{peer.node_name} is primary on a newer timeline "
+                            f"({peer.view.timeline} > {local.timeline}); this is a stale primary")
+        if peer.view.timeline == local.timeline:
+            return Decision(Action.RELEASE, split_brain_advice(
+                local_name, peer.node_name, local.timeline), alarm=SPLIT_BRAIN)
+    return Decision(Action.ACQUIRE, f"primary on timeline {local.timeline}, "
+                    f"no other primary among {len(peers)} peer(s)")
+
+
+def after_fencing(answered_by: tuple[str, ...], policy: str, *, fence_ran: bool,
+                  all_confirmed: bool = False) -> Decision:
+    """Before a promotion: go ahead only when nobody else answers for the VIP.
+
+    When every registered node confirmed its release, whoever answers is outside the cluster
+    (a stray device, a spoofer): no node is fenced for it, and the promotion still waits.
+    """
+    if not answered_by:
+        return Decision(Action.ACQUIRE, "VIP is free (no ARP answer)")
+    holders = ", ".join(answered_by)
+    if all_confirmed:
+        why = (f"every registered node confirmed its release, yet the VIP answers from "
+               f"{holders}: a host outside the cluster holds it; find it and remove the address")
+    else:
+        why = (f"VIP still answers from {holders}"
+               + (" after fence_command" if fence_ran else " and no fence_command is configured"))
+    if policy == "promote-without-vip":
+        return Decision(Action.PROMOTE_WITHOUT_VIP, why + "; promoting without the VIP (policy)",
+                        alarm=CONFLICT)
+    return Decision(Action.REFUSE, why + "; refusing to promote (fencing.when_vip_not_free)",
+                    alarm=CONFLICT)
+
+
+# --- the reconciling daemon -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one daemon cycle knows, gathered before deciding."""
 
     now: float  # monotonic seconds
+    local_name: str
     local: NodeView
     local_surely_down: bool  # connection refused: PostgreSQL is not running
     peers: tuple[Peer, ...]  # every other registered, active node
@@ -117,16 +146,16 @@ def _hold_or_acquire(snapshot: Snapshot, why: str) -> Decision:
         return Decision(Action.ACQUIRE, f"{why}; VIP missing here")
     if snapshot.foreign_macs:
         return Decision(Action.FENCE_CONFLICT, f"{why}; CONFLICT: VIP also answers from "
-                        f"{', '.join(snapshot.foreign_macs)}")
+                        f"{', '.join(snapshot.foreign_macs)}", alarm=CONFLICT)
     if snapshot.reannounce_due:
         return Decision(Action.ANNOUNCE, f"holding: {why}; periodic announcement")
     return Decision(Action.KEEP, f"holding: {why}")
 
 
-def _drop(snapshot: Snapshot, why: str) -> Decision:
+def _drop(snapshot: Snapshot, why: str, alarm: str = "") -> Decision:
     if snapshot.holds_vip:
-        return Decision(Action.RELEASE, why)
-    return Decision(Action.KEEP, f"not holding: {why}")
+        return Decision(Action.RELEASE, why, alarm)
+    return Decision(Action.KEEP, f"not holding: {why}", alarm)
 
 
 def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[Decision, Memory]:
@@ -150,7 +179,7 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     if not local.reachable:
         if snapshot.local_surely_down or memory.local_failures >= policy.local_failures_to_release:
             return _drop(snapshot, f"local PostgreSQL is down ({local.error})"), memory
-        other = next((p for p in snapshot.peers if p.view.is_primary), None)
+        other = next((p for p in snapshot.peers if p.is_data_primary), None)
         if other is not None:
             return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and "
                          f"{other.node_name} is primary"), memory
@@ -163,15 +192,13 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
         return _drop(snapshot, "local PostgreSQL is a standby"), memory
     timeline = local.timeline or 0
     for peer in snapshot.peers:
-        if peer.view.is_primary and (peer.view.timeline or 0) > timeline:
+        if peer.is_data_primary and (peer.view.timeline or 0) > timeline:
             return _drop(snapshot, f"{peer.node_name} is primary on newer timeline "
                          f"{peer.view.timeline} > {timeline}: this is a stale primary"), memory
     for peer in snapshot.peers:
-        if peer.view.is_primary and (peer.view.timeline or 0) == timeline:
-            why = f"{peer.node_name} is also primary on timeline {timeline}"
-            if snapshot.holds_vip:
-                return Decision(Action.KEEP, f"holding, but {why}: resolve the split brain"), memory
-            return Decision(Action.KEEP, f"not acquiring: {why}"), memory
+        if peer.is_data_primary and (peer.view.timeline or 0) == timeline:
+            why = split_brain_advice(snapshot.local_name, peer.node_name, timeline)
+            return _drop(snapshot, why, alarm=SPLIT_BRAIN), memory
     why = f"primary on timeline {timeline}, {counted}"
     if self_fenced:
         return _drop(snapshot, f"self-fenced after losing the standbys; {counted}"), memory

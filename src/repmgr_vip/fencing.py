@@ -11,6 +11,7 @@ power-off), and only silence after that lets the caller proceed.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import threading
 import time
@@ -41,6 +42,11 @@ class FenceReport:
     def vip_free(self) -> bool:
         return not self.answered_by
 
+    @property
+    def unconfirmed(self) -> list[str]:
+        """Nodes that did not confirm their release: a returning one may still hold the VIP."""
+        return sorted({*self.failed, *self.pending} - set(self.released))
+
     def summary(self) -> str:
         parts = [f"released on {','.join(self.released) or 'none'}"]
         if self.failed:
@@ -59,20 +65,24 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+_PLACEHOLDER = re.compile(r"\{(node_name|node_id|host)\}")
+
+
 def fence_command_argv(template: str, node: NodeRecord) -> list[str]:
-    """Splits the template into words first, then fills placeholders: no shell ever sees data."""
-    values = {"{node_name}": node.node_name, "{node_id}": str(node.node_id), "{host}": node.host}
-    words = []
-    for word in shlex.split(template):
-        for placeholder, value in values.items():
-            word = word.replace(placeholder, value)
-        words.append(word)
-    return words
+    """Splits the template into words first, then fills placeholders in one pass.
+
+    No shell ever sees data, and a value that itself looks like a placeholder (a node named
+    "{host}") stays as it is.
+    """
+    values = {"node_name": node.node_name, "node_id": str(node.node_id), "host": node.host}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], word)
+            for word in shlex.split(template)]
 
 
 def _run_fence_command(config: Config, node: NodeRecord) -> bool:
     argv = fence_command_argv(config.fencing.fence_command, node)
-    LOG.warning("running fence_command for node %s: %s", node.node_name, argv)
+    # only the program: the arguments may carry a password (an IPMI fence agent's -P)
+    LOG.warning("running fence_command for node %s: %s ...", node.node_name, argv[0])
     try:
         result = run(argv, timeout=config.fencing.fence_timeout)
     except VipError as exc:
@@ -226,10 +236,10 @@ class Fencing:
                 break
             time.sleep(0.02)
         self.report.answered_by = answered or ()
-        if answered and not (confirmations_suffice and self.all_confirmed) and (
-                self.config.fencing.fence_command):
-            suspects = [n for n in self.nodes
-                        if n.node_name not in self.report.released] or self.nodes
+        # only a node that did not confirm its release can be the one answering: a node that
+        # confirmed is never fenced, whoever else (a stray host, a spoofer) answers for the VIP
+        suspects = [n for n in self.nodes if n.node_name not in self.report.released]
+        if answered and suspects and self.config.fencing.fence_command:
             for node in suspects:
                 if _run_fence_command(self.config, node):
                     self.report.fenced.append(node.node_name)

@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from repmgr_vip import cluster, repmgr
+from repmgr_vip import cluster, journal, repmgr
 from repmgr_vip.config import Config
-from repmgr_vip.decide import Action, after_fencing, legitimacy
+from repmgr_vip.decide import Action, Peer, after_fencing, legitimacy
 from repmgr_vip.errors import ExitCode, VipError
 from repmgr_vip.fencing import Fencing, fence_others
 from repmgr_vip.lock import vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
+from repmgr_vip.release_retry import start_retrier
+from repmgr_vip.statefiles import write_atomic
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
@@ -34,18 +36,28 @@ def _other_nodes(config: Config) -> list[cluster.NodeRecord]:
     return [n for n in cluster.registered_nodes(config) if n.node_id != config.repmgr.node_id]
 
 
+def _journal(config: Config, source: str, action: str, reason: str, **kw: Any) -> None:
+    journal.record(config.state_dir, config.repmgr.node_name, source, action, reason, **kw)
+
+
 def fence_and_acquire(config: Config, network: VipNetwork,
-                      others: list[cluster.NodeRecord]) -> str:
+                      others: list[cluster.NodeRecord], timeline: int, source: str) -> str:
     """Release the VIP everywhere else, prove it free, then add and announce it here."""
     report = fence_others(config, network, others)
     LOG.info("fencing: %s", report.summary())
-    decision = after_fencing(report.answered_by, "refuse", fence_ran=bool(report.fenced))
+    decision = after_fencing(report.answered_by, "refuse", fence_ran=bool(report.fenced),
+                             all_confirmed=not report.unconfirmed)
     if decision.action is not Action.ACQUIRE:
         LOG.error("not taking the VIP: %s", decision.reason)
+        _journal(config, source, "refuse", decision.reason, alarm=decision.alarm,
+                 answered_by=list(report.answered_by), unconfirmed=report.unconfirmed)
         return f"VIP not taken: {decision.reason}"
     added = network.add()
     network.announce()
     LOG.info("VIP %s %s and announced", config.vip.cidr, "added" if added else "already held")
+    _journal(config, source, "acquire", decision.reason, outcome="held",
+             unconfirmed=report.unconfirmed)
+    start_retrier(config, timeline, report.unconfirmed)
     return f"VIP {config.vip.cidr} held here"
 
 
@@ -57,10 +69,16 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
         with vip_lock(config.lock_path, LOCK_TIMEOUT):
             local = cluster.local_view(config)
             others = _other_nodes(config) if local.is_primary else []
-            decision = legitimacy(local, cluster.query_views(others, PEER_QUERY_TIMEOUT))
+            views = cluster.query_views(others, PEER_QUERY_TIMEOUT)
+            peers = [Peer(r.node_id, r.node_name, r.node_type, views[r.node_id])
+                     for r in others if r.active]
+            decision = legitimacy(config.repmgr.node_name, local, peers)
             LOG.info("start-repmgrd: %s: %s", decision.action.value, decision.reason)
+            _journal(config, "start-repmgrd", decision.action.value, decision.reason,
+                     alarm=decision.alarm)
             if decision.action is Action.ACQUIRE:
-                vip_note = fence_and_acquire(config, network, others)
+                vip_note = fence_and_acquire(config, network, others, local.timeline or 0,
+                                             "start-repmgrd")
             elif decision.action is Action.RELEASE:
                 vip_note = "VIP released" if network.remove() else "VIP not held"
             else:
@@ -108,42 +126,58 @@ def promote(config: Config) -> int:
 
 def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> int:
     report = fencing.wait(confirmations_suffice=True)
+    if report.answered_by and fencing.all_confirmed:
+        # every node said it released the VIP and something still answered: judge by a probe
+        # taken after the last confirmation, before promoting (a promotion cannot be undone)
+        report.answered_by = fencing.proven_free()
     LOG.info("promote: fencing: %s", report.summary())
-    proof_pending = not report.vip_free and fencing.all_confirmed
-    answered = () if proof_pending else report.answered_by
-    decision = after_fencing(answered, config.fencing.when_vip_not_free,
-                             fence_ran=bool(report.fenced))
+    decision = after_fencing(report.answered_by, config.fencing.when_vip_not_free,
+                             fence_ran=bool(report.fenced), all_confirmed=fencing.all_confirmed)
+    _journal(config, "promote", decision.action.value, decision.reason, alarm=decision.alarm,
+             answered_by=list(report.answered_by), released=report.released,
+             unconfirmed=report.unconfirmed, fenced=report.fenced)
     if decision.action is Action.REFUSE:
         LOG.error("promote: %s", decision.reason)
         return ExitCode.REFUSED
     run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
     want_vip = decision.action is Action.ACQUIRE
-    proof = fencing.proven_free if proof_pending else None
-    outcome = _add_vip_once_promoted(config, network, run, proof) if want_vip else None
-    vip_added = outcome is True
+    outcome = _add_vip_once_promoted(config, network, run) if want_vip else None
     status = run.finish()
     if status != 0:
-        if vip_added:
+        if outcome:
             LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
                       "recovery: this node is primary and keeps the VIP", status)
         else:
             LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken", status)
-        return status
+            _journal(config, "promote", "promote-failed", f"repmgr exited {status}")
+            return status
     if not want_vip:
         LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
     elif outcome is None:  # repmgr returned before we saw the promotion
-        _add_vip_if_free(config, network, proof)
+        outcome = _add_vip(config, network)
+    if outcome:
+        local = cluster.local_view(config, timeout=2.0)
+        _journal(config, "promote", "acquire", "promoted; VIP added", outcome="held",
+                 timeline=local.timeline)
+        start_retrier(config, local.timeline or 0, report.unconfirmed)
+        if config.fencing.checkpoint_after_promote:
+            _request_checkpoint(config)
     return status
 
 
-def _add_vip_if_free(config: Config, network: VipNetwork,
-                     proof: Callable[[], tuple[str, ...]] | None) -> bool:
-    if proof is not None:
-        answered = proof()
-        if answered:
-            LOG.error("promote: every node released the VIP, yet it answers from %s: "
-                      "promoted WITHOUT the VIP; find that host", ", ".join(answered))
-            return False
+def _request_checkpoint(config: Config) -> None:
+    """pg_rewind reads the new timeline from the control file: write it now, not at the next
+    scheduled checkpoint, so `repmgr node rejoin --force-rewind` works right after a failover.
+    Runs after the VIP is up, so it costs clients nothing."""
+    try:
+        cluster.checkpoint(config, timeout=30.0)
+        LOG.info("promote: CHECKPOINT done (the new timeline is in the control file)")
+    except VipError as exc:
+        LOG.warning("promote: CHECKPOINT after promotion failed: %s; run it by hand before "
+                    "`repmgr node rejoin --force-rewind`", exc)
+
+
+def _add_vip(config: Config, network: VipNetwork) -> bool:
     try:
         network.add()
         network.announce()
@@ -154,8 +188,8 @@ def _add_vip_if_free(config: Config, network: VipNetwork,
     return True
 
 
-def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun,
-                           proof: Callable[[], tuple[str, ...]] | None) -> bool | None:
+def _add_vip_once_promoted(config: Config, network: VipNetwork,
+                           run: repmgr.RepmgrRun) -> bool | None:
     """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling returns.
 
     `repmgr standby promote` checks for the promotion once per promote_check_interval (1 s);
@@ -165,7 +199,7 @@ def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.Repm
     while run.process.poll() is None:
         if cluster.local_view(config, timeout=1.0).is_primary:
             LOG.info("promote: PostgreSQL left recovery")
-            return _add_vip_if_free(config, network, proof)
+            return _add_vip(config, network)
         time.sleep(PROMOTION_POLL)
     return None
 
@@ -188,14 +222,20 @@ def fence_self(config: Config) -> str:
 
     The marker file tells the daemon not to take it back until a majority is reachable again.
     """
-    from repmgr_vip.daemon import self_fence_marker
+    from repmgr_vip.daemon import marker_text, self_fence_marker
 
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        self_fence_marker(config).write_text("child nodes disconnected\n", encoding="utf-8")
-        removed = network.remove()
+        removed = network.remove()  # first: a full disk must not keep the VIP here
+        try:
+            write_atomic(self_fence_marker(config), marker_text("child nodes disconnected"))
+        except OSError as exc:
+            LOG.error("self-fence marker %s not written (%s): a daemon may take the VIP back "
+                      "once a majority answers", self_fence_marker(config), exc.strerror)
     message = "self-fenced: VIP released" if removed else "self-fenced: VIP was not held"
     LOG.warning("%s (child nodes disconnected)", message)
+    _journal(config, "fence-self", "release", "child nodes disconnected",
+             outcome="released" if removed else "not held")
     return message
 
 
@@ -229,8 +269,8 @@ def handle_event(config: Config, event: Event) -> str:
             return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
         if network.holds():
             return f"event {event.name}: VIP already held here"
-        return f"event {event.name}: " + fence_and_acquire(config, network,
-                                                            _other_nodes(config))
+        return f"event {event.name}: " + fence_and_acquire(
+            config, network, _other_nodes(config), local.timeline or 0, f"event {event.name}")
 
 
 def repmgr_conf_lines(config: Config) -> str:

@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from repmgr_vip.statefiles import open_append
+
 LOG = logging.getLogger("repmgr_vip")
 
 
@@ -19,7 +21,7 @@ def setup_logging(log_file: Path | None, node_name: str, *, to_stderr: bool = Tr
     LOG.propagate = False
     if log_file is not None:
         try:
-            handler: logging.Handler = logging.FileHandler(log_file, encoding="utf-8")
+            handler: logging.Handler = logging.StreamHandler(open_append(log_file))
         except OSError as exc:
             print(f"repmgr-vip: cannot write log file {log_file} ({exc.strerror})",
                   file=sys.stderr)

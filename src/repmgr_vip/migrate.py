@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from repmgr_vip.config import parse_vip
+from repmgr_vip.config import has_control_characters, parse_vip, valid_interface_name
 from repmgr_vip.errors import ConfigError
 
 _ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -34,7 +34,16 @@ def read_env_file(path: Path) -> dict[str, str]:
             words = shlex.split(raw, comments=True)
         except ValueError as exc:
             raise ConfigError(f"{path}:{lineno}: {exc}; fix the quoting of {key}") from exc
-        values[key] = words[0] if words else ""
+        if len(words) > 1:
+            raise ConfigError(
+                f"{path}:{lineno}: {key} has {len(words)} words ({' '.join(words)!r}) but takes "
+                f"one; keep a single value for {key}"
+            )
+        value = words[0] if words else ""
+        if has_control_characters(value):
+            raise ConfigError(f"{path}:{lineno}: {key} contains a control character "
+                              f"({value!r}); remove it")
+        values[key] = value
     return values
 
 
@@ -52,6 +61,10 @@ def config_from_env(env: dict[str, str], prefix_length: int | None) -> dict[str,
             )
         vip = f"{vip}/{prefix_length}"
     parse_vip(vip, "VIP")
+    if not valid_interface_name(env["INTERFACE"]):
+        raise ConfigError(
+            f"INTERFACE={env['INTERFACE']!r} is not a valid interface name; use e.g. eth0"
+        )
     repmgr_config = str(Path(env["REPMGR_DIR"]) / "repmgr.conf")
     values: dict[str, Any] = {
         "": {"repmgr_config": repmgr_config},

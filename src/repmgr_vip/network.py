@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from repmgr_vip import arp
+from repmgr_vip import arp, statefiles
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
 from repmgr_vip.privileges import effective_mode, privileged
-from repmgr_vip.process import alive, describe, first_line, run
+from repmgr_vip.process import alive, describe, first_line, popen_text, run
 
 _SENT = re.compile(r"Sent (\d+) probe")
 _REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
@@ -107,11 +107,12 @@ class VipNetwork:
         self.config = config
         self.commands = PrivilegedCommands.from_config(config)
         self.mode = effective_mode(config.privilege_mode)
-        self._announcer_pid_file = config.state_dir / "repmgr-vip-announce.pid"
+        self._announcer_pid_file = statefiles.announcer_pid_file(config.state_dir)
         self._announcer: subprocess.Popen[str] | None = None
 
     def _privileged(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        return run(privileged(argv, self.mode, self.config.commands.sudo), timeout=timeout)
+        return run(privileged(argv, self.mode, self.config.commands.sudo), timeout=timeout,
+                   privileged=True)
 
     def interface_state(self) -> InterfaceState:
         """Unprivileged read of the interface (`ip -j`), exact address comparison later."""
@@ -187,11 +188,8 @@ class VipNetwork:
                 raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
                                     "direct mode needs CAP_NET_RAW") from exc
         argv = privileged(self.commands.probe(), self.mode, self.config.commands.sudo)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-        except FileNotFoundError as exc:
-            raise CommandFailed(f"{argv[0]} not found; install it or fix [commands]") from exc
+        proc = popen_text(argv, privileged=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
         out, err, proven = _listen(proc, self.commands.arping, vip.probe_timeout)
         macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(out)))
         if macs or proven:
@@ -215,13 +213,8 @@ class VipNetwork:
             self._announce_direct()
             return
         argv = privileged(self.commands.announce(), self.mode, self.config.commands.sudo)
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True, text=True,
-            )
-        except FileNotFoundError as exc:
-            raise CommandFailed(f"{argv[0]} not found; install it or fix [commands]") from exc
+        proc = popen_text(argv, privileged=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, new_session=True)
         try:
             _, stderr = proc.communicate(timeout=0.1)
         except subprocess.TimeoutExpired:
@@ -250,12 +243,12 @@ class VipNetwork:
     def _remember_announcer(self, pid: int) -> None:
         # best effort: without the file a release cannot cut a running announcement short
         with contextlib.suppress(OSError):
-            self._announcer_pid_file.write_text(f"{pid}\n", encoding="ascii")
+            statefiles.write_atomic(self._announcer_pid_file, f"{pid}\n")
 
     def stop_announcer(self) -> None:
         """Stops announcements still running, so a released VIP is never advertised again."""
         try:
-            pid = int(self._announcer_pid_file.read_text(encoding="ascii").strip())
+            pid = int(statefiles.read_text(self._announcer_pid_file).strip())
         except (OSError, ValueError):
             return
         if _is_our_announcer(pid, self.commands.announce()):
@@ -265,7 +258,7 @@ class VipNetwork:
             while time.monotonic() < deadline and _is_our_announcer(pid, self.commands.announce()):
                 time.sleep(0.01)
         with contextlib.suppress(OSError):
-            self._announcer_pid_file.unlink()
+            statefiles.remove(self._announcer_pid_file)
         if self._announcer is not None:  # reap it, so a long-lived daemon leaves no zombie
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._announcer.wait(timeout=1.0)

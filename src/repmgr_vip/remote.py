@@ -8,15 +8,17 @@ argument is quoted with shlex.quote: cluster data never becomes shell syntax.
 from __future__ import annotations
 
 import shlex
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO
 
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
-from repmgr_vip.process import run
+from repmgr_vip.process import Started, run, start
+
+# ssh gives up on a peer that stops answering after about ServerAliveInterval x CountMax
+# seconds, so a session abandoned after its caller's deadline does not linger for hours.
+SERVER_ALIVE_INTERVAL = 1
+SERVER_ALIVE_COUNT_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ def ssh_argv(config: Config, host: str, remote_argv: Sequence[str]) -> list[str]
         config.commands.ssh,
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={config.fencing.ssh_connect_timeout}",
+        "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+        "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
         *shlex.split(config.repmgr.ssh_options),
         "--",
         host,
@@ -56,40 +60,38 @@ def run_remote(
 
 @dataclass
 class RemoteSession:
-    """A remote command running in the background.
+    """A remote command running in the background (see process.Started for why a file).
 
-    Output goes to an anonymous file rather than a pipe: if the caller stops waiting and exits,
-    ssh must not die of SIGPIPE and take the remote command down with it.
+    `started` is None when ssh could not even be started (missing binary): the session is
+    then finished at once and fails with `failure` as its message.
     """
 
     host: str
-    process: subprocess.Popen[bytes]
-    output: IO[bytes]
+    started: Started | None
+    failure: str = ""
 
     def finished(self) -> bool:
-        return self.process.poll() is not None
+        return self.started is None or self.started.finished()
 
     def result(self) -> RemoteResult:
-        code = self.process.wait()
-        self.output.seek(0)
-        text = self.output.read().decode(errors="replace")
-        self.output.close()
+        if self.started is None:
+            return RemoteResult(self.host, -1, "", self.failure)
+        code = self.started.wait()
+        text = self.started.output_text()
+        self.started.close()
         return RemoteResult(self.host, code, text, text)
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        self.output.close()
+        if self.started is not None:
+            self.started.kill()
 
 
 def start_remote(config: Config, host: str, remote_argv: Sequence[str]) -> RemoteSession:
     """Starts a remote command without waiting, for callers that race it against a probe."""
-    output = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; closed by the session
-    process = subprocess.Popen(
-        ssh_argv(config, host, remote_argv), stdin=subprocess.DEVNULL,
-        stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    return RemoteSession(host, process, output)
+    try:
+        return RemoteSession(host, start(ssh_argv(config, host, remote_argv)))
+    except CommandFailed as exc:
+        return RemoteSession(host, None, str(exc))
 
 
 def remote_vip_command(config: Config, node_name: str, node_id: int, *args: str) -> list[str]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
+from repmgr_vip import process
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
 from repmgr_vip.log import LOG
@@ -32,33 +31,38 @@ class RepmgrRun:
     """A repmgr command running in the background; output goes to a file, not a pipe."""
 
     args: tuple[str, ...]
-    process: subprocess.Popen[bytes]
-    output: IO[bytes]
+    started: process.Started
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.started.process
 
     def finish(self) -> int:
         """Waits (no timeout: repmgr bounds its own waits), logs the output, returns the status."""
-        code = self.process.wait()
-        self.output.seek(0)
-        for line in self.output.read().decode(errors="replace").splitlines():
+        code = self.started.wait()
+        for line in self.started.output_text().splitlines():
             if line.strip():
                 LOG.info("repmgr: %s", line.rstrip())
-        self.output.close()
+        self.started.close()
         LOG.info("%s exited %d", " ".join(self.args[:2]), code)
         return code
+
+
+def _missing_bindir(exc: CommandFailed, argv: list[str]) -> CommandFailed:
+    if isinstance(exc, process.ProgramNotFound):
+        return CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf")
+    return exc
 
 
 def start_repmgr(config: Config, *args: str) -> RepmgrRun:
     argv = repmgr_argv(config, *args)
     LOG.info("running %s", " ".join(argv))
     env = dict(os.environ, **{INSIDE_HOOK_ENV: "1"})
-    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by RepmgrRun.finish
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=subprocess.STDOUT, env=env)
-    except FileNotFoundError as exc:
-        output.close()
-        raise CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf") from exc
-    return RepmgrRun(tuple(args), process, output)
+        started = process.start(argv, env=env, new_session=False)
+    except CommandFailed as exc:
+        raise _missing_bindir(exc, argv) from exc
+    return RepmgrRun(tuple(args), started)
 
 
 def run_repmgr(config: Config, *args: str) -> int:
@@ -76,10 +80,9 @@ def repmgrd_pid_file(config: Config) -> Path | None:
     if configured:
         return Path(configured)
     try:
-        out = subprocess.run([repmgrd_binary(config), "-f", str(config.repmgr.path),
-                              "--show-pid-file"], capture_output=True, text=True, timeout=10,
-                             check=False, stdin=subprocess.DEVNULL).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
+        out = process.run([repmgrd_binary(config), "-f", str(config.repmgr.path),
+                           "--show-pid-file"], timeout=10).stdout.strip()
+    except CommandFailed:
         return None
     return Path(out) if out else None
 
@@ -104,20 +107,20 @@ def start_repmgrd(config: Config, timeout: float = 15.0) -> int:
         return running
     argv = [repmgrd_binary(config), "-f", str(config.repmgr.path), "--daemonize"]
     LOG.info("starting %s", " ".join(argv))
-    # stderr goes to a file, not a pipe: the daemonized child may keep it open for good
-    with tempfile.TemporaryFile() as errors:
-        try:
-            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=errors, timeout=timeout, check=False,
-                                    start_new_session=True)
-        except FileNotFoundError as exc:
-            raise CommandFailed(f"{argv[0]} not found; set pg_bindir in repmgr.conf") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(f"repmgrd did not daemonize within {timeout:g} s") from exc
-        errors.seek(0)
-        message = errors.read().decode(errors="replace").strip()
-    if result.returncode != 0:
-        raise CommandFailed(f"repmgrd exited {result.returncode}: {message}")
+    # output goes to a file, not a pipe: the daemonized child may keep it open for good
+    try:
+        started = process.start(argv)
+    except CommandFailed as exc:
+        raise _missing_bindir(exc, argv) from exc
+    try:
+        returncode = started.wait(timeout)
+    except CommandFailed as exc:
+        started.kill()
+        raise CommandFailed(f"repmgrd did not daemonize within {timeout:g} s") from exc
+    message = started.output_text().strip()
+    started.close()
+    if returncode != 0:
+        raise CommandFailed(f"repmgrd exited {returncode}: {message}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = repmgrd_pid(config)

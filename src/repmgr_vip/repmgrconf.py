@@ -100,6 +100,10 @@ def load_repmgr_conf(path: Path) -> RepmgrConf:
     for key in ("node_id", "node_name", "conninfo"):
         if not values.get(key):
             raise ConfigError(f"{path}: {key} is missing; repmgr needs it too, set it")
+    try:
+        parse_conninfo(values["conninfo"])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return RepmgrConf(
         path=path,
         node_id=_int_setting(values, "node_id", 0, str(path)),
@@ -116,9 +120,23 @@ def load_repmgr_conf(path: Path) -> RepmgrConf:
 
 
 def parse_conninfo(conninfo: str) -> dict[str, str]:
-    """Parses a libpq conninfo (key=value form or URI) into a dict."""
+    """Parses a libpq conninfo (key=value form or URI) into a dict.
+
+    Anything libpq would reject (an unclosed quote or `[`, a port outside 1..65535) raises
+    ConfigError naming the problem; the message never repeats the conninfo (it may hold a
+    password).
+    """
     text = conninfo.strip()
     if text.startswith(("postgresql://", "postgres://")):
+        result = _parse_uri(text)
+    else:
+        result = _parse_key_values(text)
+    _check_conninfo_values(result)
+    return result
+
+
+def _parse_uri(text: str) -> dict[str, str]:
+    try:
         parts = urlsplit(text)
         result: dict[str, str] = {}
         if parts.hostname:
@@ -130,8 +148,13 @@ def parse_conninfo(conninfo: str) -> dict[str, str]:
         if parts.path.strip("/"):
             result["dbname"] = unquote(parts.path.lstrip("/"))
         result.update(parse_qsl(parts.query))
-        return result
-    result = {}
+    except ValueError as exc:
+        raise ConfigError(f"conninfo URI is malformed ({exc}); fix conninfo") from exc
+    return result
+
+
+def _parse_key_values(text: str) -> dict[str, str]:
+    result: dict[str, str] = {}
     i = 0
     while i < len(text):
         while i < len(text) and text[i].isspace():
@@ -139,11 +162,10 @@ def parse_conninfo(conninfo: str) -> dict[str, str]:
         if i >= len(text):
             break
         eq = text.find("=", i)
-        if eq < 0:
-            raise ConfigError(
-                f"conninfo {conninfo!r}: missing '=' after {text[i:]!r}; fix conninfo"
-            )
-        key = text[i:eq].strip()
+        key = text[i:eq].strip() if eq >= 0 else ""
+        if eq < 0 or not key or any(ch.isspace() for ch in key):
+            word = text[i:].split(None, 1)[0]
+            raise ConfigError(f"conninfo: expected key=value at {word!r}; fix conninfo")
         i = eq + 1
         while i < len(text) and text[i].isspace():
             i += 1
@@ -155,6 +177,9 @@ def parse_conninfo(conninfo: str) -> dict[str, str]:
                     i += 1
                 value.append(text[i])
                 i += 1
+            if i >= len(text):
+                raise ConfigError(f"conninfo: the quoted value of {key} is not closed; "
+                                  "fix conninfo")
             i += 1
         else:
             while i < len(text) and not text[i].isspace():
@@ -164,3 +189,13 @@ def parse_conninfo(conninfo: str) -> dict[str, str]:
                 i += 1
         result[key] = "".join(value)
     return result
+
+
+def _check_conninfo_values(values: Mapping[str, str]) -> None:
+    for port in values.get("port", "").split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"conninfo: port {port!r} is not 1..65535; fix conninfo")
+    host = values.get("host", "")
+    if "[" in host or "]" in host:
+        raise ConfigError(f"conninfo: host {host!r} is malformed (no brackets in "
+                          "host=...); fix conninfo")

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from repmgr_vip import cluster
+from repmgr_vip import cluster, statefiles
 from repmgr_vip.config import Config
-from repmgr_vip.daemon import daemon_pid, state_file
+from repmgr_vip.daemon import daemon_pid
+from repmgr_vip.errors import VipError
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.remote import remote_vip_command, run_remote
 
@@ -23,7 +24,9 @@ def local_status(config: Config) -> dict[str, Any]:
     state = network.interface_state()
     last: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
-        last = json.loads(state_file(config).read_text(encoding="utf-8"))
+        data = json.loads(statefiles.read_text(statefiles.daemon_state_file(config.state_dir)))
+        if isinstance(data, dict):
+            last = data
     return {
         "node_id": config.repmgr.node_id,
         "holds_vip": state.address_as(config.vip.ip) is not None,
@@ -49,16 +52,22 @@ class NodeStatus:
 def _remote_status(config: Config, node: cluster.NodeRecord) -> dict[str, Any] | str:
     if node.node_id == config.repmgr.node_id:
         return local_status(config)
-    result = run_remote(config, node.host,
+    try:
+        host = node.host
+    except VipError as exc:
+        return f"not asked: {exc}"
+    result = run_remote(config, host,
                         remote_vip_command(config, node.node_name, node.node_id, "local-status"),
                         timeout=config.fencing.ssh_connect_timeout + 5)
     if not result.ok:
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         return f"ssh: {lines[-1] if lines else 'failed'}"
     try:
-        data: dict[str, Any] = json.loads(result.stdout)
+        data = json.loads(result.stdout)
     except ValueError:
         return "ssh: unexpected answer"
+    if not isinstance(data, dict):
+        return f"ssh: unexpected answer (JSON {type(data).__name__}, not an object)"
     return data
 
 
@@ -76,7 +85,8 @@ def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
         if isinstance(remote, str):
             holds, daemon, note = None, None, remote
         else:
-            holds = bool(remote.get("holds_vip"))
+            answer = remote.get("holds_vip")
+            holds = answer if isinstance(answer, bool) else None
             daemon = remote.get("daemon_pid") is not None
             note = str(remote.get("last_decision", ""))
         rows.append(NodeStatus(node.node_id, node.node_name, node.node_type, role,
@@ -100,20 +110,35 @@ def conflicts(rows: list[NodeStatus]) -> list[str]:
     return found
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters, escape sequences and other invisible
+    code points (bidi overrides) shown as Python-style escapes; a backslash doubled."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
 def render(rows: list[NodeStatus], found: list[str]) -> str:
     def yes(value: bool | None) -> str:
         return "?" if value is None else ("yes" if value else "no")
 
     header = ("id", "name", "type", "role", "timeline", "reachable", "VIP", "daemon", "note")
     table = [header] + [
-        (str(r.node_id), r.node_name, r.node_type, r.role, str(r.timeline or "-"),
-         yes(r.reachable), yes(r.holds_vip), yes(r.daemon), r.note[:60])
+        (str(r.node_id), printable(r.node_name), printable(r.node_type), r.role,
+         str(r.timeline or "-"), yes(r.reachable), yes(r.holds_vip), yes(r.daemon),
+         printable(r.note)[:60])
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in table]
-    lines.append("conflicts: " + ("; ".join(found) if found else "none"))
+    lines.append("conflicts: " + (printable("; ".join(found)) if found else "none"))
     return "\n".join(lines)
 
 

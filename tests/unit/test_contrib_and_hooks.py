@@ -33,6 +33,13 @@ def test_daemon_unit_runs_as_postgres_with_only_network_capabilities() -> None:
     assert service["ExecStart"].split()[-1] == "daemon"
 
 
+def test_daemon_unit_has_a_watchdog_and_both_state_layouts() -> None:
+    service = _unit("repmgr-vip.service")["Service"]
+    assert 0 < int(service["WatchdogSec"]) <= 60
+    paths = service["ReadWritePaths"].split()
+    assert {"-/var/lib/postgresql", "-/var/lib/pgsql"} <= set(paths)  # Debian and RHEL
+
+
 def test_repmgrd_unit_stays_in_the_foreground() -> None:
     service = _unit("repmgrd.service")["Service"]
     assert "--daemonize=false" in service["ExecStart"]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from repmgr_vip.cluster import NodeView
 from repmgr_vip.decide import (
+    SPLIT_BRAIN,
     Action,
     Memory,
     Peer,
@@ -20,6 +21,7 @@ from repmgr_vip.decide import (
 )
 
 POLICY = Policy(isolation_grace=2.0)
+WITNESS = 99
 
 
 def primary(node_id: int, timeline: int) -> NodeView:
@@ -38,8 +40,9 @@ def snap(local: NodeView, *peers: NodeView, holds: bool = True, now: float = 100
          foreign: tuple[str, ...] | None = None, surely_down: bool = False,
          self_fence_age: float | None = None, reannounce: bool = False) -> Snapshot:
     return Snapshot(
-        now=now, local=local, local_surely_down=surely_down,
-        peers=tuple(Peer(p.node_id, f"node{p.node_id}", "standby", p) for p in peers),
+        now=now, local_name=f"node{local.node_id}", local=local, local_surely_down=surely_down,
+        peers=tuple(Peer(p.node_id, f"node{p.node_id}",
+                         "witness" if p.node_id == WITNESS else "standby", p) for p in peers),
         holds_vip=holds, interface_up=True, foreign_macs=foreign, self_fence_age=self_fence_age,
         reannounce_due=reannounce,
     )
@@ -137,9 +140,23 @@ def test_self_fence_holds_until_majority_returns() -> None:
     assert decision.action is Action.ACQUIRE and not memory.self_fenced
 
 
-def test_same_timeline_second_primary_never_acquires() -> None:
-    decision, _ = decide_cycle(snap(primary(1, 2), primary(2, 2), holds=False), FRESH, POLICY)
-    assert decision.action is Action.KEEP and "also primary" in decision.reason
+def test_same_timeline_primaries_neither_holds() -> None:
+    """Two primaries on one timeline (a double promotion): nobody can tell which is right."""
+    for holds in (True, False):
+        decision, _ = decide_cycle(snap(primary(1, 2), primary(2, 2), standby(3, 2),
+                                        holds=holds), FRESH, POLICY)
+        assert decision.action is (Action.RELEASE if holds else Action.KEEP)
+        assert decision.alarm == SPLIT_BRAIN
+        assert "node1" in decision.reason and "node2" in decision.reason
+
+
+def test_witness_is_never_taken_for_a_second_primary() -> None:
+    """The witness runs a primary of its own (timeline 1): it must not look like split brain."""
+    decision, _ = decide_cycle(snap(primary(1, 1), standby(2, 1), primary(WITNESS, 1)),
+                               FRESH, POLICY)
+    assert decision.action is Action.KEEP and decision.alarm == ""
+    assert legitimacy("node1", primary(1, 1), [Peer(WITNESS, "witness", "witness",
+                                                    primary(WITNESS, 1))]).action is Action.ACQUIRE
 
 
 def test_periodic_announcement() -> None:
@@ -147,11 +164,16 @@ def test_periodic_announcement() -> None:
     assert decision.action is Action.ANNOUNCE
 
 
+def _peers(*views: NodeView) -> list[Peer]:
+    return [Peer(v.node_id, f"node{v.node_id}", "standby", v) for v in views]
+
+
 def test_start_legitimacy() -> None:
-    assert legitimacy(primary(1, 2), {2: standby(2, 2)}).action is Action.ACQUIRE
-    assert legitimacy(primary(1, 1), {2: primary(2, 2)}).action is Action.RELEASE
-    assert legitimacy(primary(1, 2), {2: primary(2, 2)}).action is Action.REFUSE
-    assert legitimacy(standby(1, 2), {}).action is Action.RELEASE
+    assert legitimacy("node1", primary(1, 2), _peers(standby(2, 2))).action is Action.ACQUIRE
+    assert legitimacy("node1", primary(1, 1), _peers(primary(2, 2))).action is Action.RELEASE
+    same = legitimacy("node1", primary(1, 2), _peers(primary(2, 2)))
+    assert same.action is Action.RELEASE and same.alarm == SPLIT_BRAIN
+    assert legitimacy("node1", standby(1, 2), []).action is Action.RELEASE
 
 
 def test_after_fencing_policies() -> None:
@@ -185,7 +207,10 @@ def worlds(draw: st.DrawFn) -> list[tuple[list[str], list[int], list[list[bool]]
         roles = [draw(views) for _ in range(nodes)]
         for i, role in enumerate(roles):
             if role == "primary" and draw(st.booleans()):
-                timelines[i] = max(timelines) + 1  # a promotion: a new, higher timeline
+                # a promotion: a new, higher timeline; or, as in a double promotion of two
+                # standbys of one primary, the same new timeline another node also reached
+                twin = draw(st.booleans()) and max(timelines) > 1
+                timelines[i] = max(timelines) + (0 if twin else 1)
         reach = [[i == j or draw(st.booleans()) for j in range(nodes)] for i in range(nodes)]
         for i in range(nodes):  # links are symmetric
             for j in range(i):
@@ -232,7 +257,8 @@ def test_random_clusters_never_get_two_holders(world: list[Any]) -> None:
             if holding[i]:
                 for j in range(nodes):
                     if j != i and reach[i][j] and roles[j] == "primary":
-                        assert timelines[j] <= timelines[i], (i, j, roles, timelines)
+                        # never while a reachable primary is newer, or equally new
+                        assert timelines[j] < timelines[i], (i, j, roles, timelines)
             failed_before[i] = roles[i] == "down"
         for a in range(nodes):  # after every node has run its cycle once
             for b in range(a):

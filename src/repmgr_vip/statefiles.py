@@ -1,0 +1,149 @@
+"""Every file repmgr-vip keeps in state_dir: one list of names, one safe way to touch them.
+
+The state directory is shared by postgres (hooks, the daemon) and root (a DBA running a
+command by hand). A file created by root with umask 077 must not lock postgres out, a symlink
+planted in the directory must not redirect a write, and a full disk must not leave half a
+file behind. So every write goes through `write_atomic`, every read through `read_text`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import TextIO
+
+LOCK = "repmgr-vip.lock"
+DAEMON_STATE = "repmgr-vip-daemon.json"
+SELF_FENCE = "repmgr-vip-self-fenced"
+NODES_CACHE = "repmgr-vip-nodes.json"
+ANNOUNCER_PID = "repmgr-vip-announce.pid"
+LOG = "repmgr-vip.log"
+JOURNAL = "repmgr-vip-journal.jsonl"
+
+FILE_MODE = 0o644
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def lock_file(state_dir: Path) -> Path:
+    return state_dir / LOCK
+
+
+def daemon_state_file(state_dir: Path) -> Path:
+    return state_dir / DAEMON_STATE
+
+
+def self_fence_marker(state_dir: Path) -> Path:
+    return state_dir / SELF_FENCE
+
+
+def nodes_cache(state_dir: Path) -> Path:
+    return state_dir / NODES_CACHE
+
+
+def announcer_pid_file(state_dir: Path) -> Path:
+    return state_dir / ANNOUNCER_PID
+
+
+def journal_file(state_dir: Path) -> Path:
+    return state_dir / JOURNAL
+
+
+def default_log_file(state_dir: Path) -> Path:
+    return state_dir / LOG
+
+
+def directory_owner(path: Path) -> tuple[int, int]:
+    """(uid, gid) of the directory holding `path`: whoever must be able to use the file."""
+    info = os.stat(path.parent)
+    return info.st_uid, info.st_gid
+
+
+def fix_owner_and_mode(fd: int, path: Path) -> None:
+    """Gives an open state file mode 0644 and, when we are root, the directory's owner.
+
+    Root runs (a DBA by hand, with any umask) must leave files postgres can still open.
+    A non-root process can only fix files it owns; others are left alone.
+    """
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        # a hard link to another file (or a FIFO, a device) planted in the directory: giving
+        # it to postgres would hand over whatever it points at
+        raise OSError(errno.EPERM, f"{path} is not a plain file with a single link")
+    if os.geteuid() == 0:
+        uid, gid = directory_owner(path)
+        if (info.st_uid, info.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+    elif info.st_uid != os.geteuid():
+        return
+    if info.st_mode & 0o7777 != FILE_MODE:
+        os.fchmod(fd, FILE_MODE)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replaces `path` with `text` completely or not at all; never follows a symlink.
+
+    The temporary file is created exclusively (O_EXCL|O_NOFOLLOW) in the same directory,
+    synced, then renamed over `path` (a symlink at `path` is replaced, not followed). On any
+    error the temporary file is removed and the OSError raised again.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE)
+    try:
+        try:
+            fix_owner_and_mode(fd, tmp)
+            data = text.encode("utf-8")
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable; best effort
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_text(path: Path) -> str:
+    """The file's text; a symlink raises OSError (ELOOP) instead of being followed."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
+def open_append(path: Path) -> TextIO:
+    """Opens a log file for appending, line-buffered, never through a symlink.
+
+    A file this call creates gets mode 0644 and, when we are root, the directory's owner,
+    so postgres can still write it; an existing file keeps the owner the DBA gave it.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | _NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        fd = os.open(path, flags)
+    else:
+        with contextlib.suppress(OSError):
+            fix_owner_and_mode(fd, path)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+
+def remove(path: Path) -> bool:
+    """Removes the file (a symlink itself, never its target); False if it was not there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

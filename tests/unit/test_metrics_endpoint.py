@@ -1,0 +1,57 @@
+"""The metrics endpoint: idle connections cost no thread and never delay a scrape."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from repmgr_vip import metrics
+from repmgr_vip.metrics import Metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Metrics]:
+    m = Metrics("127.0.0.1", _free_port())
+    m.start()
+    yield m
+    if hasattr(m, "stop"):
+        m.stop()
+
+
+def _scrape(port: int, timeout: float) -> tuple[float, str]:
+    started = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as answer:
+        body = answer.read().decode()
+    return time.monotonic() - started, body
+
+
+def test_idle_connections_cost_no_thread_and_do_not_delay_a_scrape(endpoint: Metrics) -> None:
+    _scrape(endpoint.port, 5)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(20)]
+    slow = socket.create_connection(("127.0.0.1", endpoint.port))
+    slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # head never finished
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() == before
+        took, body = _scrape(endpoint.port, metrics.CONNECTION_TIMEOUT)
+        assert "repmgr_vip_held" in body
+        assert took < 1.0, took
+        assert threading.active_count() == before
+        # the idle ones are dropped after the connection timeout, not kept forever
+        idle[0].settimeout(metrics.CONNECTION_TIMEOUT + 3)
+        assert idle[0].recv(1) == b""
+    finally:
+        for sock in [*idle, slow]:
+            sock.close()
