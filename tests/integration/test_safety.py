@@ -203,7 +203,7 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
     lab = lab_factory(nodes=3)
     node1, node2, _ = lab.nodes
     _daemon_cluster(lab)
-    watch = StallWatch([node1])
+    watch = StallWatch(lab.nodes)  # node1's daemon above all; its peers query it too
     watch.start()
     with VipSampler(lab) as sampler:
         frozen = lab.freeze_postgres(node1)
@@ -219,7 +219,7 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
             assert not _has_vip(lab, node1), "node1 re-added the VIP after SIGCONT"
             time.sleep(0.05)
     _never_two(sampler)
-    assert stalls["node1"] <= 3.0, f"node1's daemon stopped cycling: {stalls}"
+    assert max(stalls.values()) <= 3.0, f"a daemon stopped cycling: {stalls}"
     print(f"VIP moved {moved:.2f} s after the freeze; longest daemon stall {stalls}")
 
 
