@@ -24,6 +24,7 @@ from repmgr_vip.config import Config
 from repmgr_vip.decide import Action, Decision, Memory, Peer, Policy, Snapshot, decide_cycle
 from repmgr_vip.errors import VipError
 from repmgr_vip.fencing import fence_others
+from repmgr_vip.lease import LeaseKeeper
 from repmgr_vip.lock import LockBusy, vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
@@ -107,6 +108,7 @@ class Daemon:
         self.state = DaemonState(Memory(majority_seen_at=time.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
+        self.lease = LeaseKeeper(config, self.network, self.metrics)
 
     # --- snapshot ---------------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Daemon:
             LOG.error("%s failed: %s", decision.action.value, exc)
             self.metrics.action(f"{decision.action.value}_failed")
         self.last_decision = decision
+        self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
         holds = self.network.holds()
         self.metrics.observe(decision, snapshot, holds, time.monotonic() - started)
         self._write_state(decision, holds)
