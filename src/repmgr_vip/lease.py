@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from repmgr_vip.network import VipNetwork
 
 FOREVER = 0xFFFFFFFF
-# the kernel's expiry work runs up to about a second late (round_jiffies_up), never more than
+# the kernel removes an expired address ~0.2 s late here (its expiry work is rounded up to
+# jiffies; allow 2 s), never more than
 # a few tens of milliseconds early (ADDRCONF_TIMER_FUZZ_MINUS)
 EXPIRY_LATE = 2.0
 EXPIRY_EARLY = 0.1
@@ -97,6 +98,11 @@ class LeaseKeeper:
             self._check_permanent()
             return
         try:
+            if read_lifetime(self.config) is None:  # not held: nothing to renew, no lock
+                self.renewed_at = None
+                if self.metrics is not None:
+                    self.metrics.lease_remaining(0.0)
+                return
             with vip_lock(self.config.lock_path, LOCK_WAIT):
                 self._renew_locked()
         except LockBusy:
