@@ -44,9 +44,8 @@ if TYPE_CHECKING:
     from repmgr_vip.network import VipNetwork
 
 FOREVER = 0xFFFFFFFF
-# the kernel removes an expired address ~0.2 s late here (its expiry work is rounded up to
-# jiffies; allow 2 s), never more than
-# a few tens of milliseconds early (ADDRCONF_TIMER_FUZZ_MINUS)
+# the kernel removes an expired address up to ~0.2 s late here (allow 2 s), and never more
+# than a few tens of milliseconds early (ADDRCONF_TIMER_FUZZ_MINUS)
 EXPIRY_LATE = 2.0
 EXPIRY_EARLY = 0.1
 LOCK_WAIT = 0.2
