@@ -26,7 +26,7 @@ from tests.lab.lab import INTERFACE, VIP, Lab, Node, VipSampler
 pytestmark = pytest.mark.lab
 
 LEASE = 4
-SLACK = 3.0  # the last renewal up to one 1 s cycle before the freeze, kernel expiry ~0.2 s late, polling
+SLACK = 3.0  # last renewal up to 1 s before the freeze, kernel ~0.2 s late, polling
 FAST_SSH = "[fencing]\nssh_connect_timeout = 2\nssh_command_timeout = 4\n"
 
 
