@@ -70,7 +70,7 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
                 fencing_s is None):
             raise ScenarioError("missing promote log lines, PostgreSQL ready line or outage")
         began = fencing.t - fencing_s
-        result = {
+        result: dict[str, Any] = {
             "nodes": nodes, "lease_s": lease, "new": new.name,
             "vip_gone_s": gone,
             "detection_s": began - t0,
@@ -91,10 +91,23 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
     return result
 
 
+def frozen_table(results: list[dict[str, Any]]) -> str:
+    """Markdown rows: one per frozen-primary run."""
+    rows = ["| frozen primary | VIP gone | repmgr (detection + promote) | VIP wait before "
+            "promote | client back | over repmgr | max holders |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| lease {r['lease_s']} s, {r['nodes']} nodes | {r['vip_gone_s']:.2f} s | "
+             f"{r['repmgr_s']:.2f} s ({r['detection_s']:.2f} + {r['promote_s']:.2f}) | "
+             f"{r['vip_wait_s']:.2f} s | {r['client_ok_again_s']:.2f} s | "
+             f"+{r['added_s']:.2f} s | {r['max_vip_holders']} |" for r in results]
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
     leases = [int(a) for a in argv] or [4]
     results = [frozen_failover(3, lease, lambda text: print(text, flush=True))
                for lease in leases]
+    print(frozen_table(results))
     print(json.dumps(results, indent=2))
     return 0
 
