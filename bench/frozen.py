@@ -53,6 +53,7 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
                     new = _promoted(lab, old)
                     assert new is not None
                     _wait(lab, f"VIP on {new.name}", lambda: lab.vip_holders() == [new.name])
+                    on_new = time.time() - t0
                     _wait(lab, "client writes again", lambda: tl.outage_after(t0) is not None)
                 finally:
                     lab.thaw(old)
@@ -78,6 +79,9 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
             "promote_s": ready.t - running.t,
             "repmgr_s": (began - t0) + (ready.t - running.t),
             "outage_s": outage[1] - outage[0],
+            "vip_on_new_s": on_new,
+            "vip_added_by": "promote hook" if first(lines, r"^promote: VIP \S+ added", t0)
+            else "daemon",
             "client_ok_again_s": outage[1] - t0,
             "max_vip_holders": tl.max_holders,
             "fencing_summary": fencing.message,
@@ -86,7 +90,8 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
     say(f"  frozen primary, lease {lease} s, {nodes} nodes: VIP gone after "
         f"{result['vip_gone_s']:.2f} s; repmgr {result['repmgr_s']:.2f} s (detection "
         f"{result['detection_s']:.2f} + promote {result['promote_s']:.2f}); VIP wait "
-        f"{result['vip_wait_s']:.2f} s; client back after {result['client_ok_again_s']:.2f} s "
+        f"{result['vip_wait_s']:.2f} s; VIP on {new.name} after {on_new:.2f} s (added by the "
+        f"{result['vip_added_by']}); client back after {result['client_ok_again_s']:.2f} s "
         f"(+{result['added_s']:.2f} s over repmgr); max holders {result['max_vip_holders']}")
     return result
 

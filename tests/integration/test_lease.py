@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_daemon import _metrics
 from tests.integration.vipconf import (
     config_path,
     install_generated_sudoers,
@@ -156,5 +157,10 @@ def test_daemon_stalled_for_half_the_lease_keeps_the_vip(lab_factory: Callable[.
         holders = {h for _, h in sampler.samples}
         assert holders == {("node1",)}, sampler.transitions()
         assert "lease renewal" not in vip_log(node1)
+        metrics = {line.split()[0]: float(line.split()[1])
+                   for line in _metrics(lab, node1).splitlines()
+                   if line.startswith("repmgr_vip_lease")}
+        assert metrics["repmgr_vip_lease_renewal_failures_total"] == 0
+        assert 0 < metrics["repmgr_vip_lease_remaining_seconds"] <= LEASE
     finally:
         cluster.stop()
