@@ -2,7 +2,8 @@
 
 Environment: BENCH_RUNS=N repetitions per cluster size (default 3 at 3 nodes, 2 at 7),
 BENCH_SIZES=3,7 cluster sizes, BENCH_DAEMON_SECONDS=60 how long the daemon is watched
-(0 skips it). Prints a Markdown table; writes bench/results/latest.json and
+(0 skips it), BENCH_FROZEN_LEASE=4,20 adds a frozen-primary failover per vip.lease value
+(bench/frozen.py; off by default). Prints a Markdown table; writes bench/results/latest.json and
 bench/results/failover.png (the first failover at the smallest size).
 """
 
@@ -20,6 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
 from tests.integration.vipconf import REPMGR_VIP
@@ -126,6 +128,13 @@ def main() -> int:
                 say(f"    run failed: {exc!r}"[:2000])
                 failed.append({"nodes": size, "rep": rep, "error": repr(exc)[:4000],
                                "traceback": traceback.format_exc()[-4000:]})
+    frozen: list[dict[str, Any]] = []
+    for lease in [int(x) for x in os.environ.get("BENCH_FROZEN_LEASE", "").split(",") if x]:
+        try:
+            frozen.append(frozen_failover(sizes[0], lease, say))
+        except Exception as exc:
+            say(f"    frozen run failed: {exc!r}"[:2000])
+            failed.append({"nodes": sizes[0], "lease": lease, "error": repr(exc)[:4000]})
     available, why = daemon_available()
     daemon: dict[int, dict[str, Any]] = {}
     for size in sizes:
@@ -139,7 +148,7 @@ def main() -> int:
             except Exception as exc:
                 daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
-    table = markdown(runs, daemon, period)
+    table = markdown(runs, daemon, period) + (f"\n\n{frozen_table(frozen)}" if frozen else "")
     meta["loadavg_end"] = os.getloadavg()
     meta["installed_digest_end"] = installed_digest()
     if meta["installed_digest_end"] != meta["installed_digest_start"]:
@@ -151,7 +160,7 @@ def main() -> int:
               f"{meta['loadavg_start'][0]:.2f}, other labs running at start: "
               f"{len(meta['other_labs_at_start'])}; took {meta['wall_seconds']:.0f} s.")
     (RESULTS / "latest.json").write_text(json.dumps(
-        {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon,
+        {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon, "frozen": frozen,
          "table_markdown": table, "header": header}, indent=2, default=str) + "\n")
     (RESULTS / "latest.md").write_text(f"{header}\n\n{table}\n")
     say("")

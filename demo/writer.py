@@ -30,7 +30,10 @@ def main() -> int:
             if conn is None:
                 conn = psycopg.connect(host=args.host, dbname="repmgr", user="repmgr",
                                        connect_timeout=1, tcp_user_timeout=1000,
-                                       autocommit=True)
+                                       # a frozen server's kernel still ACKs: only a probe
+                                       # that reaches the VIP's new holder (RST) ends the wait
+                                       keepalives=1, keepalives_idle=1, keepalives_interval=1,
+                                       keepalives_count=2, autocommit=True)
             row = conn.execute("INSERT INTO demo_writes(node) "
                                "VALUES (current_setting('cluster_name')) RETURNING node").fetchone()
             # a success counts from when it completed: the attempt may have waited for the VIP

@@ -64,6 +64,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "announce_interval": (float, 0.2),
         "probe_count": (int, 2),
         "probe_timeout": (float, 0.3),
+        "lease": (float, 0.0),
     },
     "privileges": {"mode": (str, "auto")},
     "commands": {"ip": (str, ""), "arping": (str, ""), "sudo": (str, ""), "ssh": (str, "")},
@@ -109,6 +110,7 @@ class VipSettings:
     announce_interval: float
     probe_count: int
     probe_timeout: float
+    lease: float = 0.0  # seconds; 0: a permanent address (see lease.py)
 
     @property
     def ip(self) -> str:
@@ -305,12 +307,22 @@ def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> Non
         raise ConfigError(f"{section}.{key}={value!r}; use one of: {', '.join(choices)}")
 
 
+MAX_LEASE = 86400.0
+
+
+def _check_lease(lease: float) -> None:
+    """A lease becomes the kernel's valid_lft in whole seconds: finite, 0 (off) up to a day."""
+    if not math.isfinite(lease) or not 0 <= lease <= MAX_LEASE:
+        raise ConfigError(f"vip.lease={lease!r} must be 0 (permanent address) or a number of "
+                          f"seconds up to {MAX_LEASE:g}; fix vip.lease")
+
+
 def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True) -> Config:
     values = merge_with_schema(raw, path)
     vip_values = values["vip"]
     vip = VipSettings(address=parse_vip(vip_values["address"]), **{
         k: vip_values[k] for k in ("interface", "announce_count", "announce_interval",
-                                   "probe_count", "probe_timeout")
+                                   "probe_count", "probe_timeout", "lease")
     })
     if not _IFNAME.match(vip.interface):
         raise ConfigError(
@@ -318,6 +330,7 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         )
     _positive("vip", vip_values, "announce_count", "announce_interval", "probe_count",
               "probe_timeout")
+    _check_lease(vip.lease)
     _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
     _choice(
         "fencing", "when_vip_not_free", values["fencing"]["when_vip_not_free"], UNFREE_POLICIES

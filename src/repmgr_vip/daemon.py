@@ -38,6 +38,7 @@ from repmgr_vip.decide import (
 )
 from repmgr_vip.errors import VipError
 from repmgr_vip.fencing import fence_others
+from repmgr_vip.lease import LeaseKeeper
 from repmgr_vip.lock import LockBusy, vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
@@ -184,6 +185,7 @@ class Daemon:
             lambda: cluster.registered_nodes(config, timeout=PEER_TIMEOUT), "node-list")
         # hooks' entries written before this daemon started are history, not news
         self.journal_offset = journal.read_from(config.state_dir, 0)[1]
+        self.lease = LeaseKeeper(config, self.network, self.metrics)
 
     # --- snapshot ---------------------------------------------------------------------
 
@@ -332,7 +334,11 @@ class Daemon:
             LOG.error("%s failed: %s", decision.action.value, exc)
             self.metrics.action(f"{decision.action.value}_failed")
         self.last_decision = decision
-        holds = self.network.holds()
+        self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
+        try:
+            holds = self.network.holds()
+        except VipError:  # unreadable `ip` output: report what the snapshot saw
+            holds = snapshot.holds_vip
         self.metrics.observe(decision, snapshot, holds, time.monotonic() - started)
         self._write_state(decision, holds)
         return decision

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from repmgr_vip import cluster
 from repmgr_vip.config import Config
 from repmgr_vip.errors import VipError
+from repmgr_vip.lease import lease_checks
 from repmgr_vip.network import PrivilegedCommands, VipNetwork
 from repmgr_vip.privileges import has_network_capabilities
 from repmgr_vip.process import describe, first_line, run
@@ -136,6 +137,7 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("state_dir", lambda: iter([_check_state_dir(config)])),
         ("isolation grace", lambda: iter([_check_isolation_grace(config)])),
         ("cluster", lambda: _check_cluster(config)),
+        ("lease", lambda: lease_checks(config)),
     ]
     for name, check in checks:
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from repmgr_vip.cluster import NodeRecord
 from repmgr_vip.config import Config
 from repmgr_vip.errors import VipError
+from repmgr_vip.lease import await_expiry, lease_seconds, wait_budget
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.process import first_line, run
@@ -203,7 +204,8 @@ class Fencing:
         released = set(self.report.released)
         return bool(self.nodes) and all(n.node_name in released for n in self.nodes)
 
-    def wait(self, *, confirmations_suffice: bool = False) -> FenceReport:
+    def wait(self, *, confirmations_suffice: bool = False,
+             lease_wait: bool = False) -> FenceReport:
         """Returns once ARP shows the VIP free, or (if allowed) every node confirmed release.
 
         Otherwise waits for every SSH session (bounded by ssh_command_timeout) and then runs
@@ -245,8 +247,26 @@ class Fencing:
                     self.report.fenced.append(node.node_name)
             fenced_at = time.monotonic()
             self.report.answered_by = self._proof(fenced_at)
+        if lease_wait and self.report.answered_by and not (
+                confirmations_suffice and self.all_confirmed):
+            self.report.answered_by = self._await_lease(self.report.answered_by)
         self.report.seconds = time.monotonic() - self.started
         return self.report
+
+    def _await_lease(self, answered: tuple[str, ...]) -> tuple[str, ...]:
+        """vip.lease > 0: a node that neither released nor was fenced loses the VIP on its own
+        within the lease (its kernel expires it once nobody renews it), so wait for that."""
+        done = set(self.report.released) | set(self.report.fenced)
+        silent = [n.node_name for n in self.nodes if n.node_name not in done]
+        if not lease_seconds(self.config) or not silent:
+            return answered
+        deadline = self.started + wait_budget(self.config)
+        LOG.warning("VIP still answers from %s and %s neither released nor was fenced: "
+                    "waiting up to %.1f s more for its %d s lease to expire",
+                    ", ".join(answered), ",".join(silent), deadline - time.monotonic(),
+                    lease_seconds(self.config))
+        window = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
+        return await_expiry(self.prober.result_since, answered, deadline, window)
 
     def _proof(self, since: float) -> tuple[str, ...]:
         timeout = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10

@@ -18,6 +18,7 @@ from repmgr_vip.config import Config
 from repmgr_vip.decide import Action, Peer, after_fencing, legitimacy
 from repmgr_vip.errors import ExitCode, VipError
 from repmgr_vip.fencing import Fencing, fence_others
+from repmgr_vip.lease import unrenewed_warning
 from repmgr_vip.lock import vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
@@ -86,6 +87,10 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
     except VipError as exc:
         LOG.error("start-repmgrd: VIP step failed: %s", exc)
         vip_note = f"VIP step failed: {exc}"
+    unrenewed = unrenewed_warning(config)  # vip.lease set and no daemon: say it loudly
+    if unrenewed:
+        LOG.error("start-repmgrd: %s", unrenewed)
+        vip_note = f"{vip_note}; {unrenewed}"
     try:
         pid = repmgr.start_repmgrd(config)
     except VipError as exc:
@@ -125,7 +130,7 @@ def promote(config: Config) -> int:
 
 
 def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> int:
-    report = fencing.wait(confirmations_suffice=True)
+    report = fencing.wait(confirmations_suffice=True, lease_wait=True)
     if report.answered_by and fencing.all_confirmed:
         # every node said it released the VIP and something still answered: judge by a probe
         # taken after the last confirmation, before promoting (a promotion cannot be undone)

@@ -160,6 +160,11 @@ class Metrics:
                                           registry=r)
         self.loop = Histogram("repmgr_vip_loop_seconds", "duration of one cycle", registry=r,
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+        self.lease_left = Gauge("repmgr_vip_lease_remaining_seconds",
+                                "VIP lifetime left before this cycle's renewal (vip.lease > 0; "
+                                "0: not held, +Inf: permanent)", registry=r)
+        self.lease_failures = Counter("repmgr_vip_lease_renewal_failures",
+                                      "lease renewals that failed or came too late", registry=r)
 
         self.server: MetricsServer | None = None
 
@@ -180,6 +185,12 @@ class Metrics:
 
     def action(self, name: str) -> None:
         self.actions.labels(action=name).inc()
+
+    def lease_remaining(self, seconds: float) -> None:
+        self.lease_left.set(seconds)
+
+    def lease_failure(self) -> None:
+        self.lease_failures.inc()
 
     def conflict(self) -> None:
         self.conflicts.inc()

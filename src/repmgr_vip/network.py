@@ -66,6 +66,7 @@ class PrivilegedCommands:
     announce_count: int
     probe_count: int
     probe_timeout: float
+    lease: int = 0  # the address's lifetime in whole seconds (vip.lease rounded up); 0: none
 
     @classmethod
     def from_config(cls, config: Config) -> PrivilegedCommands:
@@ -78,10 +79,22 @@ class PrivilegedCommands:
             announce_count=config.vip.announce_count,
             probe_count=config.vip.probe_count,
             probe_timeout=config.vip.probe_timeout,
+            lease=math.ceil(config.vip.lease),
         )
 
+    def _lifetime(self) -> list[str]:
+        if not self.lease:
+            return []
+        return ["valid_lft", str(self.lease), "preferred_lft", str(self.lease)]
+
     def add(self) -> list[str]:
-        return [self.ip, "-4", "address", "add", self.cidr, "dev", self.interface]
+        return [self.ip, "-4", "address", "add", self.cidr, "dev", self.interface,
+                *self._lifetime()]
+
+    def renew(self) -> list[str]:
+        # IPv4 `change` (like `replace`) also creates a missing address: see lease.py
+        return [self.ip, "-4", "address", "change", self.cidr, "dev", self.interface,
+                *self._lifetime()]
 
     def delete(self) -> list[str]:
         return [self.ip, "-4", "address", "del", self.cidr, "dev", self.interface]
@@ -97,7 +110,8 @@ class PrivilegedCommands:
                 "-I", self.interface, self.address]
 
     def all(self) -> list[list[str]]:
-        return [self.add(), self.delete(), self.announce(), self.probe()]
+        leased = [self.renew()] if self.lease else []
+        return [self.add(), self.delete(), self.announce(), self.probe(), *leased]
 
 
 class VipNetwork:
@@ -156,6 +170,22 @@ class VipNetwork:
                 "check `repmgr-vip check` (sudo rules, interface)"
             )
         return True
+
+    def renew(self) -> None:
+        """Extends the VIP's lifetime to vip.lease seconds from now (`ip address change`).
+
+        The kernel re-creates an address that expired meanwhile, so only lease.LeaseKeeper
+        calls this, right after seeing the address, and it checks how long that took.
+        """
+        if not self.commands.lease:
+            return
+        result = self._privileged(self.commands.renew(), CHANGE_TIMEOUT)
+        if result.returncode != 0:
+            raise CommandFailed(
+                f"could not renew the lease of {self.config.vip.cidr} on "
+                f"{self.config.vip.interface}: {describe(self.commands.renew())} said "
+                f"{first_line(result.stderr)!r}; check `repmgr-vip check` (sudo rules)"
+            )
 
     def remove(self) -> bool:
         """Removes the VIP; returns True if this call removed it, False if it was absent."""

@@ -1684,6 +1684,10 @@ include_if_exists = '../postgresql.node.conf'
         """Validate with visudo -cf and install /etc/sudoers.d/repmgr-vip-lab-PREFIX (0440)."""
         if not text.endswith("\n"):
             text += "\n"
+        # Cmnd_Alias names are global to sudo: two labs installing the same VIP's rules at
+        # once would define one alias twice, and sudo then refuses every rule on the machine
+        for alias in set(re.findall(r"^Cmnd_Alias\s+(\w+)", text, re.MULTILINE)):
+            text = re.sub(rf"\b{alias}\b", f"{alias}_{self.prefix.upper()}", text)
         final = sudoers_file_for(self.prefix)
         # sudo ignores files with a '.' in their name: the temp file is inert.
         tmp = SUDOERS_DIR / f".{final.name}.tmp"
