@@ -1714,7 +1714,8 @@ include_if_exists = '../postgresql.node.conf'
                 f"== {n.name} ({n.netns} {n.ip}) pg={state} addrs={self.addresses(n)} "
                 f"carrier={self.has_carrier(n)} repmgrd={self.repmgrd_pid(n)}"
             )
-            for f in (n.repmgr_log, n.pg_log, n.dir / "sshd.log", n.dir / "repmgrd.stdout"):
+            extra = (n.dir / "repmgr-vip.log", n.dir / "repmgr-vip-daemon.json")
+            for f in (n.repmgr_log, n.pg_log, n.dir / "sshd.log", n.dir / "repmgrd.stdout", *extra):
                 if f.exists():
                     tail = f.read_text(errors="replace").splitlines()[-lines:]
                     if tail:
