@@ -117,10 +117,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _hook_config(args: argparse.Namespace) -> Config:
     """Hooks log to our own file as well as stderr: repmgr keeps little of their output."""
-    from repmgr_vip.log import setup_logging
+    from repmgr_vip.log import setup_logging_for
 
     config = _load(args)
-    setup_logging(config.log_file, config.repmgr.node_name)
+    setup_logging_for(config)
     return config
 
 
