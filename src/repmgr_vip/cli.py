@@ -107,6 +107,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from repmgr_vip.network import VipNetwork
 
     config = _load(args)
+    if args.all:
+        from repmgr_vip.doctor import print_check_all
+
+        return print_check_all(config, VipNetwork(config))
     failed = 0
     for result in run_checks(config, VipNetwork(config)):
         print(result.line(), flush=True)
@@ -235,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="add even if another host answers for the VIP (creates a conflict!)")
     add("release", cmd_release, "remove the VIP from this node (idempotent)")
-    add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
+    p = add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
+    p.add_argument("--all", action="store_true",
+                   help="check every registered node (over SSH), one line per node and item")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
     add("start-repmgrd", cmd_start_repmgrd,
         "repmgrd_service_start_command: VIP if legitimate primary, then start repmgrd")

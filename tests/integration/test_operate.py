@@ -21,6 +21,7 @@ from tests.integration.vipconf import (
     hooked_cluster,
     start_daemon,
     stop_daemon,
+    vip,
     vip_log,
     write_vip_config,
 )
@@ -105,3 +106,54 @@ def test_sighup_applies_a_valid_change_and_keeps_running_on_an_invalid_one(
     finally:
         write_vip_config(lab, node1)
         os.kill(pid, signal.SIGHUP)
+
+
+def _lines(output: str, status: str) -> list[str]:
+    return [line for line in output.splitlines() if f"  {status}  " in f"  {line}"]
+
+
+def test_check_passes_on_a_fully_wired_node(lab: Lab, daemons: Daemons) -> None:
+    result = vip(lab, lab.nodes[1], "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not _lines(result.stdout, "FAIL") and not _lines(result.stdout, "WARN"), result.stdout
+    for node in lab.nodes:
+        assert f"daemon on {node.name}: running" in result.stdout
+    assert "repmgr.conf promote_command" in result.stdout
+
+
+def test_check_all_names_each_node_and_what_is_unprotected(lab: Lab, daemons: Daemons) -> None:
+    node2, node3 = lab.nodes[1], lab.nodes[2]
+    daemons.stop(node3)
+    conf = node3.repmgr_conf.read_text()
+    try:
+        result = vip(lab, node2, "check", "--all", timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [line.split(None, 2) for line in result.stdout.splitlines()[:-1]]
+        assert {r[0] for r in rows} == {"node1", "node2", "node3"}, result.stdout
+        for node in lab.nodes:  # every node sees node3's daemon missing, and says so
+            warned = [r for r in rows if r[0] == node.name and r[1] == "WARN"
+                      and "daemon on node3" in r[2]]
+            assert warned, result.stdout
+        assert not [r for r in rows if r[1] == "FAIL"], result.stdout
+        # A missing promote_command on node3: a FAIL line for node3, exit 1, from any node.
+        node3.repmgr_conf.write_text("\n".join(
+            line for line in conf.splitlines() if not line.startswith("promote_command")) + "\n")
+        result = vip(lab, lab.nodes[0], "check", "--all", timeout=180)
+        assert result.returncode == 1, result.stdout + result.stderr
+        failing = [line.split(None, 2) for line in result.stdout.splitlines()
+                   if line.split()[1:2] == ["FAIL"]]
+        assert failing and all(f[0] == "node3" and "promote_command" in f[2] for f in failing), \
+            result.stdout
+    finally:
+        node3.repmgr_conf.write_text(conf)
+        daemons.start(node3)
+
+
+def test_check_fails_a_vip_outside_the_interface_subnet(lab: Lab, daemons: Daemons) -> None:
+    node2 = lab.nodes[1]
+    other = node2.dir / "other-subnet.toml"
+    other.write_text(config_path(node2).read_text().replace("192.0.2.115/24", "198.51.100.115/24"))
+    other.chmod(0o644)
+    result = vip(lab, node2, "check", config=other)
+    assert result.returncode == 1
+    assert [line for line in _lines(result.stdout, "FAIL") if "VIP subnet" in line], result.stdout
