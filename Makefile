@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup debs venv install lint test unit lab-test demo clean-labs
 
-setup: debs pkg-debs venv install
+setup: debs pkg-debs venv install promtool
 
 debs:
 	@if ! dpkg -s $(DEBS) >/dev/null 2>&1; then \
@@ -62,11 +62,13 @@ DIST ?= dist
 DEB := $(DIST)/repmgr-vip_$(VERSION)_all.deb
 PROMTOOL := $(VENV)/bin/promtool
 
-.PHONY: pkg-debs deb deb-install lintian
+.PHONY: pkg-debs promtool deb deb-install lintian
 pkg-debs:
 	@if ! dpkg -s $(PKG_DEBS) >/dev/null 2>&1; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 	    --no-install-recommends $(PKG_DEBS); fi
+
+promtool:
 	@if [ ! -x $(PROMTOOL) ]; then \
 	  tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
 	  { apt-get download -q -o APT::Sandbox::User=root prometheus >/dev/null || \
@@ -88,7 +90,8 @@ deb: pkg-debs
 	@echo "built $(DEB)"
 
 deb-install: deb
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall ./$(DEB)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 \
+	  --reinstall $(abspath $(DEB))
 
 lintian: deb
 	lintian --info --display-info $(DEB)
