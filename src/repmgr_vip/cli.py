@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="add even if another host answers for the VIP (creates a conflict!)")
     add("release", cmd_release, "remove the VIP from this node (idempotent)")
-    p = add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
-    p.add_argument("--all", action="store_true",
-                   help="check every registered node (over SSH), one line per node and item")
+    add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
+    sub.choices["check"].add_argument(
+        "--all", action="store_true",
+        help="check every registered node (over SSH), one line per node and item")
     add("start-repmgrd", cmd_start_repmgrd,
         "repmgrd_service_start_command: VIP if legitimate primary, then start repmgrd")
     add("stop-repmgrd", cmd_stop_repmgrd,

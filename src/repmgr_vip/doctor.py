@@ -244,6 +244,17 @@ def _check_daemons(config: Config) -> Iterator[CheckResult]:
             yield CheckResult(name, True, f"running, pid {answer['daemon_pid']}")
 
 
+def wiring_checks(config: Config, network: VipNetwork
+                  ) -> list[tuple[str, Callable[[], Iterator[CheckResult]]]]:
+    """What connects the pieces: repmgr.conf's hooks, repmgrd, the subnet, every daemon."""
+    return [
+        ("repmgr.conf hooks", lambda: _check_hook_lines(config)),
+        ("repmgrd", lambda: iter([_check_repmgrd(config)])),
+        ("VIP subnet", lambda: iter([_check_subnet(config, network)])),
+        ("daemon", lambda: _check_daemons(config)),
+    ]
+
+
 def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
     yield CheckResult("config", True, f"{config.path} (VIP {config.vip.cidr} on "
                       f"{config.vip.interface}, node {config.repmgr.node_id} "
@@ -255,11 +266,8 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("state_dir", lambda: iter([_check_state_dir(config)])),
         ("isolation grace", lambda: iter([_check_isolation_grace(config)])),
         ("cluster", lambda: _check_cluster(config)),
-        ("repmgr.conf hooks", lambda: _check_hook_lines(config)),
-        ("repmgrd", lambda: iter([_check_repmgrd(config)])),
-        ("VIP subnet", lambda: iter([_check_subnet(config, network)])),
-        ("daemon", lambda: _check_daemons(config)),
     ]
+    checks += wiring_checks(config, network)
     for name, check in checks:
         try:
             yield from check()
