@@ -116,10 +116,11 @@ def test_unit_is_installed_not_enabled_and_runs_the_package(installed: Path) -> 
     assert "/opt/" not in text
     wanted = Path("/etc/systemd/system/multi-user.target.wants/repmgr-vip.service")
     assert not wanted.exists() and not wanted.is_symlink()
-    verify = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
-                            text=True, check=False)
-    problems = [line for line in verify.stderr.splitlines() if "repmgr-vip.service" in line]
-    assert not problems, verify.stderr
+    if shutil.which("systemd-analyze"):  # the systemd package; not in every container
+        verify = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True,
+                                text=True, check=False)
+        problems = [line for line in verify.stderr.splitlines() if "repmgr-vip.service" in line]
+        assert not problems, verify.stderr
     example = Path("/usr/share/doc/repmgr-vip/examples/repmgrd.service")
     assert example.exists() and not Path("/lib/systemd/system/repmgrd.service").exists()
 
