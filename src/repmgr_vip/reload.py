@@ -53,7 +53,8 @@ def reload_config(current: Config) -> Config:
     try:
         new = load_config(current.path)
     except VipError as exc:
-        LOG.error("reload refused, running configuration kept: %s", exc)
+        LOG.error("reload refused, running configuration kept: %s", exc,
+                  extra={"event": "reload", "outcome": "refused"})
         return current
     before, after = _flat(current.values), _flat(new.values)
     moved = [_name(*key) for key in RESTART_ONLY if before.get(key) != after.get(key)]
@@ -61,7 +62,8 @@ def reload_config(current: Config) -> Config:
         moved.append("node_id (repmgr.conf)")
     if moved:
         LOG.error("reload refused, running configuration kept: %s cannot change while the "
-                  "daemon runs; restart it (systemctl restart repmgr-vip)", ", ".join(moved))
+                  "daemon runs; restart it (systemctl restart repmgr-vip)", ", ".join(moved),
+                  extra={"event": "reload", "outcome": "refused", "keys": moved})
         return current
     return new
 
@@ -96,5 +98,6 @@ def reload_daemon(daemon: Daemon) -> bool:
                                         isolation_grace=effective_isolation_grace(new))
     for watcher in daemon.watchers.values():
         watcher.interval = new.daemon.interval
-    LOG.info("configuration reloaded from %s: %s", new.path, "; ".join(diff))
+    LOG.info("configuration reloaded from %s: %s", new.path, "; ".join(diff),
+             extra={"event": "reload", "outcome": "applied", "changes": diff})
     return True

@@ -75,3 +75,23 @@ def test_missing_file_is_refused(write_config: Callable[..., Path],
     with caplog.at_level(logging.INFO, logger="repmgr_vip"):
         assert reload_config(current) is current
     assert len(_errors(caplog)) == 1
+
+
+def test_refusal_is_one_structured_json_line(write_config: Callable[..., Path],
+                                             tmp_path: Path) -> None:
+    import json
+
+    from repmgr_vip.log import setup_logging
+
+    path = write_config()
+    current = load_config(path)
+    path.write_text(path.read_text() + "[daemon]\ninterval = -1\n")
+    stderr = tmp_path / "stderr"
+    with stderr.open("w", encoding="utf-8") as stream:
+        setup_logging(None, "pg-b", log_format="json", stream=stream)
+        assert reload_config(current) is current
+    lines = stderr.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert (record["level"], record["event"], record["outcome"]) == ("error", "reload", "refused")
+    assert "daemon.interval" in record["message"]
