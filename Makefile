@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup debs venv install lint test unit lab-test demo clean-labs
 
-setup: debs venv install
+setup: debs pkg-debs venv install promtool
 
 debs:
 	@if ! dpkg -s $(DEBS) >/dev/null 2>&1; then \
@@ -35,8 +35,10 @@ lint:
 unit:
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test: setup lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+# Unit tests run the source tree (installed in the venv); the lab runs the Debian package,
+# the artifact users install (RV_UNDER_TEST, read by tests/integration/vipconf.py).
+test: setup lint deb-install
+	RV_UNDER_TEST=/usr/bin/repmgr-vip RV_DEB=$(DEB) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
 	@$(PY) -m pip install -q matplotlib >/dev/null
@@ -52,3 +54,48 @@ clean-labs:
 bench: setup
 	@$(PY) -m pip install -q matplotlib >/dev/null
 	$(PY) -m bench
+
+# --- The Debian package -------------------------------------------------------------------
+# What `make deb` needs to build (debhelper, pybuild), what the package depends on, lintian
+# and man for the package tests, and promtool for the alert-rule tests. promtool is taken out
+# of Debian's prometheus package rather than installing it: no server, no service, no user.
+PKG_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+            python3-psycopg python3-prometheus-client lintian man-db
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DIST ?= dist
+DEB := $(DIST)/repmgr-vip_$(VERSION)_all.deb
+PROMTOOL := $(VENV)/bin/promtool
+
+.PHONY: pkg-debs promtool deb deb-install lintian
+pkg-debs:
+	@if ! dpkg -s $(PKG_DEBS) >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $(PKG_DEBS); fi
+
+promtool:
+	@if [ ! -x $(PROMTOOL) ]; then \
+	  tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
+	  { apt-get download -q -o APT::Sandbox::User=root prometheus >/dev/null || \
+	    { apt-get update -q && apt-get download -q -o APT::Sandbox::User=root prometheus; }; } && \
+	  dpkg-deb -x prometheus_*.deb root && mkdir -p $(VENV)/bin && \
+	  install -m 755 root/usr/bin/promtool $(PROMTOOL) && rm -rf $$tmp; fi
+
+# Built from a copy in $(DIST)/build so the checkout stays clean and checkouts side by side
+# do not collide in their common parent; the .deb, .changes and .buildinfo land in $(DIST)/.
+deb: pkg-debs
+	rm -rf $(DIST)/build && mkdir -p $(DIST)/build/repmgr-vip
+	tar -c --exclude=./dist --exclude=./.git --exclude=./build --exclude='*.egg-info' \
+	  --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache \
+	  --exclude=.pytest_cache --exclude=./bench/results -f - . \
+	  | tar -x -C $(DIST)/build/repmgr-vip
+	cd $(DIST)/build/repmgr-vip && env -u PYTHONPATH PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+	  dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	mv $(DIST)/build/repmgr-vip_$(VERSION)_* $(DIST)/
+	@echo "built $(DEB)"
+
+deb-install: deb
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 \
+	  --reinstall $(abspath $(DEB))
+
+lintian: deb
+	lintian --info --display-info $(DEB)

@@ -121,6 +121,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from repmgr_vip.network import VipNetwork
 
     config = _load(args)
+    if args.all:
+        from repmgr_vip.doctor import print_check_all
+
+        return print_check_all(config, VipNetwork(config))
     failed = 0
     for result in run_checks(config, VipNetwork(config)):
         print(result.line(), flush=True)
@@ -131,10 +135,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _hook_config(args: argparse.Namespace) -> Config:
     """Hooks log to our own file as well as stderr: repmgr keeps little of their output."""
-    from repmgr_vip.log import setup_logging
+    from repmgr_vip.log import setup_logging_for
 
     config = _load(args)
-    setup_logging(config.log_file, config.repmgr.node_name)
+    setup_logging_for(config)
     return config
 
 
@@ -258,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("nodes", nargs="+", metavar="NODE", help="node names, as in repmgr.nodes")
     add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
+    sub.choices["check"].add_argument(
+        "--all", action="store_true",
+        help="check every registered node (over SSH), one line per node and item")
     add("start-repmgrd", cmd_start_repmgrd,
         "repmgrd_service_start_command: VIP if legitimate primary, then start repmgrd")
     add("stop-repmgrd", cmd_stop_repmgrd,

@@ -56,7 +56,8 @@ def _own_command() -> str:
 # section -> key -> (type, default). A default of None means "required".
 # Defaults that depend on the host are filled in by _host_defaults().
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "": {"repmgr_config": (str, None), "state_dir": (str, ""), "log_file": (str, "")},
+    "": {"repmgr_config": (str, None), "state_dir": (str, ""), "log_file": (str, ""),
+         "log_format": (str, "text")},
     "vip": {
         "address": (str, None),
         "interface": (str, None),
@@ -332,6 +333,8 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
               "probe_timeout")
     _check_lease(vip.lease)
     _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
+    if values[""]["log_format"] not in ("text", "json"):
+        raise ConfigError(f"log_format={values['']['log_format']!r}; use one of: text, json")
     _choice(
         "fencing", "when_vip_not_free", values["fencing"]["when_vip_not_free"], UNFREE_POLICIES
     )

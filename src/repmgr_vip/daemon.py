@@ -373,6 +373,8 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        from repmgr_vip.reload import install_sighup, reload_daemon
+        reload_requested = install_sighup()
         self.metrics.start()
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
@@ -380,6 +382,9 @@ class Daemon:
         first = True
         while not self.stop_event.is_set():
             started = time.monotonic()
+            if reload_requested.is_set():  # SIGHUP: re-read the configuration (reload.py)
+                reload_requested.clear()
+                reload_daemon(self)
             self.cycle()
             if first:
                 sd_notify("READY=1")

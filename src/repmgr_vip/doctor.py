@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from repmgr_vip import cluster
 from repmgr_vip.config import Config
@@ -14,7 +17,8 @@ from repmgr_vip.lease import lease_checks
 from repmgr_vip.network import PrivilegedCommands, VipNetwork
 from repmgr_vip.privileges import has_network_capabilities
 from repmgr_vip.process import describe, first_line, run
-from repmgr_vip.remote import run_remote
+from repmgr_vip.remote import remote_vip_command, run_remote
+from repmgr_vip.repmgrconf import parse_repmgr_conf_text
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,132 @@ def _check_isolation_grace(config: Config) -> CheckResult:
     return CheckResult("isolation grace", True, detail)
 
 
+# Hook lines without which a failover or switchover leaves the VIP behind: a FAIL. The others
+# have alternatives (repmgrd under systemd, the daemon's own self-fencing): a WARN.
+ESSENTIAL_HOOKS = ("promote_command", "follow_command", "event_notification_command")
+WHAT_IS_LOST = {
+    "repmgrd_service_start_command": "`repmgr daemon start` does not put the VIP on the primary "
+                                     "(the daemon still does)",
+    "repmgrd_service_stop_command": "`repmgr daemon stop` does not go through repmgr-vip",
+    "child_nodes_disconnect_command": "a primary that loses its standbys is not fenced at once "
+                                      "(the daemon's isolation grace still applies)",
+}
+
+
+def _check_hook_lines(config: Config) -> Iterator[CheckResult]:
+    """repmgr.conf must carry what `repmgr-vip repmgr-conf` prints, or failover surprises."""
+    from repmgr_vip.hooks import repmgr_conf_lines
+
+    expected = parse_repmgr_conf_text(repmgr_conf_lines(config), "repmgr-conf")
+    try:
+        actual = parse_repmgr_conf_text(config.repmgr.path.read_text(encoding="utf-8"),
+                                        str(config.repmgr.path))
+    except OSError as exc:
+        yield CheckResult("repmgr.conf hooks", False,
+                          f"cannot read {config.repmgr.path} ({exc.strerror})")
+        return
+    fix = f"add the line from `repmgr-vip repmgr-conf` to {config.repmgr.path}, restart repmgrd"
+    for key, want in expected.items():
+        if key == "event_notifications":
+            continue
+        have = actual.get(key)
+        name = f"repmgr.conf {key}"
+        if have == want:
+            yield CheckResult(name, True, "as `repmgr-vip repmgr-conf` prints it")
+            continue
+        problem = "missing" if not have else "differs from what `repmgr-vip repmgr-conf` prints"
+        if key in ESSENTIAL_HOOKS:
+            yield CheckResult(name, False, f"{problem}; {fix}")
+        else:
+            yield CheckResult(name, True, f"{problem}: {WHAT_IS_LOST.get(key, 'not wired')}; "
+                              f"if that is not intended, {fix}", warning=True)
+    wanted = set(expected["event_notifications"].split(","))
+    listed = {e.strip() for e in actual.get("event_notifications", "").split(",") if e.strip()}
+    name = "repmgr.conf event_notifications"
+    if not listed:
+        yield CheckResult(name, True, "not set: repmgr notifies every event")
+    elif wanted - listed:
+        yield CheckResult(name, False, f"lacks {', '.join(sorted(wanted - listed))}: the VIP "
+                          f"would not follow those events; {fix}")
+    else:
+        yield CheckResult(name, True, f"includes the {len(wanted)} events repmgr-vip acts on")
+
+
+def _check_repmgrd(config: Config) -> CheckResult:
+    from repmgr_vip.repmgr import repmgrd_pid
+
+    pid = repmgrd_pid(config)
+    if pid is None:
+        return CheckResult("repmgrd", True, "not running on this node: no automatic failover "
+                           "from here; start it (`repmgr daemon start` as postgres)", warning=True)
+    return CheckResult("repmgrd", True, f"running, pid {pid}")
+
+
+def _check_subnet(config: Config, network: VipNetwork) -> CheckResult:
+    """A VIP outside the interface's subnets is not reachable by ARP from the clients' LAN."""
+    vip = config.vip.address
+    name = "VIP subnet"
+    own = [ipaddress.IPv4Interface(a) for a in network.interface_state().addresses
+           if "." in a and "/" in a and a.split("/", 1)[0] != config.vip.ip]
+    if not own:
+        return CheckResult(name, False, f"{config.vip.interface} has no IPv4 address of its own; "
+                           "the VIP needs the node's address on the same subnet")
+    same = [a for a in own if a.network == vip.network]
+    if same:
+        return CheckResult(name, True, f"{vip.network} as {same[0]} on {config.vip.interface}")
+    near = [a for a in own if vip.ip in a.network or a.ip in vip.network]
+    if near:
+        return CheckResult(name, True, f"{config.vip.cidr} overlaps {near[0]} with another "
+                           "prefix length; use the interface's prefix in vip.address",
+                           warning=True)
+    return CheckResult(name, False, f"{config.vip.cidr} is on no subnet of "
+                       f"{config.vip.interface} ({', '.join(str(a) for a in own)}); fix "
+                       "vip.address or vip.interface")
+
+
+UNPROTECTED = ("a network blip that heals leaves the VIP on two nodes until someone acts "
+               "(only the daemon removes it from a returning old primary); start it there "
+               "(systemctl enable --now repmgr-vip)")
+
+
+def _check_daemons(config: Config) -> Iterator[CheckResult]:
+    """The daemon on this node and, over SSH (`local-status`), on every registered node."""
+    from repmgr_vip.status import _remote_status
+
+    try:
+        nodes = [n for n in cluster.registered_nodes(config) if n.active]
+    except VipError:
+        nodes = []
+    answers: list[tuple[str, dict[str, Any] | str]] = []
+    if not any(n.node_id == config.repmgr.node_id for n in nodes):  # unregistered: still ask
+        from repmgr_vip.status import local_status
+
+        answers.append((config.repmgr.node_name, local_status(config)))
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        answers += list(zip([n.node_name for n in nodes],
+                            pool.map(lambda n: _remote_status(config, n), nodes), strict=True))
+    for node_name, answer in answers:
+        name = f"daemon on {node_name}"
+        if isinstance(answer, str):
+            yield CheckResult(name, True, f"cannot tell ({answer}); if it is not running, "
+                              + UNPROTECTED, warning=True)
+        elif answer.get("daemon_pid") is None:
+            yield CheckResult(name, True, "not running: " + UNPROTECTED, warning=True)
+        else:
+            yield CheckResult(name, True, f"running, pid {answer['daemon_pid']}")
+
+
+def wiring_checks(config: Config, network: VipNetwork
+                  ) -> list[tuple[str, Callable[[], Iterator[CheckResult]]]]:
+    """What connects the pieces: repmgr.conf's hooks, repmgrd, the subnet, every daemon."""
+    return [
+        ("repmgr.conf hooks", lambda: _check_hook_lines(config)),
+        ("repmgrd", lambda: iter([_check_repmgrd(config)])),
+        ("VIP subnet", lambda: iter([_check_subnet(config, network)])),
+        ("daemon", lambda: _check_daemons(config)),
+    ]
+
+
 def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
     yield CheckResult("config", True, f"{config.path} (VIP {config.vip.cidr} on "
                       f"{config.vip.interface}, node {config.repmgr.node_id} "
@@ -139,8 +269,77 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("cluster", lambda: _check_cluster(config)),
         ("lease", lambda: lease_checks(config)),
     ]
+    checks += wiring_checks(config, network)
     for name, check in checks:
         try:
             yield from check()
         except VipError as exc:
             yield CheckResult(name, False, str(exc))
+
+
+LINE = re.compile(r"^(ok|WARN|FAIL)\s+(.*)$")
+
+
+@dataclass(frozen=True)
+class NodeCheck:
+    node_name: str
+    result: CheckResult
+
+    def line(self, width: int) -> str:
+        return f"{self.node_name.ljust(width)}  {self.result.line()}"
+
+
+def _parse_check_output(text: str) -> list[CheckResult]:
+    results = []
+    for line in text.splitlines():
+        found = LINE.match(line)
+        if not found:
+            continue
+        status, rest = found.groups()
+        item, _, detail = rest.partition(": ")
+        results.append(CheckResult(item, status != "FAIL", detail, warning=status == "WARN"))
+    return results
+
+
+def _node_checks(config: Config, node: cluster.NodeRecord, timeout: float) -> list[CheckResult]:
+    if not node.host:
+        return [CheckResult("ssh", False, "no host= in its conninfo; cannot reach it by SSH")]
+    result = run_remote(config, node.host,
+                        remote_vip_command(config, node.node_name, node.node_id, "check"),
+                        timeout=timeout)
+    parsed = _parse_check_output(result.stdout)
+    if not parsed:
+        return [CheckResult("ssh", False, f"{node.host}: `repmgr-vip check` gave no answer "
+                            f"({first_line(result.stderr) or f'exit {result.returncode}'})")]
+    if result.returncode not in (0, 1):
+        parsed.append(CheckResult("check", False, f"exited {result.returncode}"))
+    return parsed
+
+
+def check_all(config: Config, network: VipNetwork) -> Iterator[NodeCheck]:
+    """`check` on every registered node (this one directly, the others over SSH)."""
+    nodes = [n for n in cluster.registered_nodes(config) if n.active]
+    timeout = float(config.fencing.ssh_command_timeout + 60)
+    others = [n for n in nodes if n.node_id != config.repmgr.node_id]
+    with ThreadPoolExecutor(max_workers=max(1, len(others))) as pool:
+        remote = {n.node_id: pool.submit(_node_checks, config, n, timeout) for n in others}
+        for result in run_checks(config, network):
+            yield NodeCheck(config.repmgr.node_name, result)
+        for node in others:
+            for result in remote[node.node_id].result():
+                yield NodeCheck(node.node_name, result)
+
+
+def print_check_all(config: Config, network: VipNetwork) -> int:
+    """Prints `check --all` as it comes; 1 if any item on any node failed."""
+    width = 0
+    failed = 0
+    try:
+        width = max(len(n.node_name) for n in cluster.registered_nodes(config))
+    except (VipError, ValueError):
+        width = len(config.repmgr.node_name)
+    for item in check_all(config, network):
+        print(item.line(width), flush=True)
+        failed += not item.result.ok
+    print(f"{failed} check(s) failed" if failed else "all checks passed on every node")
+    return 1 if failed else 0

@@ -9,12 +9,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.integration.vipconf import (
-    REPMGR_VIP,
     hooked_cluster,
     start_daemon,
     stop_daemon,
@@ -46,7 +44,7 @@ def _never_during(lab: Lab, predicate: Callable[[], bool], seconds: float) -> No
 
 def _metrics(lab: Lab, node: Node) -> str:
     """The node's Prometheus endpoint as seen from inside its namespace ("" if it is not up)."""
-    python = str(Path(REPMGR_VIP).with_name("python"))
+    python = "/usr/bin/python3"  # stdlib only; REPMGR_VIP may be the package's, with no venv
     get = ("import urllib.request;print(urllib.request.urlopen("
            "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
     fetch = lab.run(node, [python, "-c", get], check=False)

@@ -14,6 +14,7 @@ import pytest
 from tests.integration.vipconf import (
     install_generated_sudoers,
     vip,
+    wire_hooks,
     write_all_configs,
     write_vip_config,
 )
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.lab
 def vlab(lab: Lab) -> Iterator[Lab]:
     write_all_configs(lab)
     install_generated_sudoers(lab, lab.nodes[0])
+    for node in lab.nodes:  # `check` reads them; repmgrd is not started in this module
+        wire_hooks(lab, node)
     yield lab
 
 

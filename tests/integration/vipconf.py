@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.lab.lab import INTERFACE, VIP, Lab, Node
 
-# The venv's console script: pytest runs from the same venv the hooks use.
-REPMGR_VIP = str(Path(sys.executable).parent / "repmgr-vip")
+# What the lab runs: RV_UNDER_TEST (`make test` sets /usr/bin/repmgr-vip, the installed Debian
+# package), else the venv's console script (pytest runs from the same venv the hooks use).
+REPMGR_VIP = os.environ.get("RV_UNDER_TEST") or str(Path(sys.executable).parent / "repmgr-vip")
 CONFIG_NAME = "repmgr-vip.toml"
 
 

@@ -1,0 +1,88 @@
+"""`check`'s wiring items without a cluster: hook lines, VIP subnet, parsing `check` output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from repmgr_vip.config import load_config
+from repmgr_vip.doctor import _check_hook_lines, _check_subnet, _parse_check_output
+from repmgr_vip.hooks import repmgr_conf_lines
+from repmgr_vip.network import InterfaceState
+
+
+class FakeNetwork:
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+
+    def interface_state(self) -> InterfaceState:
+        return InterfaceState(True, True, "02:00:00:00:00:01", self.addresses)
+
+
+def _status(results: list[Any]) -> dict[str, str]:
+    return {r.name: r.line().split()[0] for r in results}
+
+
+def test_hook_lines_as_printed_pass_and_missing_ones_fail(
+        write_config: Callable[..., Path], repmgr_conf: Path) -> None:
+    config = load_config(write_config())
+    base = repmgr_conf.read_text()
+    assert "FAIL" in _status(list(_check_hook_lines(config))).values()  # nothing wired yet
+    repmgr_conf.write_text(base + repmgr_conf_lines(config))
+    assert set(_status(list(_check_hook_lines(config))).values()) == {"ok"}
+    wired = base + repmgr_conf_lines(config)
+    repmgr_conf.write_text("\n".join(line for line in wired.splitlines()
+                                     if not line.startswith("promote_command")))
+    status = _status(list(_check_hook_lines(config)))
+    assert status["repmgr.conf promote_command"] == "FAIL"
+    assert list(status.values()).count("FAIL") == 1
+
+
+@pytest.mark.parametrize(("events", "expected"), [
+    ("", "ok"),                                                   # no filter: every event
+    ("standby_switchover", "FAIL"),                               # our events missing
+])
+def test_event_notifications(write_config: Callable[..., Path], repmgr_conf: Path,
+                             events: str, expected: str) -> None:
+    config = load_config(write_config())
+    lines = [line for line in repmgr_conf_lines(config).splitlines()
+             if not line.startswith("event_notifications")]
+    if events:
+        lines.append(f"event_notifications='{events}'")
+    repmgr_conf.write_text(repmgr_conf.read_text() + "\n".join(lines) + "\n")
+    assert _status(list(_check_hook_lines(config)))["repmgr.conf event_notifications"] == expected
+
+
+def test_own_events_may_be_added(write_config: Callable[..., Path], repmgr_conf: Path) -> None:
+    config = load_config(write_config())
+    text = repmgr_conf_lines(config).replace("event_notifications='",
+                                             "event_notifications='my_event,")
+    repmgr_conf.write_text(repmgr_conf.read_text() + text)
+    assert _status(list(_check_hook_lines(config)))["repmgr.conf event_notifications"] == "ok"
+
+
+@pytest.mark.parametrize(("addresses", "expected"), [
+    (("192.0.2.12/24",), "ok"),
+    (("192.0.2.12/24", "192.0.2.115/24"), "ok"),
+    (("192.0.2.12/16",), "WARN"),
+    (("198.51.100.12/24",), "FAIL"),
+    (("192.0.2.115/24",), "FAIL"),  # only the VIP itself
+    ((), "FAIL"),
+])
+def test_vip_subnet(write_config: Callable[..., Path], addresses: tuple[str, ...],
+                    expected: str) -> None:
+    config = load_config(write_config())  # VIP 192.0.2.115/24
+    result = _check_subnet(config, FakeNetwork(*addresses))  # type: ignore[arg-type]
+    assert result.line().split()[0] == expected
+
+
+def test_check_output_round_trips() -> None:
+    text = ("ok    config: /etc/repmgr-vip.toml (VIP ...)\n"
+            "WARN  daemon on node3: not running: a blip\n"
+            "FAIL  repmgr.conf promote_command: missing; add it\n"
+            "1 check(s) failed\n")
+    parsed = _parse_check_output(text)
+    assert [r.line() for r in parsed] == text.splitlines()[:3]
