@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from repmgr_vip.cluster import NodeView
+from repmgr_vip.model import NodeView
 
 
 class Action(Enum):
@@ -73,13 +73,20 @@ def legitimacy(local_name: str, local: NodeView, peers: Sequence[Peer]) -> Decis
                     f"no other primary among {len(peers)} peer(s)")
 
 
-def after_fencing(answered_by: tuple[str, ...], policy: str, *, fence_ran: bool,
+def after_fencing(answered_by: tuple[str, ...] | None, policy: str, *, fence_ran: bool,
                   all_confirmed: bool = False) -> Decision:
     """Before a promotion: go ahead only when nobody else answers for the VIP.
 
     When every registered node confirmed its release, whoever answers is outside the cluster
     (a stray device, a spoofer): no node is fenced for it, and the promotion still waits.
+    answered_by None: no probe has finished yet; only confirmations from every node let the
+    promotion start then, and the VIP waits for the probe.
     """
+    if answered_by is None:
+        if all_confirmed:
+            return Decision(Action.ACQUIRE, "every registered node confirmed its release; "
+                            "the VIP is added once an ARP probe shows it free")
+        answered_by = ("unknown (no probe result)",)
     if not answered_by:
         return Decision(Action.ACQUIRE, "VIP is free (no ARP answer)")
     holders = ", ".join(answered_by)
