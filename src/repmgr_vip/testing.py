@@ -110,6 +110,7 @@ class FakeCluster:
         self.ssh_connect_timeout = 3.0
         self.violations: list[str] = []  # broken rules seen by the fakes themselves
         self.fenced: list[str] = []
+        self.round_started: dict[str, float] = {}  # fencer -> its latest round's start
 
     # --- the segment --------------------------------------------------------------------
 
@@ -179,9 +180,10 @@ class FakeCluster:
         def run(node: NodeRecord) -> bool:
             host = self.hosts[node.node_name]
             confirmed = host.confirmed_to.get(fencer)
-            if confirmed is not None and confirmed > host.added_at:
+            if (confirmed is not None and confirmed > host.added_at
+                    and confirmed > self.round_started.get(fencer, 0.0)):  # ssh takes time
                 self.violations.append(f"{fencer} fenced {host.name}, which had confirmed its "
-                                       f"release at {confirmed:.2f} and not taken the VIP since")
+                                       f"release in this round at {confirmed:.2f}")
             if self.fence_mode == "hang":
                 self.clock.sleep(self.fence_timeout)
                 return False
@@ -239,6 +241,9 @@ class FakeAddress:
     def add(self) -> bool:
         if self.host.vip:
             return False
+        if self.world.foreign:  # README rule 2: a host outside the cluster holds it
+            self.world.violations.append(f"{self.host.name} added the VIP while "
+                                         f"{', '.join(sorted(self.world.foreign))} answers for it")
         self.host.vip = True
         self.host.added_at = self.world.clock.now
         return True
@@ -342,6 +347,8 @@ class FakeRemote:
         self.origin = origin
 
     def start_release(self, node: NodeRecord) -> FakeSession:
+        # a round asks every node at once (Fencing.expect), so its start is the latest ask
+        self.world.round_started[self.origin] = self.world.clock.now
         return FakeSession(self.world, self.origin, node.host)
 
 
