@@ -32,7 +32,8 @@ FOREIGN = ("02:de:ad:be:ef:01", "02:de:ad:be:ef:02")
 INTERVAL = 1.0
 K = 3  # cycles: every rule settles within one or two periods (grace: 2 s here)
 LIMIT = K * INTERVAL
-CONFIGS = write_configs(Path(tempfile.mkdtemp(prefix="rv-model-")), NAMES)
+_CONFIG_DIR = tempfile.TemporaryDirectory(prefix="rv-model-")  # removed at exit
+CONFIGS = write_configs(Path(_CONFIG_DIR.name), NAMES)
 STEPS = 20
 PROMOTION_TIME = 0.5  # `repmgr standby promote` until PostgreSQL leaves recovery
 EXAMPLES = 300  # x STEPS: up to 6,000 steps per CI run, about 5 s
