@@ -48,6 +48,14 @@ class FileState:
     def clear_marker(self) -> None:
         statefiles.remove(statefiles.self_fence_marker(self.config.state_dir))
 
+    def release_request_age(self) -> float | None:
+        from repmgr_vip.daemon import marker_age
+
+        return marker_age(statefiles.release_request_marker(self.config.state_dir))
+
+    def clear_release_request(self) -> None:
+        statefiles.remove(statefiles.release_request_marker(self.config.state_dir))
+
     def journal(self, node: str, source: str, action: str, reason: str, **kw: Any) -> None:
         journal.record(self.config.state_dir, node, source, action, reason, **kw)
 

@@ -214,7 +214,8 @@ class Daemon:
         self.stop_event = threading.Event()
         self.watchers: dict[int, PeerWatcher] = {}
         self.records: list[cluster.NodeRecord] = []
-        self.policy = Policy(isolation_grace=effective_isolation_grace(config))
+        self.policy = Policy(isolation_grace=effective_isolation_grace(config),
+                             release_request_hold=2.5 * config.daemon.interval)
         self.state = DaemonState(Memory(majority_seen_at=self.clock.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
@@ -292,6 +293,7 @@ class Daemon:
             local_surely_down=surely_down, peers=peers,
             holds_vip=holds, interface_up=state.up, foreign_macs=foreign,
             self_fence_age=self.files.marker_age(),
+            release_request_age=self.files.release_request_age(),
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
@@ -354,6 +356,10 @@ class Daemon:
             return None
         decision, memory = decide_cycle(snapshot, self.state.memory, self.policy)
         self.state.memory = memory
+        asked = snapshot.release_request_age
+        if asked is not None and asked >= self.policy.release_request_hold:
+            with contextlib.suppress(OSError):
+                self.files.clear_release_request()
         if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
                 self.files.clear_marker()

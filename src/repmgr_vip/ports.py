@@ -93,6 +93,8 @@ class StateFiles(Protocol):
     def write_state(self, text: str) -> None: ...  # raises OSError
     def marker_age(self) -> float | None: ...  # seconds since fence-self, None: no marker
     def clear_marker(self) -> None: ...  # raises OSError
+    def release_request_age(self) -> float | None: ...  # since a peer asked us to release
+    def clear_release_request(self) -> None: ...  # raises OSError
     def journal(self, node: str, source: str, action: str, reason: str,
                 **kw: Any) -> None: ...  # never raises
     def read_journal(self, offset: int) -> tuple[list[Mapping[str, Any]], int]: ...

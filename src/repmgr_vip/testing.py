@@ -84,6 +84,7 @@ class Host:
     node_type: str = "standby"  # as registered in repmgr.nodes
     lock_holder: str = ""
     marker_at: float | None = None  # fence-self marker, fake monotonic time
+    release_request_at: float | None = None  # a peer's release over ssh, fake monotonic time
     added_at: float = -1.0  # last time this host added the VIP
     confirmed_to: dict[str, float] = field(default_factory=dict)  # fencer -> time
     journal: list[Mapping[str, Any]] = field(default_factory=list)
@@ -327,6 +328,7 @@ class FakeSession:
         else:
             was = host.vip
             host.vip = False
+            host.release_request_at = now  # as `repmgr-vip release` over ssh does
             host.confirmed_to[self.origin] = now
             self.outcome = FakeResult(0, "released" if was else "not held")
         return self.outcome is not None
@@ -409,6 +411,13 @@ class FakeFiles:
 
     def clear_marker(self) -> None:
         self.host.marker_at = None
+
+    def release_request_age(self) -> float | None:
+        at = self.host.release_request_at
+        return None if at is None else self.world.clock.now - at
+
+    def clear_release_request(self) -> None:
+        self.host.release_request_at = None
 
     def journal(self, node: str, source: str, action: str, reason: str, **kw: Any) -> None:
         if not self.host.disk_full:

@@ -11,6 +11,7 @@ means the situation has lasted K daemon periods of fake time without being resol
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -254,9 +255,12 @@ def d64c739_decide_cycle(snapshot: Snapshot, memory: Memory,
                          policy: Policy) -> tuple[Decision, Memory]:
     """decide_cycle as of d64c739: two primaries on one timeline keep what they have.
 
-    The only difference from today's function in a cluster without a witness (d64c739 also
-    took a witness's own primary for a data primary): where today both release, it kept.
+    The differences from today's function in a cluster without a witness (d64c739 also took a
+    witness's own primary for a data primary): where today both release, it kept; and it
+    re-added a VIP that a promoting peer had just asked it to release.
     """
+    # d64c739 had neither the split-brain rule nor the hold-off after a peer's release request
+    snapshot = dataclasses.replace(snapshot, release_request_age=None)
     decision, memory = decide_cycle(snapshot, memory, policy)
     if decision.alarm == SPLIT_BRAIN:
         state = "holding" if snapshot.holds_vip else "not acquiring"
