@@ -6,35 +6,31 @@ forced, because a VIP on two nodes is the worst outcome this tool exists to prev
 
 from __future__ import annotations
 
+from repmgr_vip import claim
 from repmgr_vip.errors import RefusedError
 from repmgr_vip.network import VipNetwork
 
 
 def acquire(network: VipNetwork, *, force: bool = False) -> str:
     vip = network.config.vip
-    probe = network.probe()
-    if network.holds():
-        if probe.in_use:
-            raise RefusedError(
-                f"{vip.ip} is on {vip.interface} here AND answers from "
-                f"{', '.join(probe.answered_by)}: two holders; release it on one of them"
-            )
-        network.announce()
-        return f"{vip.cidr} already held on {vip.interface}; announced again"
-    if probe.in_use and not force:
+    result = claim.claim(network, proof=claim.arp_proof(network), force=force)
+    answered = ", ".join(result.answered_by)
+    if result.held_before:
+        raise RefusedError(f"{vip.ip} is on {vip.interface} here AND answers from {answered}: "
+                           "two holders; release it on one of them")
+    if not result.ok:
         raise RefusedError(
-            f"refusing to add {vip.cidr}: it answers ARP from {', '.join(probe.answered_by)}; "
+            f"refusing to add {vip.cidr}: it answers ARP from {answered}; "
             "release it on that host first (`repmgr-vip release`), or pass --force"
         )
-    network.add()
-    network.announce()
-    forced = f" (forced; it also answered from {', '.join(probe.answered_by)})" if (
-        probe.in_use) else ""
+    if result.outcome == claim.HELD:
+        return f"{vip.cidr} already held on {vip.interface}; announced again"
+    forced = f" (forced; it also answered from {answered})" if answered else ""
     return f"added {vip.cidr} on {vip.interface} and announced it{forced}"
 
 
 def release(network: VipNetwork) -> str:
     vip = network.config.vip
-    if network.remove():
+    if claim.release(network):
         return f"removed {vip.cidr} from {vip.interface}"
     return f"{vip.cidr} not on {vip.interface}; nothing to do"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,8 +108,23 @@ def cmd_release(args: argparse.Namespace) -> int:
                   f"than {args.unless_newer_than}")
             return ExitCode.REFUSED
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        if os.environ.get("SSH_CONNECTION"):
+            _hold_daemon_off(config)
         print(release(VipNetwork(config)))
     return ExitCode.OK
+
+
+def _hold_daemon_off(config: Config) -> None:
+    """Another node asked over SSH: it is promoting, and our daemon must not re-add the VIP
+    before the new timeline shows (decide: release_request_hold). Written before the release,
+    so no cycle can slip in between; a full disk only loses the hold, never the release."""
+    from repmgr_vip import statefiles
+    from repmgr_vip.daemon import marker_text
+
+    peer = os.environ.get("SSH_CONNECTION", "").split(" ")[0]
+    with contextlib.suppress(OSError):
+        statefiles.write_atomic(statefiles.release_request_marker(config.state_dir),
+                                marker_text(f"release requested over ssh from {peer}"))
 
 
 def cmd_retry_release(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from repmgr_vip import statefiles
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed, VipError
+from repmgr_vip.model import NodeView as NodeView  # re-exported: callers import it here
 from repmgr_vip.repmgrconf import parse_conninfo
 
 T = TypeVar("T")
@@ -74,21 +75,6 @@ class NodeRecord:
         except (VipError, ValueError) as exc:
             return _one_line(exc)
         return ""
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """What one node says about itself right now."""
-
-    node_id: int
-    reachable: bool
-    in_recovery: bool | None = None
-    timeline: int | None = None
-    error: str = ""
-
-    @property
-    def is_primary(self) -> bool:
-        return self.reachable and self.in_recovery is False
 
 
 class QueryTimeout(CommandFailed):

@@ -24,7 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from repmgr_vip import cluster, journal, statefiles
+from repmgr_vip import claim, cluster, ports, statefiles
+from repmgr_vip.adapters import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.config import Config
 from repmgr_vip.decide import (
     CONFLICT,
@@ -168,15 +169,54 @@ class DaemonState:
     last_conflict_fence: float = 0.0
 
 
+class DaemonViews:
+    """The NodeViews port over the daemon's own watchers, local query and node list."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def local(self) -> cluster.NodeView:
+        return self.daemon._local_view()
+
+    def local_surely_down(self) -> bool:
+        return cluster.refuses_connections(self.daemon.config.repmgr.conninfo)
+
+    def refresh(self) -> None:
+        self.daemon._refresh_peers()
+
+    def peers(self) -> tuple[Peer, ...]:
+        d = self.daemon
+        stale_after = max(3 * d.config.daemon.interval, PEER_TIMEOUT + 1)
+        return tuple(Peer(r.node_id, r.node_name, r.node_type,
+                          d.watchers[r.node_id].view(stale_after))
+                     for r in d.records if r.node_id in d.watchers)
+
+    def nodes(self) -> list[cluster.NodeRecord]:
+        return list(self.daemon.records)
+
+
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """The reconcile loop. The ports default to the real host; tests pass fakes
+    (repmgr_vip.testing), and `remote`, `fence_runner`, `prober` go to conflict fencing."""
+
+    def __init__(self, config: Config, *, network: ports.VipAddress | None = None,
+                 views: ports.NodeViews | None = None, clock: ports.Clock | None = None,
+                 files: ports.StateFiles | None = None, lease: ports.Lease | None = None,
+                 remote: ports.RemoteRelease | None = None,
+                 fence_runner: ports.FenceRunner | None = None,
+                 prober: ports.ProberFactory | None = None) -> None:
         self.config = config
-        self.network = VipNetwork(config)
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.network: ports.VipAddress = network if network is not None else VipNetwork(config)
+        self.files: ports.StateFiles = files if files is not None else FileState(config)
+        self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
+                              "prober": prober}
         self.stop_event = threading.Event()
         self.watchers: dict[int, PeerWatcher] = {}
         self.records: list[cluster.NodeRecord] = []
-        self.policy = Policy(isolation_grace=effective_isolation_grace(config))
-        self.state = DaemonState(Memory(majority_seen_at=time.monotonic()))
+        self.policy = Policy(isolation_grace=effective_isolation_grace(config),
+                             release_request_hold=2.5 * config.daemon.interval)
+        self.state = DaemonState(Memory(majority_seen_at=self.clock.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
         self.local_query = SingleFlight(
@@ -184,8 +224,12 @@ class Daemon:
         self.node_list = SingleFlight(
             lambda: cluster.registered_nodes(config, timeout=PEER_TIMEOUT), "node-list")
         # hooks' entries written before this daemon started are history, not news
-        self.journal_offset = journal.read_from(config.state_dir, 0)[1]
-        self.lease = LeaseKeeper(config, self.network, self.metrics)
+        self.journal_offset = self.files.read_journal(0)[1]
+        self.views: ports.NodeViews = views if views is not None else DaemonViews(self)
+        if lease is None:  # the kernel lease of a real address; a fake has none
+            real = self.network if isinstance(self.network, VipNetwork) else None
+            lease = LeaseKeeper(config, real, self.metrics) if real else NoLease()
+        self.lease = lease
 
     # --- snapshot ---------------------------------------------------------------------
 
@@ -223,16 +267,12 @@ class Daemon:
         return view
 
     def snapshot(self) -> Snapshot:
-        now = time.monotonic()
-        local = self._local_view()
+        now = self.clock.monotonic()
+        local = self.views.local()
         if local.reachable:
-            self._refresh_peers()
-        surely_down = (not local.reachable
-                       and cluster.refuses_connections(self.config.repmgr.conninfo))
-        stale_after = max(3 * self.config.daemon.interval, PEER_TIMEOUT + 1)
-        peers = tuple(Peer(r.node_id, r.node_name, r.node_type,
-                           self.watchers[r.node_id].view(stale_after))
-                      for r in self.records if r.node_id in self.watchers)
+            self.views.refresh()
+        surely_down = not local.reachable and self.views.local_surely_down()
+        peers = self.views.peers()
         try:
             state = self.network.interface_state()
         except VipError as exc:  # unreadable `ip` output: act on nothing, look again next cycle
@@ -252,7 +292,8 @@ class Daemon:
             now=now, local_name=self.config.repmgr.node_name, local=local,
             local_surely_down=surely_down, peers=peers,
             holds_vip=holds, interface_up=state.up, foreign_macs=foreign,
-            self_fence_age=marker_age(self_fence_marker(self.config)),
+            self_fence_age=self.files.marker_age(),
+            release_request_age=self.files.release_request_age(),
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
@@ -262,7 +303,7 @@ class Daemon:
         if decision.action is Action.KEEP:
             return
         try:
-            with vip_lock(self.config.lock_path, LOCK_WAIT):
+            with self.files.lock(LOCK_WAIT):
                 self._act_locked(decision, snapshot)
         except LockBusy:
             LOG.info("another repmgr-vip action is running; acting next cycle")
@@ -270,26 +311,24 @@ class Daemon:
     def _act_locked(self, decision: Decision, snapshot: Snapshot) -> None:
         action = decision.action
         if action is Action.RELEASE:
-            if self.network.remove():
+            if claim.release(self.network):
                 LOG.warning("released the VIP: %s", decision.reason)
                 self.metrics.action("release")
                 self._journal("release", decision.reason, outcome="released")
         elif action is Action.ACQUIRE:
-            probe = self.network.probe()
-            if probe.in_use:
+            result = claim.claim(self.network, proof=claim.arp_proof(self.network))
+            if not result.ok:
                 self._journal("refuse", f"not adding the VIP: {decision.reason}",
-                              alarm=CONFLICT, answered_by=list(probe.answered_by))
-                self._conflict(probe.answered_by, f"not adding the VIP: {decision.reason}")
+                              alarm=CONFLICT, answered_by=list(result.answered_by))
+                self._conflict(result.answered_by, f"not adding the VIP: {decision.reason}")
                 return
-            self.network.add()
-            self.network.announce()
-            self.state.last_announce = time.monotonic()
+            self.state.last_announce = self.clock.monotonic()
             LOG.warning("added the VIP: %s", decision.reason)
             self.metrics.action("acquire")
             self._journal("acquire", decision.reason, outcome="held")
         elif action is Action.ANNOUNCE:
             self.network.announce()
-            self.state.last_announce = time.monotonic()
+            self.state.last_announce = self.clock.monotonic()
             self.metrics.action("announce")
         elif action is Action.FENCE_CONFLICT:
             self._conflict(snapshot.foreign_macs or (), decision.reason)
@@ -297,18 +336,19 @@ class Daemon:
     def _conflict(self, macs: tuple[str, ...], reason: str) -> None:
         LOG.error("VIP CONFLICT: %s (answering: %s)", reason, ", ".join(macs) or "?")
         self.metrics.conflict()
-        now = time.monotonic()
-        if now - self.state.last_conflict_fence < CONFLICT_FENCE_EVERY or not self.records:
+        now = self.clock.monotonic()
+        nodes = self.views.nodes()
+        if now - self.state.last_conflict_fence < CONFLICT_FENCE_EVERY or not nodes:
             return
         self.state.last_conflict_fence = now
-        report = fence_others(self.config, self.network, self.records)
+        report = fence_others(self.config, self.network, nodes, **self.fencing_ports)
         LOG.warning("conflict fencing: %s", report.summary())
         self.metrics.action("fence")
 
     # --- loop -------------------------------------------------------------------------
 
     def cycle(self) -> Decision | None:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         try:
             snapshot = self.snapshot()
         except SnapshotFailed:
@@ -316,9 +356,13 @@ class Daemon:
             return None
         decision, memory = decide_cycle(snapshot, self.state.memory, self.policy)
         self.state.memory = memory
+        asked = snapshot.release_request_age
+        if asked is not None and asked >= self.policy.release_request_hold:
+            with contextlib.suppress(OSError):
+                self.files.clear_release_request()
         if snapshot.self_fence_age is not None and not memory.self_fenced:
             with contextlib.suppress(OSError):
-                statefiles.remove(self_fence_marker(self.config))
+                self.files.clear_marker()
                 LOG.info("majority reachable again: self-fence lifted")
         if self.last_decision is None or decision.reason != self.last_decision.reason:
             level = logging.ERROR if decision.alarm else logging.INFO
@@ -339,18 +383,16 @@ class Daemon:
             holds = self.network.holds()
         except VipError:  # unreadable `ip` output: report what the snapshot saw
             holds = snapshot.holds_vip
-        self.metrics.observe(decision, snapshot, holds, time.monotonic() - started)
+        self.metrics.observe(decision, snapshot, holds, self.clock.monotonic() - started)
         self._write_state(decision, holds)
         return decision
 
     def _journal(self, action: str, reason: str, **kw: Any) -> None:
-        journal.record(self.config.state_dir, self.config.repmgr.node_name, "daemon", action,
-                       reason, **kw)
+        self.files.journal(self.config.repmgr.node_name, "daemon", action, reason, **kw)
 
     def _count_hook_alarms(self) -> None:
         """Refusals and conflicts seen by hooks (short-lived processes) show in our metrics."""
-        entries, self.journal_offset = journal.read_from(self.config.state_dir,
-                                                         self.journal_offset)
+        entries, self.journal_offset = self.files.read_journal(self.journal_offset)
         for entry in entries:
             if entry.get("pid") == os.getpid():
                 continue
@@ -364,7 +406,7 @@ class Daemon:
                 "action": decision.action.value, "reason": decision.reason,
                 "alarm": decision.alarm}
         with contextlib.suppress(OSError):  # status only; a full disk must not stop the loop
-            statefiles.write_atomic(state_file(self.config), json.dumps(data))
+            self.files.write_state(json.dumps(data))
 
     def run(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:

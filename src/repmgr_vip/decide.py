@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from repmgr_vip.cluster import NodeView
+from repmgr_vip.model import NodeView
 
 
 class Action(Enum):
@@ -73,13 +73,20 @@ def legitimacy(local_name: str, local: NodeView, peers: Sequence[Peer]) -> Decis
                     f"no other primary among {len(peers)} peer(s)")
 
 
-def after_fencing(answered_by: tuple[str, ...], policy: str, *, fence_ran: bool,
+def after_fencing(answered_by: tuple[str, ...] | None, policy: str, *, fence_ran: bool,
                   all_confirmed: bool = False) -> Decision:
     """Before a promotion: go ahead only when nobody else answers for the VIP.
 
     When every registered node confirmed its release, whoever answers is outside the cluster
     (a stray device, a spoofer): no node is fenced for it, and the promotion still waits.
+    answered_by None: no probe has finished yet; only confirmations from every node let the
+    promotion start then, and the VIP waits for the probe.
     """
+    if answered_by is None:
+        if all_confirmed:
+            return Decision(Action.ACQUIRE, "every registered node confirmed its release; "
+                            "the VIP is added once an ARP probe shows it free")
+        answered_by = ("unknown (no probe result)",)
     if not answered_by:
         return Decision(Action.ACQUIRE, "VIP is free (no ARP answer)")
     holders = ", ".join(answered_by)
@@ -113,6 +120,7 @@ class Snapshot:
     foreign_macs: tuple[str, ...] | None  # other hosts answering for the VIP; None: not probed
     self_fence_age: float | None  # seconds since child_nodes_disconnect_command fenced us
     reannounce_due: bool
+    release_request_age: float | None = None  # since a promoting peer asked us to release
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,10 @@ class Policy:
     local_failures_to_release: int = 2
     # repmgr saw the standbys go: trust that over our own (possibly older) view for a while
     self_fence_hold: float = 5.0
+    # a promoting peer asked us to release: its promotion takes a moment to show a newer
+    # timeline, and re-adding meanwhile would put the VIP on two nodes; short, because a
+    # promotion that never shows must not leave a legitimate primary without the VIP for long
+    release_request_hold: float = 2.5
 
 
 def _majority(snapshot: Snapshot) -> tuple[bool, str]:
@@ -202,6 +214,12 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     why = f"primary on timeline {timeline}, {counted}"
     if self_fenced:
         return _drop(snapshot, f"self-fenced after losing the standbys; {counted}"), memory
+    asked = snapshot.release_request_age
+    if asked is not None and asked < policy.release_request_hold and not snapshot.holds_vip:
+        # only acquiring waits: a VIP this node's own promote hook added since is kept
+        return Decision(Action.KEEP, f"not acquiring: a promoting node asked this one to release "
+                        f"the VIP {asked:.1f} s ago; waiting up to "
+                        f"{policy.release_request_hold:g} s for its new timeline"), memory
     if has_majority:
         return _hold_or_acquire(snapshot, why), memory
     isolated_for = snapshot.now - memory.majority_seen_at

@@ -17,15 +17,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from repmgr_vip.adapters import SYSTEM_CLOCK
 from repmgr_vip.cluster import NodeRecord
 from repmgr_vip.config import Config
 from repmgr_vip.errors import VipError
 from repmgr_vip.lease import await_expiry, lease_seconds, wait_budget
 from repmgr_vip.log import LOG
-from repmgr_vip.network import VipNetwork
+from repmgr_vip.ports import Clock, FenceRunner, ProberFactory, RemoteRelease, VipAddress
+from repmgr_vip.ports import Prober as ProberPort
+from repmgr_vip.ports import ReleaseSession as RemoteSession
 from repmgr_vip.process import first_line, run
-from repmgr_vip.remote import RemoteSession, remote_vip_command, start_remote
+from repmgr_vip.remote import remote_vip_command, start_remote
 
 IN_USE_RETRY = 0.05
 
@@ -98,7 +102,7 @@ def _run_fence_command(config: Config, node: NodeRecord) -> bool:
 class Prober(threading.Thread):
     """Probes ARP for the VIP again and again in the background, keeping every result."""
 
-    def __init__(self, network: VipNetwork) -> None:
+    def __init__(self, network: VipAddress) -> None:
         super().__init__(daemon=True, name="arp-prober")
         self.network = network
         self.stopped = threading.Event()
@@ -148,21 +152,42 @@ class Prober(threading.Thread):
         self.stopped.set()
 
 
-class Fencing:
-    """A fencing round: remote releases over SSH racing an ARP prober."""
+class SshRelease:
+    """The real RemoteRelease: `repmgr-vip release` on the node, over ssh, in the background."""
 
-    def __init__(self, config: Config, network: VipNetwork, nodes: Sequence[NodeRecord]) -> None:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def start_release(self, node: NodeRecord) -> RemoteSession:
+        argv = remote_vip_command(self.config, node.node_name, node.node_id, "release")
+        return start_remote(self.config, node.host, argv)
+
+
+class Fencing:
+    """A fencing round: remote releases over SSH racing an ARP prober.
+
+    The ports default to the real ssh, fence_command, clock and prober thread.
+    """
+
+    def __init__(self, config: Config, network: VipAddress, nodes: Sequence[NodeRecord], *,
+                 remote: RemoteRelease | None = None, clock: Clock | None = None,
+                 fence_runner: FenceRunner | None = None,
+                 prober: ProberFactory | None = None) -> None:
         self.config = config
         self.network = network
         self.nodes = list(nodes)
-        self.started = time.monotonic()
+        self.remote = remote if remote is not None else SshRelease(config)
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.fence_runner = fence_runner or (lambda node: _run_fence_command(config, node))
+        self.proof_pending = False  # wait() returned on confirmations before any probe ended
+        self.started = self.clock.monotonic()
         self.report = FenceReport()
         self.confirmed_at: float | None = None
         self.last_finished = self.started  # when the latest SSH session ended
         self.sessions: dict[str, RemoteSession] = {}
         self.asked: set[str] = set()
         self.expect(self.nodes)
-        self.prober = Prober(network)
+        self.prober: ProberPort = prober(network) if prober is not None else Prober(network)
         self.prober.start()
 
     def expect(self, nodes: Sequence[NodeRecord]) -> None:
@@ -178,8 +203,7 @@ class Fencing:
             if not node.host:
                 self.report.failed.append(node.node_name)
                 continue
-            argv = remote_vip_command(self.config, node.node_name, node.node_id, "release")
-            self.sessions[node.node_name] = start_remote(self.config, node.host, argv)
+            self.sessions[node.node_name] = self.remote.start_release(node)
 
     def _collect(self) -> None:
         for name, session in list(self.sessions.items()):
@@ -187,7 +211,7 @@ class Fencing:
                 continue
             result = session.result()
             del self.sessions[name]
-            self.last_finished = time.monotonic()
+            self.last_finished = self.clock.monotonic()
             if result.ok:
                 self.report.released.append(name)
                 LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
@@ -196,7 +220,7 @@ class Fencing:
                 LOG.warning("node %s: remote release failed (exit %d): %s", name,
                             result.returncode, _last_line(result.stdout))
         if self.all_confirmed and self.confirmed_at is None:
-            self.confirmed_at = time.monotonic()
+            self.confirmed_at = self.clock.monotonic()
 
     @property
     def all_confirmed(self) -> bool:
@@ -227,30 +251,31 @@ class Fencing:
                 # judge by a probe that saw the segment after the last release took effect
                 answered = self._proof(self.last_finished)
                 break
-            if time.monotonic() >= deadline:
+            if self.clock.monotonic() >= deadline:
                 for name, session in self.sessions.items():
                     session.kill()
                     self.report.failed.append(name)
                     LOG.warning("node %s: no answer over SSH within %d s", name,
                                 self.config.fencing.ssh_command_timeout)
                 self.sessions.clear()
-                answered = self._proof(time.monotonic())
+                answered = self._proof(self.clock.monotonic())
                 break
-            time.sleep(0.02)
+            self.clock.sleep(0.02)
+        self.proof_pending = answered is None
         self.report.answered_by = answered or ()
         # only a node that did not confirm its release can be the one answering: a node that
         # confirmed is never fenced, whoever else (a stray host, a spoofer) answers for the VIP
         suspects = [n for n in self.nodes if n.node_name not in self.report.released]
         if answered and suspects and self.config.fencing.fence_command:
             for node in suspects:
-                if _run_fence_command(self.config, node):
+                if self.fence_runner(node):
                     self.report.fenced.append(node.node_name)
-            fenced_at = time.monotonic()
+            fenced_at = self.clock.monotonic()
             self.report.answered_by = self._proof(fenced_at)
         if lease_wait and self.report.answered_by and not (
                 confirmations_suffice and self.all_confirmed):
             self.report.answered_by = self._await_lease(self.report.answered_by)
-        self.report.seconds = time.monotonic() - self.started
+        self.report.seconds = self.clock.monotonic() - self.started
         return self.report
 
     def _await_lease(self, answered: tuple[str, ...]) -> tuple[str, ...]:
@@ -263,10 +288,11 @@ class Fencing:
         deadline = self.started + wait_budget(self.config)
         LOG.warning("VIP still answers from %s and %s neither released nor was fenced: "
                     "waiting up to %.1f s more for its %d s lease to expire",
-                    ", ".join(answered), ",".join(silent), deadline - time.monotonic(),
+                    ", ".join(answered), ",".join(silent), deadline - self.clock.monotonic(),
                     lease_seconds(self.config))
         window = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
-        return await_expiry(self.prober.result_since, answered, deadline, window)
+        return await_expiry(self.prober.result_since, answered, deadline, window,
+                            self.clock.monotonic)
 
     def _proof(self, since: float) -> tuple[str, ...]:
         timeout = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
@@ -283,9 +309,12 @@ class Fencing:
         self.prober.stop()
 
 
-def fence_others(config: Config, network: VipNetwork, nodes: Sequence[NodeRecord]) -> FenceReport:
-    """Fences and waits for proof: ARP silence, or fence_command followed by ARP silence."""
-    fencing = Fencing(config, network, nodes)
+def fence_others(config: Config, network: VipAddress, nodes: Sequence[NodeRecord],
+                 **ports: Any) -> FenceReport:
+    """Fences and waits for proof: ARP silence, or fence_command followed by ARP silence.
+
+    `ports` go to Fencing (remote, clock, fence_runner, prober)."""
+    fencing = Fencing(config, network, nodes, **ports)
     try:
         return fencing.wait()
     finally:

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from repmgr_vip import cluster, journal, repmgr
+from repmgr_vip import claim, cluster, journal, repmgr
 from repmgr_vip.config import Config
-from repmgr_vip.decide import Action, Peer, after_fencing, legitimacy
+from repmgr_vip.decide import CONFLICT, Action, Peer, after_fencing, legitimacy
 from repmgr_vip.errors import ExitCode, VipError
 from repmgr_vip.fencing import Fencing, fence_others
 from repmgr_vip.lease import unrenewed_warning
@@ -53,9 +53,8 @@ def fence_and_acquire(config: Config, network: VipNetwork,
         _journal(config, source, "refuse", decision.reason, alarm=decision.alarm,
                  answered_by=list(report.answered_by), unconfirmed=report.unconfirmed)
         return f"VIP not taken: {decision.reason}"
-    added = network.add()
-    network.announce()
-    LOG.info("VIP %s %s and announced", config.vip.cidr, "added" if added else "already held")
+    result = claim.claim(network)  # proven free by the fencing round just above
+    LOG.info("VIP %s %s and announced", config.vip.cidr, result.outcome)
     _journal(config, source, "acquire", decision.reason, outcome="held",
              unconfirmed=report.unconfirmed)
     start_retrier(config, timeline, report.unconfirmed)
@@ -130,14 +129,9 @@ def promote(config: Config) -> int:
 
 
 def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> int:
-    report = fencing.wait(confirmations_suffice=True, lease_wait=True)
-    if report.answered_by and fencing.all_confirmed:
-        # every node said it released the VIP and something still answered: judge by a probe
-        # taken after the last confirmation, before promoting (a promotion cannot be undone)
-        report.answered_by = fencing.proven_free()
+    verdict = claim.promotion_verdict(fencing, config.fencing.when_vip_not_free)
+    report, decision = verdict.report, verdict.decision
     LOG.info("promote: fencing: %s", report.summary())
-    decision = after_fencing(report.answered_by, config.fencing.when_vip_not_free,
-                             fence_ran=bool(report.fenced), all_confirmed=fencing.all_confirmed)
     _journal(config, "promote", decision.action.value, decision.reason, alarm=decision.alarm,
              answered_by=list(report.answered_by), released=report.released,
              unconfirmed=report.unconfirmed, fenced=report.fenced)
@@ -146,7 +140,7 @@ def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> in
         return ExitCode.REFUSED
     run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
     want_vip = decision.action is Action.ACQUIRE
-    outcome = _add_vip_once_promoted(config, network, run) if want_vip else None
+    outcome = _add_vip_once_promoted(config, network, run, verdict.proof) if want_vip else None
     status = run.finish()
     if status != 0:
         if outcome:
@@ -159,7 +153,7 @@ def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> in
     if not want_vip:
         LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
     elif outcome is None:  # repmgr returned before we saw the promotion
-        outcome = _add_vip(config, network)
+        outcome = _add_vip(config, network, verdict.proof)
     if outcome:
         local = cluster.local_view(config, timeout=2.0)
         _journal(config, "promote", "acquire", "promoted; VIP added", outcome="held",
@@ -182,19 +176,25 @@ def _request_checkpoint(config: Config) -> None:
                     "`repmgr node rejoin --force-rewind`", exc)
 
 
-def _add_vip(config: Config, network: VipNetwork) -> bool:
+def _add_vip(config: Config, network: VipNetwork, proof: claim.Proof | None) -> bool:
+    """proof: still owed when every node confirmed before any probe ended (see claim)."""
     try:
-        network.add()
-        network.announce()
+        result = claim.claim(network, proof=proof)
     except VipError as exc:
         LOG.error("promote: promoted, but the VIP step failed: %s", exc)
+        return False
+    if not result.ok:
+        why = f"promoted, but the VIP answers from {', '.join(result.answered_by)}; not added"
+        LOG.error("promote: %s", why)
+        _journal(config, "promote", "refuse", why, alarm=CONFLICT,
+                 answered_by=list(result.answered_by))
         return False
     LOG.info("promote: VIP %s added and announced", config.vip.cidr)
     return True
 
 
-def _add_vip_once_promoted(config: Config, network: VipNetwork,
-                           run: repmgr.RepmgrRun) -> bool | None:
+def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun,
+                           proof: claim.Proof | None) -> bool | None:
     """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling returns.
 
     `repmgr standby promote` checks for the promotion once per promote_check_interval (1 s);
@@ -204,7 +204,7 @@ def _add_vip_once_promoted(config: Config, network: VipNetwork,
     while run.process.poll() is None:
         if cluster.local_view(config, timeout=1.0).is_primary:
             LOG.info("promote: PostgreSQL left recovery")
-            return _add_vip(config, network)
+            return _add_vip(config, network, proof)
         time.sleep(PROMOTION_POLL)
     return None
 

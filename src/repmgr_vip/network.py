@@ -22,6 +22,8 @@ from pathlib import Path
 from repmgr_vip import arp, statefiles
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
+from repmgr_vip.model import InterfaceState as InterfaceState  # re-exported
+from repmgr_vip.model import ProbeResult as ProbeResult  # re-exported
 from repmgr_vip.privileges import effective_mode, privileged
 from repmgr_vip.process import alive, describe, first_line, popen_text, run
 
@@ -29,29 +31,6 @@ _SENT = re.compile(r"Sent (\d+) probe")
 _REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
 QUERY_TIMEOUT = 5.0
 CHANGE_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """What an RFC 5227 ARP probe for the VIP saw: the MACs of other hosts that answered."""
-
-    answered_by: tuple[str, ...]
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.answered_by)
-
-
-@dataclass(frozen=True)
-class InterfaceState:
-    exists: bool
-    up: bool
-    mac: str
-    addresses: tuple[str, ...]  # "a.b.c.d/len"
-
-    def address_as(self, ip: str) -> str | None:
-        """`ip` as configured here ("ip/len"), or None; an exact match, never a substring."""
-        return next((a for a in self.addresses if a.split("/", 1)[0] == ip), None)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def install_sighup() -> threading.Event:
 def reload_daemon(daemon: Daemon) -> bool:
     """Re-reads the file and puts the result into the running daemon; False if nothing changed."""
     from repmgr_vip.daemon import effective_isolation_grace
-    from repmgr_vip.network import PrivilegedCommands
+    from repmgr_vip.network import PrivilegedCommands, VipNetwork
     from repmgr_vip.privileges import effective_mode
 
     old = daemon.config
@@ -91,9 +91,10 @@ def reload_daemon(daemon: Daemon) -> bool:
         return False
     setup_logging_for(new)
     daemon.config = new
-    daemon.network.config = new
-    daemon.network.commands = PrivilegedCommands.from_config(new)
-    daemon.network.mode = effective_mode(new.privilege_mode)
+    if isinstance(daemon.network, VipNetwork):  # an injected port (a fake) has no commands
+        daemon.network.config = new
+        daemon.network.commands = PrivilegedCommands.from_config(new)
+        daemon.network.mode = effective_mode(new.privilege_mode)
     daemon.policy = dataclasses.replace(daemon.policy,
                                         isolation_grace=effective_isolation_grace(new))
     for watcher in daemon.watchers.values():

@@ -23,6 +23,7 @@ NODES_CACHE = "repmgr-vip-nodes.json"
 ANNOUNCER_PID = "repmgr-vip-announce.pid"
 LOG = "repmgr-vip.log"
 JOURNAL = "repmgr-vip-journal.jsonl"
+RELEASE_REQUEST = "repmgr-vip-release-requested"
 
 FILE_MODE = 0o644
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -46,6 +47,10 @@ def nodes_cache(state_dir: Path) -> Path:
 
 def announcer_pid_file(state_dir: Path) -> Path:
     return state_dir / ANNOUNCER_PID
+
+
+def release_request_marker(state_dir: Path) -> Path:
+    return state_dir / RELEASE_REQUEST
 
 
 def journal_file(state_dir: Path) -> Path:

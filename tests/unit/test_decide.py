@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hypothesis import given, settings
@@ -263,3 +264,16 @@ def test_random_clusters_never_get_two_holders(world: list[Any]) -> None:
         for a in range(nodes):  # after every node has run its cycle once
             for b in range(a):
                 assert not (holding[a] and holding[b] and reach[a][b]), (roles, reach)
+
+
+def test_a_release_requested_by_a_promoting_peer_holds_acquisition_off_briefly() -> None:
+    """Fencing released us over SSH: the promoting node's new timeline takes a moment to show,
+    and re-adding meanwhile would put the VIP on two nodes (the model's re-acquire race)."""
+    def asked(age: float, holds: bool) -> Action:
+        s = dataclasses.replace(snap(primary(1, 1), standby(2, 1), standby(3, 1), holds=holds),
+                                release_request_age=age)
+        return decide_cycle(s, FRESH, POLICY)[0].action
+
+    assert asked(1.0, holds=False) is Action.KEEP  # not re-added while the promotion shows
+    assert asked(1.0, holds=True) is Action.KEEP  # a VIP our own promote hook added is kept
+    assert asked(POLICY.release_request_hold + 0.1, holds=False) is Action.ACQUIRE

@@ -1,0 +1,456 @@
+"""In-memory fakes for every port: a whole cluster and its L2 segment, no root, no network.
+
+Like httpx's MockTransport, these ship with the package so that the real `Daemon` and
+`Fencing` can run against a simulated world, in tests and in a model of the cluster
+(tests/unit/test_model.py)::
+
+    clock = FakeClock()
+    world = FakeCluster(["pg1", "pg2", "pg3"], clock)
+    world.promote("pg1", timeline=1); world.hosts["pg1"].vip = True
+    configs = write_configs(tmp_path, world.names)
+    daemons = {n: world.daemon(n, configs[n]) for n in world.names}
+    world.cut("pg1", "pg2")            # pg1 -> pg2 only; cut(..., both=True) for both ways
+    world.freeze("pg1")                # ARP still answers, SSH and SQL do not
+    clock.sleep(1.0)                   # every hook in clock.hooks runs (daemon cycles)
+
+What the world models: nodes with a role and a timeline; links cut one way or both (a link
+carries ARP, SSH and SQL alike: each needs both directions); frozen hosts (the kernel answers
+ARP for an address it holds, user space does nothing); hosts powered off by fence_command;
+foreign MACs answering for the VIP; fence_command that succeeds, fails or hangs; a full state
+directory (writes fail, removals work). Peer views are the truth of the moment: the real
+daemon's watchers may lag a period behind.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from repmgr_vip.cluster import NodeRecord
+from repmgr_vip.config import Config, load_config
+from repmgr_vip.decide import Peer
+from repmgr_vip.lock import LockBusy
+from repmgr_vip.model import InterfaceState, NodeView, ProbeResult
+from repmgr_vip.ports import VipAddress
+
+if TYPE_CHECKING:
+    from repmgr_vip.daemon import Daemon
+    from repmgr_vip.fencing import Fencing
+
+SSH_LATENCY = 0.05  # a release over ssh on a healthy host
+ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
+TICK = 0.25  # FakeClock.sleep advances at most this much between runs of its hooks
+
+
+class FakeClock:
+    """Monotonic time that moves only when someone sleeps; `hooks` run as it moves.
+
+    The hooks are how other actors (every node's daemon) keep running while one actor
+    (a hook's fencing round) waits.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.hooks: list[Callable[[], None]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        target = self.now + max(0.0, seconds)
+        while self.now < target:
+            self.now = min(target, self.now + TICK)
+            for hook in list(self.hooks):
+                hook()
+
+
+@dataclass
+class Host:
+    name: str
+    node_id: int
+    mac: str
+    role: str = "standby"  # primary | standby (of the cluster's data)
+    timeline: int = 1
+    running: bool = True  # PostgreSQL
+    frozen: bool = False  # user space stopped: ARP answers, SSH and SQL do not
+    off: bool = False  # powered off by fence_command
+    vip: bool = False  # the VIP is on its interface
+    interface_up: bool = True
+    disk_full: bool = False
+    node_type: str = "standby"  # as registered in repmgr.nodes
+    lock_holder: str = ""
+    marker_at: float | None = None  # fence-self marker, fake monotonic time
+    release_request_at: float | None = None  # a peer's release over ssh, fake monotonic time
+    added_at: float = -1.0  # last time this host added the VIP
+    confirmed_to: dict[str, float] = field(default_factory=dict)  # fencer -> time
+    journal: list[Mapping[str, Any]] = field(default_factory=list)
+    state_text: str = ""
+
+    @property
+    def user_space(self) -> bool:
+        """Its processes run: it answers SSH and SQL (if PostgreSQL runs) and its daemon acts."""
+        return not self.off and not self.frozen
+
+
+class FakeCluster:
+    """The hosts, the links between them and the outside world (foreign MACs, IPMI)."""
+
+    def __init__(self, names: Sequence[str], clock: FakeClock) -> None:
+        self.clock = clock
+        self.names = list(names)
+        self.hosts = {n: Host(n, i + 1, f"02:00:00:00:00:{i + 1:02x}")
+                      for i, n in enumerate(names)}
+        self.blocked: set[tuple[str, str]] = set()  # (a, b): a's packets do not reach b
+        self.foreign: set[str] = set()  # MACs outside the cluster answering for the VIP
+        self.fence_mode = "ok"  # ok | fail | hang
+        self.fence_timeout = 30.0
+        self.ssh_connect_timeout = 3.0
+        self.violations: list[str] = []  # broken rules seen by the fakes themselves
+        self.fenced: list[str] = []
+        self.round_started: dict[str, float] = {}  # fencer -> its latest round's start
+
+    # --- the segment --------------------------------------------------------------------
+
+    def cut(self, a: str, b: str, *, both: bool = False) -> None:
+        self.blocked.add((a, b))
+        if both:
+            self.blocked.add((b, a))
+
+    def partition(self, group: Sequence[str]) -> None:
+        """Cuts every link between `group` and the other hosts, both ways."""
+        for a in group:
+            for b in self.names:
+                if b not in group:
+                    self.cut(a, b, both=True)
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def talks(self, a: str, b: str) -> bool:
+        """Packets go both ways between a and b (what ARP, SSH and SQL all need)."""
+        return a == b or ((a, b) not in self.blocked and (b, a) not in self.blocked)
+
+    def arp_answers(self, asker: str) -> tuple[str, ...]:
+        """Who answers `asker`'s ARP probe for the VIP: a kernel answers even when frozen."""
+        macs = [h.mac for h in self.hosts.values()
+                if h.name != asker and h.vip and h.interface_up and not h.off
+                and self.talks(asker, h.name)]
+        return tuple(sorted(macs) + sorted(self.foreign))
+
+    # --- hosts --------------------------------------------------------------------------
+
+    def freeze(self, name: str) -> None:
+        self.hosts[name].frozen = True
+
+    def resume(self, name: str) -> None:
+        self.hosts[name].frozen = False
+
+    def promote(self, name: str, timeline: int | None = None) -> int:
+        """repmgr promoted `name`: primary on a new timeline (or the one given)."""
+        host = self.hosts[name]
+        host.role, host.node_type = "primary", "primary"
+        host.timeline = timeline if timeline is not None else self.max_timeline() + 1
+        return host.timeline
+
+    def max_timeline(self) -> int:
+        return max(h.timeline for h in self.hosts.values())
+
+    def sql(self, asker: str, target: str) -> NodeView:
+        host = self.hosts[target]
+        if not self.talks(asker, target) or host.off:
+            return NodeView(host.node_id, False, error="timeout expired")
+        if host.frozen:
+            return NodeView(host.node_id, False, error="no answer (frozen)")
+        if not host.running:
+            return NodeView(host.node_id, False, error="connection refused")
+        return NodeView(host.node_id, True, host.role == "standby", host.timeline)
+
+    def records(self, but: str = "") -> list[NodeRecord]:
+        return [NodeRecord(h.node_id, h.name, h.node_type, True, f"host={h.name} user=repmgr", 0)
+                for h in self.hosts.values() if h.name != but]
+
+    # --- ssh and IPMI -------------------------------------------------------------------
+
+    def fence_runner(self, fencer: str) -> Callable[[NodeRecord], bool]:
+        """fence_command as run by `fencer`: powers the node off, fails, or hangs."""
+
+        def run(node: NodeRecord) -> bool:
+            host = self.hosts[node.node_name]
+            confirmed = host.confirmed_to.get(fencer)
+            if (confirmed is not None and confirmed > host.added_at
+                    and confirmed > self.round_started.get(fencer, 0.0)):  # ssh takes time
+                self.violations.append(f"{fencer} fenced {host.name}, which had confirmed its "
+                                       f"release in this round at {confirmed:.2f}")
+            if self.fence_mode == "hang":
+                self.clock.sleep(self.fence_timeout)
+                return False
+            if self.fence_mode == "fail":
+                return False
+            host.off, host.running, host.vip = True, False, False
+            self.fenced.append(host.name)
+            return True
+
+        return run
+
+    # --- ports for one node -------------------------------------------------------------
+
+    def address(self, name: str, config: Config) -> FakeAddress:
+        return FakeAddress(self, name, config.vip.cidr)
+
+    def prober(self, address: VipAddress) -> FakeProber:
+        return FakeProber(address, self.clock)
+
+    def daemon(self, name: str, config: Config) -> Daemon:
+        """The real Daemon of one node, wired to this world."""
+        from repmgr_vip.daemon import Daemon
+
+        return Daemon(config, network=self.address(name, config), views=FakeViews(self, name),
+                      clock=self.clock, files=FakeFiles(self, name),
+                      remote=FakeRemote(self, name), fence_runner=self.fence_runner(name),
+                      prober=self.prober)
+
+    def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
+        """A real fencing round started by `name` (as promote starts it)."""
+        from repmgr_vip.fencing import Fencing
+
+        return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
+                       clock=self.clock, fence_runner=self.fence_runner(name),
+                       prober=self.prober)
+
+
+class FakeAddress:
+    """The VipAddress port on one host of a FakeCluster."""
+
+    mode = "fake"
+
+    def __init__(self, world: FakeCluster, name: str, cidr: str) -> None:
+        self.world = world
+        self.host = world.hosts[name]
+        self.cidr = cidr
+
+    def interface_state(self) -> InterfaceState:
+        h = self.host
+        return InterfaceState(True, h.interface_up, h.mac, (self.cidr,) if h.vip else ())
+
+    def holds(self) -> bool:
+        return self.host.vip
+
+    def add(self) -> bool:
+        if self.host.vip:
+            return False
+        if self.world.foreign:  # README rule 2: a host outside the cluster holds it
+            self.world.violations.append(f"{self.host.name} added the VIP while "
+                                         f"{', '.join(sorted(self.world.foreign))} answers for it")
+        self.host.vip = True
+        self.host.added_at = self.world.clock.now
+        return True
+
+    def remove(self) -> bool:
+        held, self.host.vip = self.host.vip, False
+        return held
+
+    def announce(self) -> None:
+        pass
+
+    def probe(self) -> ProbeResult:
+        return ProbeResult(self.world.arp_answers(self.host.name))
+
+
+class FakeProber:
+    """The Prober port without a thread: probes on demand, on the fake clock.
+
+    An answer comes at once; silence takes ARP_SILENCE, so right after a round starts the
+    proof is still pending (latest() is None), as with the real arping.
+    """
+
+    def __init__(self, address: VipAddress, clock: FakeClock) -> None:
+        self.address = address
+        self.clock = clock
+        self.started = clock.now
+
+    def start(self) -> None:
+        self.started = self.clock.now
+
+    def stop(self) -> None:
+        pass
+
+    def latest(self) -> tuple[str, ...] | None:
+        answered = self.address.probe().answered_by
+        if answered or self.clock.now >= self.started + ARP_SILENCE:
+            return answered
+        return None
+
+    def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
+        answered = self.address.probe().answered_by
+        if answered and self.clock.now >= since:
+            return answered
+        end = max(since, self.started + ARP_SILENCE)
+        if self.clock.now < end:
+            self.clock.sleep(end - self.clock.now)
+        return self.address.probe().answered_by
+
+
+@dataclass
+class FakeResult:
+    returncode: int
+    stdout: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class FakeSession:
+    """`repmgr-vip release` over ssh from one host to another, on the fake clock."""
+
+    def __init__(self, world: FakeCluster, origin: str, target: str) -> None:
+        self.world = world
+        self.origin = origin
+        self.target = world.hosts.get(target)
+        self.started = world.clock.now
+        self.outcome: FakeResult | None = None
+
+    def finished(self) -> bool:
+        if self.outcome is not None:
+            return True
+        now, host = self.world.clock.now, self.target
+        if host is None:
+            self.outcome = FakeResult(255, "ssh: Could not resolve hostname")
+        elif host.off or not self.world.talks(self.origin, host.name):
+            if now >= self.started + self.world.ssh_connect_timeout:
+                self.outcome = FakeResult(255, "ssh: connect to host: Connection timed out")
+        elif host.frozen or now < self.started + SSH_LATENCY:
+            return False  # a frozen host accepted the TCP connection and says nothing
+        else:
+            was = host.vip
+            host.vip = False
+            host.release_request_at = now  # as `repmgr-vip release` over ssh does
+            host.confirmed_to[self.origin] = now
+            self.outcome = FakeResult(0, "released" if was else "not held")
+        return self.outcome is not None
+
+    def result(self) -> FakeResult:
+        if not self.finished() or self.outcome is None:
+            return FakeResult(-1, "killed")
+        return self.outcome
+
+    def kill(self) -> None:
+        if self.outcome is None:
+            self.outcome = FakeResult(-1, "killed")
+
+
+class FakeRemote:
+    def __init__(self, world: FakeCluster, origin: str) -> None:
+        self.world = world
+        self.origin = origin
+
+    def start_release(self, node: NodeRecord) -> FakeSession:
+        # a round asks every node at once (Fencing.expect), so its start is the latest ask
+        self.world.round_started[self.origin] = self.world.clock.now
+        return FakeSession(self.world, self.origin, node.host)
+
+
+class FakeViews:
+    """The NodeViews port: each node's own answer, through the links of the moment."""
+
+    def __init__(self, world: FakeCluster, name: str) -> None:
+        self.world = world
+        self.name = name
+
+    def local(self) -> NodeView:
+        return self.world.sql(self.name, self.name)
+
+    def local_surely_down(self) -> bool:
+        return not self.world.hosts[self.name].running
+
+    def refresh(self) -> None:
+        pass
+
+    def peers(self) -> tuple[Peer, ...]:
+        return tuple(Peer(r.node_id, r.node_name, r.node_type,
+                          self.world.sql(self.name, r.node_name))
+                     for r in self.world.records(but=self.name))
+
+    def nodes(self) -> list[NodeRecord]:
+        return self.world.records(but=self.name)
+
+
+class FakeFiles:
+    """The StateFiles port: the node's lock, state file, marker and journal, in memory."""
+
+    def __init__(self, world: FakeCluster, name: str) -> None:
+        self.world = world
+        self.host = world.hosts[name]
+
+    def lock(self, timeout: float) -> AbstractContextManager[None]:
+        return self.hold("daemon")
+
+    @contextmanager
+    def hold(self, who: str) -> Iterator[None]:
+        """The node's VIP lock; busy raises at once (the fake clock does not wait)."""
+        if self.host.lock_holder:
+            raise LockBusy(f"lock held by {self.host.lock_holder}")
+        self.host.lock_holder = who
+        try:
+            yield
+        finally:
+            self.host.lock_holder = ""
+
+    def write_state(self, text: str) -> None:
+        if self.host.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.host.state_text = text
+
+    def marker_age(self) -> float | None:
+        at = self.host.marker_at
+        return None if at is None else self.world.clock.now - at
+
+    def clear_marker(self) -> None:
+        self.host.marker_at = None
+
+    def release_request_age(self) -> float | None:
+        at = self.host.release_request_at
+        return None if at is None else self.world.clock.now - at
+
+    def clear_release_request(self) -> None:
+        self.host.release_request_at = None
+
+    def journal(self, node: str, source: str, action: str, reason: str, **kw: Any) -> None:
+        if not self.host.disk_full:
+            self.host.journal.append({"time": self.world.clock.now, "node": node,
+                                      "source": source, "action": action, "reason": reason,
+                                      **kw})
+
+    def read_journal(self, offset: int) -> tuple[list[Mapping[str, Any]], int]:
+        return list(self.host.journal[offset:]), len(self.host.journal)
+
+
+REPMGR_CONF = """\
+node_id={node_id}
+node_name='{name}'
+conninfo='host={name} user=repmgr dbname=repmgr connect_timeout=2'
+data_directory='{datadir}'
+reconnect_attempts=2
+reconnect_interval=2
+"""
+
+
+def write_configs(directory: Path, names: Sequence[str], extra: str = "") -> dict[str, Config]:
+    """One repmgr.conf and repmgr-vip.toml per node under `directory`, loaded."""
+    configs = {}
+    for i, name in enumerate(names):
+        base = directory / name
+        (base / "data").mkdir(parents=True, exist_ok=True)
+        (base / "repmgr.conf").write_text(REPMGR_CONF.format(node_id=i + 1, name=name,
+                                                             datadir=base / "data"))
+        (base / "repmgr-vip.toml").write_text(
+            f'repmgr_config = "{base / "repmgr.conf"}"\nstate_dir = "{base}"\n'
+            '[vip]\naddress = "192.0.2.115/24"\ninterface = "lo"\n'
+            '[fencing]\nfence_command = "/bin/false {node_name}"\n'
+            '[daemon]\ninterval = 1.0\nmetrics_port = 0\n' + extra)
+        configs[name] = load_config(base / "repmgr-vip.toml", check_host=False)
+    return configs
