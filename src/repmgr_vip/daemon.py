@@ -302,13 +302,20 @@ class Daemon:
     def act(self, decision: Decision, snapshot: Snapshot) -> None:
         if decision.action is Action.KEEP:
             return
+        conflict: tuple[tuple[str, ...], str] | None = None
         try:
             with self.files.lock(LOCK_WAIT):
-                self._act_locked(decision, snapshot)
+                conflict = self._act_locked(decision, snapshot)
         except LockBusy:
             LOG.info("another repmgr-vip action is running; acting next cycle")
+        if conflict is not None:
+            # outside the lock: the other holder's daemon may be asking us the same thing at
+            # this very moment, and its release over SSH needs our lock
+            self._conflict(*conflict)
 
-    def _act_locked(self, decision: Decision, snapshot: Snapshot) -> None:
+    def _act_locked(self, decision: Decision,
+                    snapshot: Snapshot) -> tuple[tuple[str, ...], str] | None:
+        """Acts on the local VIP; returns a conflict to fence once the lock is released."""
         action = decision.action
         if action is Action.RELEASE:
             if claim.release(self.network):
@@ -320,8 +327,7 @@ class Daemon:
             if not result.ok:
                 self._journal("refuse", f"not adding the VIP: {decision.reason}",
                               alarm=CONFLICT, answered_by=list(result.answered_by))
-                self._conflict(result.answered_by, f"not adding the VIP: {decision.reason}")
-                return
+                return result.answered_by, f"not adding the VIP: {decision.reason}"
             self.state.last_announce = self.clock.monotonic()
             LOG.warning("added the VIP: %s", decision.reason)
             self.metrics.action("acquire")
@@ -331,7 +337,8 @@ class Daemon:
             self.state.last_announce = self.clock.monotonic()
             self.metrics.action("announce")
         elif action is Action.FENCE_CONFLICT:
-            self._conflict(snapshot.foreign_macs or (), decision.reason)
+            return snapshot.foreign_macs or (), decision.reason
+        return None
 
     def _conflict(self, macs: tuple[str, ...], reason: str) -> None:
         LOG.error("VIP CONFLICT: %s (answering: %s)", reason, ", ".join(macs) or "?")

@@ -141,6 +141,8 @@ def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> in
     run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
     want_vip = decision.action is Action.ACQUIRE
     outcome = _add_vip_once_promoted(config, network, run, verdict.proof) if want_vip else None
+    if outcome:  # at once, not when repmgr returns: a cut-off node may come back any moment
+        _after_vip_added(config, report.unconfirmed)
     status = run.finish()
     if status != 0:
         if outcome:
@@ -152,16 +154,18 @@ def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> in
             return status
     if not want_vip:
         LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
-    elif outcome is None:  # repmgr returned before we saw the promotion
-        outcome = _add_vip(config, network, verdict.proof)
-    if outcome:
-        local = cluster.local_view(config, timeout=2.0)
-        _journal(config, "promote", "acquire", "promoted; VIP added", outcome="held",
-                 timeline=local.timeline)
-        start_retrier(config, local.timeline or 0, report.unconfirmed)
-        if config.fencing.checkpoint_after_promote:
-            _request_checkpoint(config)
+    elif outcome is None and _add_vip(config, network, verdict.proof):
+        _after_vip_added(config, report.unconfirmed)  # repmgr returned before we saw it
+    if config.fencing.checkpoint_after_promote and cluster.local_view(config, 2.0).is_primary:
+        _request_checkpoint(config)  # after the VIP: it costs clients nothing
     return status
+
+
+def _after_vip_added(config: Config, unconfirmed: list[str]) -> None:
+    local = cluster.local_view(config, timeout=2.0)
+    _journal(config, "promote", "acquire", "promoted; VIP added", outcome="held",
+             timeline=local.timeline, unconfirmed=unconfirmed)
+    start_retrier(config, local.timeline or 0, unconfirmed)
 
 
 def _request_checkpoint(config: Config) -> None:
