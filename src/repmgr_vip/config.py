@@ -21,6 +21,7 @@ from typing import Any
 
 from repmgr_vip import statefiles
 from repmgr_vip.errors import ConfigError
+from repmgr_vip.ndp import parse_vip6
 from repmgr_vip.repmgrconf import RepmgrConf, load_repmgr_conf, parse_conninfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/repmgr-vip.toml")
@@ -102,15 +103,24 @@ def _host_defaults(config_path: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+VipInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
 @dataclass(frozen=True)
 class VipSettings:
-    address: ipaddress.IPv4Interface
+    address: VipInterface  # the first address; `addresses` holds all of them (dual stack)
     interface: str
     announce_count: int
     announce_interval: float
     probe_count: int
     probe_timeout: float
     lease: float = 0.0  # seconds; 0: a permanent address (see lease.py)
+    addresses: tuple[VipInterface, ...] = ()
+
+    @property
+    def all(self) -> tuple[VipInterface, ...]:
+        """Every address of the VIP; they are added, removed and announced together."""
+        return self.addresses or (self.address,)
 
     @property
     def ip(self) -> str:
@@ -118,7 +128,8 @@ class VipSettings:
 
     @property
     def cidr(self) -> str:
-        return self.address.with_prefixlen
+        """The VIP as people read it: "ip/len", or every address joined (dual stack)."""
+        return ", ".join(a.with_prefixlen for a in self.all)
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,9 @@ def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
     name = _key_name(section, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if name == "vip.address" and isinstance(value, list) and value and all(
+            isinstance(item, str) for item in value):
+        return [_check_type(section, key, item, str) for item in value]  # dual stack
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(
             f"{name} must be a {expected.__name__}, "
@@ -272,10 +286,12 @@ def merge_with_schema(raw: Mapping[str, Any], config_path: Path) -> dict[str, di
     return merged
 
 
-def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
+def parse_vip(text: str, key: str = "vip.address") -> VipInterface:
     if "/" not in text:
+        example = "64" if ":" in text else "24"
         raise ConfigError(
-            f"{key}={text!r} has no prefix length; write it as ADDRESS/PREFIX, e.g. {text}/24"
+            f"{key}={text!r} has no prefix length; write it as ADDRESS/PREFIX, "
+            f"e.g. {text}/{example}"
         )
     address, prefix = text.split("/", 1)
     try:
@@ -283,7 +299,7 @@ def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
     except ValueError as exc:
         raise ConfigError(f"{key}={text!r}: {address!r} is not an IP address; fix {key}") from exc
     if ip.version == 6:
-        raise ConfigError(f"{key}={text!r}: IPv6 VIPs are not supported yet; use an IPv4 address")
+        return parse_vip6(text, key)
     if not (prefix.isascii() and prefix.isdigit()) or not 1 <= int(prefix) <= 32:
         raise ConfigError(f"{key}={text!r}: prefix length must be 1..32; fix {key}")
     try:
@@ -294,6 +310,22 @@ def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
     if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == broadcast:
         raise ConfigError(f"{key}={text!r} cannot be a service address; use a unicast address")
     return vip
+
+
+def parse_vips(value: str | list[str], key: str = "vip.address") -> tuple[VipInterface, ...]:
+    """One address, or a list (dual stack): at most one IPv4 and one IPv6, no duplicates."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise ConfigError(f"{key} is an empty list; give one address or one IPv4 and one IPv6")
+    parsed = tuple(parse_vip(text, key) for text in texts)
+    for version in (4, 6):
+        same = [a.with_prefixlen for a in parsed if a.version == version]
+        if len(same) > 1:
+            problem = ("the same address twice" if len({a.split("/")[0] for a in same}) == 1
+                       else f"{len(same)} IPv{version} addresses")
+            raise ConfigError(f"{key} = {texts!r} has {problem}; give at most one IPv4 and one "
+                              f"IPv6 address (dual stack)")
+    return parsed
 
 
 def _positive(section: str, values: Mapping[str, Any], *keys: str) -> None:
@@ -320,7 +352,8 @@ def _check_lease(lease: float) -> None:
 def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True) -> Config:
     values = merge_with_schema(raw, path)
     vip_values = values["vip"]
-    vip = VipSettings(address=parse_vip(vip_values["address"]), **{
+    addresses = parse_vips(vip_values["address"])
+    vip = VipSettings(address=addresses[0], addresses=addresses, **{
         k: vip_values[k] for k in ("interface", "announce_count", "announce_interval",
                                    "probe_count", "probe_timeout", "lease")
     })
@@ -331,6 +364,9 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
     _positive("vip", vip_values, "announce_count", "announce_interval", "probe_count",
               "probe_timeout")
     _check_lease(vip.lease)
+    if vip.lease and (len(addresses) > 1 or addresses[0].version == 6):
+        raise ConfigError("vip.lease works with one IPv4 address only; set vip.lease = 0 for "
+                          "an IPv6 or dual-stack vip.address")
     _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
     _choice(
         "fencing", "when_vip_not_free", values["fencing"]["when_vip_not_free"], UNFREE_POLICIES
@@ -348,11 +384,12 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
             raise ConfigError(f"commands.{name}={binary!r} must be an absolute path; fix it")
     repmgr = load_repmgr_conf(Path(values[""]["repmgr_config"]))
     host = parse_conninfo(repmgr.conninfo).get("host", "")
-    if host and _same_ip(host, vip.ip):
-        raise ConfigError(
-            f"vip.address={vip.cidr} is this node's own address ({repmgr.path} conninfo host); "
-            "choose a free address for the VIP"
-        )
+    for address in vip.all:
+        if host and _same_ip(host, str(address.ip)):
+            raise ConfigError(
+                f"vip.address={address.with_prefixlen} is this node's own address "
+                f"({repmgr.path} conninfo host); choose a free address for the VIP"
+            )
     if check_host and not Path("/sys/class/net", vip.interface).exists():
         raise ConfigError(
             f"vip.interface={vip.interface!r} does not exist on this host; "
@@ -430,6 +467,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return _toml_string(str(value))
 
 

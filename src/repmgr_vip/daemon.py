@@ -239,7 +239,7 @@ class Daemon:
             LOG.error("cannot read interface %s: %s; retrying next cycle",
                       self.config.vip.interface, exc)
             raise SnapshotFailed(str(exc)) from exc
-        holds = state.address_as(self.config.vip.ip) is not None
+        holds = self.network.holds_in(state)  # every address (dual stack)
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
             try:

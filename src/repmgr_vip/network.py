@@ -1,5 +1,9 @@
 """The VIP on the local interface: query, add, remove, announce (gratuitous ARP), probe.
 
+A VIP may have an IPv4 and an IPv6 address (dual stack); every action covers all of them
+and "holds" means holds all. IPv6 uses neighbour discovery (ndp.py) in direct mode; through
+sudo the kernel's DAD probes and announces it (see `_add_v6_through_kernel`).
+
 Every change is verified by reading the interface back, which makes each action idempotent:
 adding a present address or removing an absent one is success. The privileged command lines
 are built in one place (`PrivilegedCommands`) so that what runs and what `repmgr-vip sudoers`
@@ -9,19 +13,25 @@ allows can never drift apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import ipaddress
 import json
 import math
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from repmgr_vip import arp, statefiles
-from repmgr_vip.config import Config
-from repmgr_vip.errors import CommandFailed
+from repmgr_vip import arp, ndp, statefiles
+from repmgr_vip.config import Config, VipInterface
+from repmgr_vip.errors import CommandFailed, RefusedError
+from repmgr_vip.log import LOG
 from repmgr_vip.privileges import effective_mode, privileged
 from repmgr_vip.process import alive, describe, first_line, popen_text, run
 
@@ -47,11 +57,29 @@ class InterfaceState:
     exists: bool
     up: bool
     mac: str
-    addresses: tuple[str, ...]  # "a.b.c.d/len"
+    addresses: tuple[str, ...]  # "a.b.c.d/len" or "v6/len", usable
+    pending: tuple[str, ...] = ()  # IPv6 still in (or failed) the kernel's DAD: not usable
 
     def address_as(self, ip: str) -> str | None:
         """`ip` as configured here ("ip/len"), or None; an exact match, never a substring."""
-        return next((a for a in self.addresses if a.split("/", 1)[0] == ip), None)
+        return _find(self.addresses, ip)
+
+    def present_as(self, ip: str) -> str | None:
+        """Like address_as, also counting an IPv6 address still tentative or failed DAD."""
+        return _find(self.addresses, ip) or _find(self.pending, ip)
+
+
+def _find(addresses: tuple[str, ...], ip: str) -> str | None:
+    wanted = _normal(ip)
+    return next((a for a in addresses if _normal(a.split("/", 1)[0]) == wanted), None)
+
+
+def _normal(ip: str) -> str:
+    """One spelling per address, so 2001:DB8::1 and 2001:db8:0::1 compare equal."""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
 
 
 @dataclass(frozen=True)
@@ -67,29 +95,44 @@ class PrivilegedCommands:
     probe_count: int
     probe_timeout: float
     lease: int = 0  # the address's lifetime in whole seconds (vip.lease rounded up); 0: none
+    version: int = 4
+    others: tuple[PrivilegedCommands, ...] = ()  # the VIP's other addresses (dual stack)
 
     @classmethod
     def from_config(cls, config: Config) -> PrivilegedCommands:
+        """The first address's lines; `others` (and so `all()`) carries the rest."""
+        first, *rest = [cls.for_address(config, a) for a in config.vip.all]
+        return dataclasses.replace(first, others=tuple(rest))
+
+    @classmethod
+    def for_address(cls, config: Config, address: VipInterface) -> PrivilegedCommands:
         return cls(
             ip=config.commands.ip,
             arping=config.commands.arping,
-            cidr=config.vip.cidr,
-            address=config.vip.ip,
+            cidr=address.with_prefixlen,
+            address=str(address.ip),
             interface=config.vip.interface,
             announce_count=config.vip.announce_count,
             probe_count=config.vip.probe_count,
             probe_timeout=config.vip.probe_timeout,
             lease=math.ceil(config.vip.lease),
+            version=address.version,
         )
+
+    @property
+    def family(self) -> str:
+        return f"-{self.version}"
 
     def _lifetime(self) -> list[str]:
         if not self.lease:
             return []
         return ["valid_lft", str(self.lease), "preferred_lft", str(self.lease)]
 
-    def add(self) -> list[str]:
-        return [self.ip, "-4", "address", "add", self.cidr, "dev", self.interface,
-                *self._lifetime()]
+    def add(self, *, nodad: bool = False) -> list[str]:
+        """`nodad` (IPv6, direct mode) once our own probe proved the address free; through
+        sudo the kernel's DAD is the probe, so sudoers allows only the line without it."""
+        return [self.ip, self.family, "address", "add", self.cidr, "dev", self.interface,
+                *self._lifetime(), *(["nodad"] if nodad and self.version == 6 else [])]
 
     def renew(self) -> list[str]:
         # IPv4 `change` (like `replace`) also creates a missing address: see lease.py
@@ -97,7 +140,7 @@ class PrivilegedCommands:
                 *self._lifetime()]
 
     def delete(self) -> list[str]:
-        return [self.ip, "-4", "address", "del", self.cidr, "dev", self.interface]
+        return [self.ip, self.family, "address", "del", self.cidr, "dev", self.interface]
 
     def announce(self) -> list[str]:
         return [self.arping, "-U", "-c", str(self.announce_count), "-I", self.interface,
@@ -110,16 +153,23 @@ class PrivilegedCommands:
                 "-I", self.interface, self.address]
 
     def all(self) -> list[list[str]]:
-        leased = [self.renew()] if self.lease else []
-        return [self.add(), self.delete(), self.announce(), self.probe(), *leased]
+        """Every line sudo mode runs for the VIP: what `repmgr-vip sudoers` allows."""
+        if self.version == 6:  # the kernel probes and announces (ndisc_notify)
+            own = [self.add(), self.delete()]
+        else:
+            leased = [self.renew()] if self.lease else []
+            own = [self.add(), self.delete(), self.announce(), self.probe(), *leased]
+        return [*own, *(line for other in self.others for line in other.all())]
 
 
 class VipNetwork:
-    """Adapter over `ip` and `arping` for the configured VIP on this node."""
+    """Adapter over `ip`, `arping` and raw sockets for the configured VIP on this node."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.commands = PrivilegedCommands.from_config(config)
+        self.members = (self.commands, *self.commands.others)  # one per address
+        self._v4 = next((c for c in self.members if c.version == 4), None)
         self.mode = effective_mode(config.privilege_mode)
         self._announcer_pid_file = statefiles.announcer_pid_file(config.state_dir)
         self._announcer: subprocess.Popen[str] | None = None
@@ -131,7 +181,8 @@ class VipNetwork:
     def interface_state(self) -> InterfaceState:
         """Unprivileged read of the interface (`ip -j`), exact address comparison later."""
         iface = self.config.vip.interface
-        result = run([self.config.commands.ip, "-j", "-4", "address", "show", "dev", iface],
+        family = ["-4"] if all(c.version == 4 for c in self.members) else []
+        result = run([self.config.commands.ip, "-j", *family, "address", "show", "dev", iface],
                      timeout=QUERY_TIMEOUT)
         if result.returncode != 0:
             return InterfaceState(False, False, "", ())
@@ -142,34 +193,100 @@ class VipNetwork:
         if not links:
             return InterfaceState(False, False, "", ())
         link = links[0]
-        addresses = tuple(
-            f"{info['local']}/{info['prefixlen']}"
-            for info in link.get("addr_info", [])
-            if info.get("family") == "inet" and "local" in info
-        )
+        usable: list[str] = []
+        pending: list[str] = []
+        for info in link.get("addr_info", []):
+            if info.get("family") not in ("inet", "inet6") or "local" not in info:
+                continue
+            text = f"{info['local']}/{info['prefixlen']}"
+            waiting = info.get("tentative") or info.get("dadfailed")
+            (pending if waiting else usable).append(text)
         flags = link.get("flags", [])
         return InterfaceState(True, "UP" in flags and "LOWER_UP" in flags,
-                              str(link.get("address", "")), addresses)
+                              str(link.get("address", "")), tuple(usable), tuple(pending))
+
+    def holds_in(self, state: InterfaceState) -> bool:
+        """Whether `state` shows every address of the VIP, usable."""
+        return all(state.address_as(c.address) is not None for c in self.members)
+
+    def held_addresses(self, state: InterfaceState | None = None) -> dict[str, bool]:
+        """Each address ("ip/len" as configured) and whether it is held: status, metrics."""
+        state = state or self.interface_state()
+        return {c.cidr: state.address_as(c.address) is not None for c in self.members}
 
     def held_as(self) -> str | None:
-        """The VIP as configured on the interface ("ip/len"), or None; exact IP match."""
-        return self.interface_state().address_as(self.config.vip.ip)
+        """The first address as configured on the interface ("ip/len"), or None."""
+        return self.interface_state().address_as(self.commands.address)
 
     def holds(self) -> bool:
-        return self.held_as() is not None
+        return self.holds_in(self.interface_state())
 
     def add(self) -> bool:
-        """Adds the VIP; returns True if this call added it, False if it was already there."""
-        if self.holds():
-            return False
-        result = self._privileged(self.commands.add(), CHANGE_TIMEOUT)
-        if not self.holds():
-            raise CommandFailed(
-                f"could not add {self.config.vip.cidr} to {self.config.vip.interface}: "
-                f"{describe(self.commands.add())} said {first_line(result.stderr)!r}; "
-                "check `repmgr-vip check` (sudo rules, interface)"
-            )
-        return True
+        """Adds every address not yet held; True if this call added any.
+
+        IPv6 in direct mode is added with `nodad` (our probe came first, no tentative
+        second); through sudo the kernel's DAD probes it and a conflict refuses (exit 3).
+        """
+        state = self.interface_state()
+        added = False
+        for member in self.members:
+            if state.address_as(member.address) is not None:
+                continue
+            if member.version == 6 and self.mode != "direct":
+                self._add_v6_through_kernel(member, state)
+            else:
+                argv = member.add(nodad=True)
+                result = self._privileged(argv, CHANGE_TIMEOUT)
+                if self.interface_state().address_as(member.address) is None:
+                    raise CommandFailed(
+                        f"could not add {member.cidr} to {member.interface}: "
+                        f"{describe(argv)} said {first_line(result.stderr)!r}; "
+                        "check `repmgr-vip check` (sudo rules, interface)"
+                    )
+            added = True
+        return added
+
+    def _add_v6_through_kernel(self, member: PrivilegedCommands, state: InterfaceState) -> None:
+        """Sudo mode: `ip -6 address add` without nodad, then wait for the kernel's DAD.
+
+        No exact command line sends neighbour discovery packets, so the kernel does: its DAD
+        solicits from :: (RFC 4862, our probe) and, with ndisc_notify=1, it sends the
+        unsolicited override advertisement when DAD completes (our announcement). An address
+        that fails DAD is removed again and the add refused: another host holds it.
+        """
+        problems = ndp.kernel_dad_problems(member.interface)
+        if problems:
+            raise CommandFailed(f"cannot add {member.cidr} through sudo: {problems[0]}")
+        stale = state.present_as(member.address)
+        if stale is not None:  # a tentative or failed leftover: DAD must run afresh
+            self._privileged(member.delete(), CHANGE_TIMEOUT)
+        result = self._privileged(member.add(), CHANGE_TIMEOUT)
+        deadline = time.monotonic() + ndp.kernel_dad_seconds(member.interface) + 2.0
+        while time.monotonic() < deadline:
+            now = self.interface_state()
+            if now.address_as(member.address) is not None:
+                return
+            if now.present_as(member.address) is None:
+                raise CommandFailed(
+                    f"could not add {member.cidr} to {member.interface}: "
+                    f"{describe(member.add())} said {first_line(result.stderr)!r}; "
+                    "check `repmgr-vip check` (sudo rules, interface)")
+            if self._dad_failed(member):
+                self._privileged(member.delete(), CHANGE_TIMEOUT)
+                raise RefusedError(f"refusing {member.cidr}: the kernel's duplicate address "
+                                   "detection found it in use on another host; release it "
+                                   "there first")
+            time.sleep(0.01)
+        self._privileged(member.delete(), CHANGE_TIMEOUT)
+        raise CommandFailed(f"{member.cidr} stayed tentative on {member.interface}; removed "
+                            "it again; check the kernel's DAD settings")
+
+    def _dad_failed(self, member: PrivilegedCommands) -> bool:
+        result = run([self.config.commands.ip, "-j", "-6", "address", "show", "dev",
+                      member.interface, "dadfailed"], timeout=QUERY_TIMEOUT)
+        return any(_normal(str(info.get("local", ""))) == member.address
+                   for link in _json_list(result.stdout)
+                   for info in _list(link.get("addr_info")))
 
     def renew(self) -> None:
         """Extends the VIP's lifetime to vip.lease seconds from now (`ip address change`).
@@ -188,42 +305,76 @@ class VipNetwork:
             )
 
     def remove(self) -> bool:
-        """Removes the VIP; returns True if this call removed it, False if it was absent."""
+        """Removes every address of the VIP; True if this call removed any."""
         self.stop_announcer()
-        held = self.held_as()
-        if held is None:
-            return False
-        if held != self.config.vip.cidr:
-            raise CommandFailed(
-                f"{held} is on {self.config.vip.interface} but the config says "
-                f"{self.config.vip.cidr}; remove it by hand (`ip address del {held} dev "
-                f"{self.config.vip.interface}`) or fix vip.address"
-            )
-        result = self._privileged(self.commands.delete(), CHANGE_TIMEOUT)
-        if self.holds():
+        state = self.interface_state()
+        present = [(m, held) for m in self.members
+                   if (held := state.present_as(m.address)) is not None]
+        for member, held in present:
+            if held != member.cidr and _normal_cidr(held) != _normal_cidr(member.cidr):
+                raise CommandFailed(
+                    f"{held} is on {member.interface} but the config says {member.cidr}; "
+                    f"remove it by hand (`ip address del {held} dev {member.interface}`) "
+                    "or fix vip.address"
+                )
+        errors = []
+        for member, _ in present:
+            result = self._privileged(member.delete(), CHANGE_TIMEOUT)
+            if result.returncode != 0:
+                errors.append(first_line(result.stderr))
+        if any(self.interface_state().present_as(m.address) for m, _ in present):
             raise CommandFailed(
                 f"could not remove {self.config.vip.cidr} from {self.config.vip.interface}: "
-                f"{first_line(result.stderr)!r}; check `repmgr-vip check` (sudo rules)"
+                f"{errors[0] if errors else ''!r}; check `repmgr-vip check` (sudo rules)"
             )
-        return True
+        return bool(present)
 
     def probe(self) -> ProbeResult:
-        """Asks the segment who answers for the VIP (our own kernel never answers our probe)."""
+        """Asks the segment who answers for any address of the VIP (our own kernel never
+        answers our probe); the addresses are probed at the same time."""
+        if len(self.members) == 1:
+            return ProbeResult(self._probe_one(self.members[0]))
+        results: list[tuple[str, ...] | BaseException] = [() for _ in self.members]
+
+        def one(index: int, member: PrivilegedCommands) -> None:
+            try:
+                results[index] = self._probe_one(member)
+            except Exception as exc:  # re-raised below, in the caller
+                results[index] = exc
+
+        _in_threads([functools.partial(one, i, m) for i, m in enumerate(self.members)])
+        macs: dict[str, None] = {}
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            macs.update(dict.fromkeys(result))
+        return ProbeResult(tuple(macs))
+
+    def _probe_one(self, member: PrivilegedCommands) -> tuple[str, ...]:
         vip = self.config.vip
+        if member.version == 6:
+            if self.mode != "direct":
+                return ()  # the kernel's DAD probes it when it is added (see add)
+            try:
+                return ndp.probe(vip.interface, member.address, vip.probe_count,
+                                 vip.probe_timeout)
+            except OSError as exc:
+                raise CommandFailed(f"neighbour solicitation on {vip.interface} failed: "
+                                    f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
         if self.mode == "direct":
             try:
-                return ProbeResult(arp.probe(vip.interface, vip.ip, vip.probe_count,
-                                             vip.probe_timeout))
+                return arp.probe(vip.interface, member.address, vip.probe_count,
+                                 vip.probe_timeout)
             except OSError as exc:
                 raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
                                     "direct mode needs CAP_NET_RAW") from exc
-        argv = privileged(self.commands.probe(), self.mode, self.config.commands.sudo)
+        argv = privileged(member.probe(), self.mode, self.config.commands.sudo)
         proc = popen_text(argv, privileged=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
-        out, err, proven = _listen(proc, self.commands.arping, vip.probe_timeout)
+        out, err, proven = _listen(proc, member.arping, vip.probe_timeout)
         macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(out)))
         if macs or proven:
-            return ProbeResult(macs)
+            return macs
         raise CommandFailed(
             f"ARP probe failed (exit {proc.returncode}): "
             f"{first_line(err) or first_line(out)!r}; "
@@ -233,16 +384,20 @@ class VipNetwork:
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.
 
-        Direct mode sends announce_count packets announce_interval apart and returns. Through
-        sudo, iputils arping spaces packets by whole seconds, so it runs in the background
-        (the first packet leaves at once) and a later release stops it; a quick failure (sudo
-        refused, bad interface) is still reported to the caller.
+        Direct mode sends announce_count packets per address announce_interval apart and
+        returns. Through sudo, iputils arping spaces packets by whole seconds, so it runs in
+        the background (the first packet leaves at once) and a later release stops it; a
+        quick failure (sudo refused, bad interface) is still reported to the caller. An
+        IPv6 address through sudo was announced by the kernel when its DAD completed.
         """
         self.stop_announcer()
         if self.mode == "direct":
             self._announce_direct()
             return
-        argv = privileged(self.commands.announce(), self.mode, self.config.commands.sudo)
+        if self._v4 is None:
+            LOG.debug("IPv6 VIP through sudo: the kernel announced it after DAD")
+            return
+        argv = privileged(self._v4.announce(), self.mode, self.config.commands.sudo)
         proc = popen_text(argv, privileged=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, new_session=True)
         try:
@@ -265,10 +420,14 @@ class VipNetwork:
                     time.sleep(vip.announce_interval)
                     if not self.holds():
                         return  # released meanwhile: never advertise an address we gave up
-                arp.announce_once(vip.interface, vip.ip)
+                for member in self.members:
+                    if member.version == 6:
+                        ndp.announce_once(vip.interface, member.address)
+                    else:
+                        arp.announce_once(vip.interface, member.address)
         except OSError as exc:
-            raise CommandFailed(f"gratuitous ARP on {vip.interface} failed: {exc.strerror}; "
-                                "direct mode needs CAP_NET_RAW") from exc
+            raise CommandFailed(f"announcing the VIP on {vip.interface} failed: "
+                                f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
 
     def _remember_announcer(self, pid: int) -> None:
         # best effort: without the file a release cannot cut a running announcement short
@@ -281,11 +440,12 @@ class VipNetwork:
             pid = int(statefiles.read_text(self._announcer_pid_file).strip())
         except (OSError, ValueError):
             return
-        if _is_our_announcer(pid, self.commands.announce()):
+        line = (self._v4 or self.commands).announce()
+        if _is_our_announcer(pid, line):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and _is_our_announcer(pid, self.commands.announce()):
+            while time.monotonic() < deadline and _is_our_announcer(pid, line):
                 time.sleep(0.01)
         with contextlib.suppress(OSError):
             statefiles.remove(self._announcer_pid_file)
@@ -293,6 +453,34 @@ class VipNetwork:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._announcer.wait(timeout=1.0)
             self._announcer = None
+
+
+def _normal_cidr(cidr: str) -> str:
+    try:
+        return ipaddress.ip_interface(cidr).with_prefixlen
+    except ValueError:
+        return cidr
+
+
+def _json_list(text: str) -> list[dict[str, object]]:
+    try:
+        data = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+
+def _list(value: object) -> list[dict[str, object]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _in_threads(jobs: list[Callable[[], None]]) -> None:
+    """Runs the jobs at the same time, so a dual-stack probe costs one probe window."""
+    threads = [threading.Thread(target=job, daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _children(pid: int) -> list[int]:
