@@ -46,6 +46,16 @@ SUBNET = "192.0.2.0/24"
 CLIENT_IP = "192.0.2.100"
 WITNESS_IP = "192.0.2.30"
 WITNESS_NODE_ID = 99
+# IPv6 inside the lab's namespaces only (documentation prefix, no routes): each host has
+# 2001:db8::N beside 192.0.2.N; the kernel's DAD and ndisc_notify as sudo mode needs them.
+SUBNET6 = "2001:db8::/64"
+VIP6 = "2001:db8::115/64"
+VIP6_IP = "2001:db8::115"
+
+
+def ipv6_of(ipv4: str) -> str:
+    """A lab host's IPv6 address: 192.0.2.N -> 2001:db8::N."""
+    return f"2001:db8::{ipv4.rsplit('.', 1)[1]}"
 PG_USER = "postgres"
 REPMGR_USER = "repmgr"
 REPMGR_DB = "repmgr"
@@ -785,6 +795,10 @@ class Lab:
             _ip("-n", br, "link", "set", veth, "master", "br0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", INTERFACE)
+            _ip("-n", ns, "addr", "add", f"{ipv6_of(ip)}/64", "dev", INTERFACE, "nodad")
+            run_cmd([IP_BIN, "netns", "exec", ns, "sysctl", "-qw",
+                     f"net.ipv6.conf.{INTERFACE}.ndisc_notify=1",
+                     f"net.ipv6.conf.{INTERFACE}.router_solicitation_delay=0"], timeout=10)
             _ip("-n", ns, "link", "set", INTERFACE, "up")
         for n in self.all_nodes:
             info = json.loads(_ip("-n", n.netns, "-j", "link", "show", "dev", INTERFACE).stdout)
@@ -896,6 +910,7 @@ include_if_exists = '../postgresql.node.conf'
             "local replication all trust\n"
             f"host all all {SUBNET} trust\n"
             f"host replication all {SUBNET} trust\n"
+            f"host all all {SUBNET6} trust\n"
             "host all all 127.0.0.1/32 trust\n"
         )
 
@@ -1217,7 +1232,8 @@ include_if_exists = '../postgresql.node.conf'
                 if link.get("operstate") in ("DOWN", "LOWERLAYERDOWN"):
                     continue
                 if any(
-                    a.get("family") == "inet" and a.get("local") == ip
+                    a.get("family") in ("inet", "inet6") and a.get("local") == ip
+                    and not a.get("dadfailed")  # refused by the kernel's DAD: never usable
                     for a in link.get("addr_info", [])
                 ):
                     holders.append(n.name)

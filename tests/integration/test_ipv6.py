@@ -1,0 +1,114 @@
+"""IPv6 and dual-stack VIPs in the lab: real repmgrd, hooks as postgres through sudo (so the
+kernel's DAD probes and its ndisc_notify advertisement announces), a sampler per address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.vipconf import (
+    install_generated_sudoers,
+    vip_log,
+    wire_hooks,
+    write_vip_config,
+)
+from tests.lab.lab import VIP, VIP6, VIP6_IP, VIP_IP, Lab, Node, VipSampler
+
+pytestmark = pytest.mark.lab
+
+FAILOVER_TIMEOUT = 60.0
+
+
+def _hooked(lab: Lab, address: str) -> None:
+    """As vipconf.hooked_cluster, with the given vip.address (TOML: a string or a list)."""
+    for node in lab.nodes:
+        write_vip_config(lab, node, address=address)
+    install_generated_sudoers(lab, lab.nodes[0])
+    for node in lab.nodes:
+        wire_hooks(lab, node)
+    for node in lab.nodes:
+        result = lab.repmgr(node, "daemon", "start", check=False, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _client_sees_primary(lab: Lab, host: str) -> bool:
+    result = lab.client_psql("SELECT pg_is_in_recovery()", host=host, check=False, timeout=5)
+    return result.returncode == 0 and result.stdout.strip() == "f"
+
+
+def _wait(lab: Lab, what: str, predicate: Callable[[], bool],
+          timeout: float = FAILOVER_TIMEOUT) -> float:
+    started = time.monotonic()
+    lab.wait_for(predicate, timeout, interval=0.02, what=what)
+    return time.monotonic() - started
+
+
+def _new_primary(lab: Lab, old: Node) -> Node | None:
+    return next((n for n in lab.nodes if n is not old and lab.is_in_recovery(n) is False), None)
+
+
+def test_ipv6_vip_follows_kill9_and_the_client_neighbour_entry_follows(
+        lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(nodes=3)
+    _hooked(lab, VIP6)
+    node1 = lab.nodes[0]
+    _wait(lab, "IPv6 VIP on node1", lambda: lab.vip_holders(VIP6_IP) == ["node1"], 20)
+    assert lab.vip_holders(VIP_IP) == []  # no IPv4 VIP configured, none added
+    _wait(lab, "client reaches the primary over IPv6",
+          lambda: _client_sees_primary(lab, VIP6_IP), 20)
+    assert lab.client_neigh_mac(VIP6_IP) == node1.mac
+    with VipSampler(lab, ip=VIP6_IP) as sampler:
+        killed = time.monotonic()
+        lab.kill_postgres(node1)
+        _wait(lab, "a standby promoted", lambda: _new_primary(lab, node1) is not None)
+        new = _new_primary(lab, node1)
+        assert new is not None
+        _wait(lab, f"IPv6 VIP on {new.name}", lambda: lab.vip_holders(VIP6_IP) == [new.name], 20)
+        moved = time.monotonic()
+        # no traffic from the client yet: only the unsolicited advertisement can change it
+        _wait(lab, "client neighbour entry shows the new holder",
+              lambda: lab.client_neigh_mac(VIP6_IP) == new.mac, 5)
+        followed = time.monotonic()
+        _wait(lab, "client reaches the new primary over IPv6",
+              lambda: _client_sees_primary(lab, VIP6_IP), 20)
+    sampler.assert_never_two()
+    print(f"\nIPv6 kill -9: VIP on {new.name} {moved - killed:.2f} s after the kill; "
+          f"client neighbour entry {followed - moved:.2f} s after that")
+    assert f"VIP {VIP6} added and announced" in vip_log(new) or (
+        f"VIP {VIP6} held here" in vip_log(new)), vip_log(new)
+
+
+def test_dual_stack_addresses_move_together_on_failover(
+        lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(nodes=3)
+    _hooked(lab, f'["{VIP}", "{VIP6}"]')
+    node1 = lab.nodes[0]
+    _wait(lab, "both addresses on node1", lambda: lab.vip_holders(VIP_IP) == ["node1"]
+          and lab.vip_holders(VIP6_IP) == ["node1"], 20)
+    for host in (VIP_IP, VIP6_IP):
+        _wait(lab, f"client reaches the primary via {host}",
+              lambda host=host: _client_sees_primary(lab, host), 20)
+    with VipSampler(lab, ip=VIP_IP) as v4, VipSampler(lab, ip=VIP6_IP) as v6:
+        lab.kill_postgres(node1)
+        _wait(lab, "a standby promoted", lambda: _new_primary(lab, node1) is not None)
+        new = _new_primary(lab, node1)
+        assert new is not None
+        _wait(lab, f"both addresses on {new.name}", lambda: lab.vip_holders(VIP_IP)
+              == [new.name] and lab.vip_holders(VIP6_IP) == [new.name], 20)
+        assert lab.client_neigh_mac(VIP6_IP) == new.mac or _wait(
+            lab, "client IPv6 neighbour entry follows",
+            lambda: lab.client_neigh_mac(VIP6_IP) == new.mac, 5) >= 0
+        for host in (VIP_IP, VIP6_IP):
+            _wait(lab, f"client reaches the new primary via {host}",
+                  lambda host=host: _client_sees_primary(lab, host), 20)
+    v4.assert_never_two()
+    v6.assert_never_two()
+    # together: the holder sets of the two samplers changed within one promotion step
+    t4 = v4.first_time(lambda h: h == (new.name,))
+    t6 = v6.first_time(lambda h: h == (new.name,))
+    assert t4 is not None and t6 is not None
+    print(f"\ndual stack: IPv4 and IPv6 reached {new.name} {abs(t4 - t6):.2f} s apart")
+    assert abs(t4 - t6) < 3.0
