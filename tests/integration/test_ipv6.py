@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.vipconf import (
     install_generated_sudoers,
+    vip,
     vip_log,
     wire_hooks,
     write_vip_config,
@@ -112,3 +113,45 @@ def test_dual_stack_addresses_move_together_on_failover(
     assert t4 is not None and t6 is not None
     print(f"\ndual stack: IPv4 and IPv6 reached {new.name} {abs(t4 - t6):.2f} s apart")
     assert abs(t4 - t6) < 3.0
+
+
+def _ping6(lab: Lab) -> None:
+    """One echo from the client, so it has a neighbour entry for the VIP."""
+    lab.run(None, ["ping", "-6", "-c", "1", "-W", "2", VIP6_IP], user="root")
+
+
+@pytest.mark.parametrize("user", ["root", "postgres"], ids=["direct", "sudo"])
+def test_ipv6_acquire_refuse_release_move(lab_factory: Callable[..., Lab], user: str) -> None:
+    """Direct mode (root): our DAD probe, `nodad`, our advertisements. Sudo mode (postgres
+    with the generated rules only): the kernel's DAD and its ndisc_notify advertisement."""
+    lab = lab_factory(nodes=2)
+    for node in lab.nodes:
+        write_vip_config(lab, node, address=VIP6)
+    install_generated_sudoers(lab, lab.nodes[0])
+    a, b = lab.nodes
+    with VipSampler(lab, ip=VIP6_IP) as sampler:
+        started = time.monotonic()
+        first = vip(lab, a, "acquire", user=user)
+        acquire_seconds = time.monotonic() - started
+        assert first.returncode == 0, first.stderr
+        assert lab.vip_holders(VIP6_IP) == [a.name]
+        _ping6(lab)
+        assert lab.client_neigh_mac(VIP6_IP) == a.mac
+
+        refused = vip(lab, b, "acquire", user=user)
+        assert refused.returncode == 3, (refused.stdout, refused.stderr)
+        assert lab.vip_holders(VIP6_IP) == [a.name]
+        assert VIP6_IP not in str(lab._link_json(b.netns, "addr", "show", "dev", "eth0"))
+
+        assert vip(lab, a, "release", user=user).returncode == 0
+        assert lab.vip_holders(VIP6_IP) == []
+        moved = vip(lab, b, "acquire", user=user)
+        assert moved.returncode == 0, moved.stderr
+        assert lab.vip_holders(VIP6_IP) == [b.name]
+        # the client never asked: the unsolicited override advertisement moved its entry
+        lab.wait_for(lambda: lab.client_neigh_mac(VIP6_IP) == b.mac, 5.0,
+                     what="client neighbour entry follows")
+        _ping6(lab)
+        assert vip(lab, b, "release", user=user).returncode == 0
+    sampler.assert_never_two()
+    print(f"\n{user}: acquire of a free IPv6 VIP took {acquire_seconds:.2f} s")
