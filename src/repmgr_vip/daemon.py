@@ -336,7 +336,9 @@ class Daemon:
         self.last_decision = decision
         self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
         try:
-            holds = self.network.holds()
+            held = self.network.held_addresses()
+            holds = all(held.values())
+            self.metrics.addresses(held)
         except VipError:  # unreadable `ip` output: report what the snapshot saw
             holds = snapshot.holds_vip
         self.metrics.observe(decision, snapshot, holds, time.monotonic() - started)

@@ -11,6 +11,7 @@ from repmgr_vip import cluster
 from repmgr_vip.config import Config
 from repmgr_vip.errors import VipError
 from repmgr_vip.lease import lease_checks
+from repmgr_vip.ndp import ipv6_checks
 from repmgr_vip.network import PrivilegedCommands, VipNetwork
 from repmgr_vip.privileges import has_network_capabilities
 from repmgr_vip.process import describe, first_line, run
@@ -138,6 +139,8 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("isolation grace", lambda: iter([_check_isolation_grace(config)])),
         ("cluster", lambda: _check_cluster(config)),
         ("lease", lambda: lease_checks(config)),
+        ("ipv6", lambda: ipv6_checks(config.vip.interface, network.mode, [
+            a.with_prefixlen for a in config.vip.all if a.version == 6])),
     ]
     for name, check in checks:
         try:

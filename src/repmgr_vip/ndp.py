@@ -18,9 +18,14 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from repmgr_vip.errors import ConfigError
+
+if TYPE_CHECKING:
+    from repmgr_vip.doctor import CheckResult
 
 ETH_P_IPV6 = 0x86DD
 IPPROTO_ICMPV6 = 58
@@ -228,3 +233,31 @@ def kernel_dad_seconds(interface: str) -> float:
     transmits = _sysctl(f"conf/{interface}/dad_transmits") or 1
     retrans = _sysctl(f"neigh/{interface}/retrans_time_ms") or 1000
     return (1.0 if delay is None else float(delay)) + transmits * retrans / 1000.0
+
+
+def ipv6_checks(interface: str, mode: str, addresses: Sequence[str]) -> Iterator[CheckResult]:
+    """`check`: how an IPv6 VIP is probed and announced in this privilege mode."""
+    from repmgr_vip.doctor import CheckResult  # doctor imports the network layer
+
+    if not addresses:
+        return
+    name = f"IPv6 {', '.join(addresses)}"
+    if mode == "direct":
+        yield CheckResult(name, True, "probed (DAD from ::) and announced (unsolicited NA) on "
+                          "a packet socket; added with nodad")
+        return
+    problems = kernel_dad_problems(interface)
+    for problem in problems:
+        yield CheckResult(name, False, problem)
+    if problems:
+        return
+    seconds = kernel_dad_seconds(interface)
+    detail = (f"through sudo the kernel's DAD probes it and announces it (ndisc_notify) "
+              f"within {seconds:.1f} s")
+    if seconds > 0.5:
+        yield CheckResult(name, True, detail + f": every move waits for it; set net.ipv6.conf."
+                          f"{interface}.router_solicitation_delay=0 and net.ipv6.neigh."
+                          f"{interface}.retrans_time_ms=200 (or run the daemon and hooks in "
+                          "direct mode)", warning=True)
+        return
+    yield CheckResult(name, True, detail)

@@ -163,3 +163,15 @@ def test_kernel_dad_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ndp.kernel_dad_seconds("eth9") == pytest.approx(0.2)
     values["conf/eth9/ndisc_notify"] = 1
     assert ndp.kernel_dad_problems("eth9") == []
+
+
+def test_metrics_label_every_address() -> None:
+    from prometheus_client import generate_latest
+
+    from repmgr_vip.metrics import Metrics
+
+    metrics = Metrics("127.0.0.1", 0)
+    metrics.addresses({"192.0.2.115/24": True, "2001:db8::115/64": False})
+    text = generate_latest(metrics.registry).decode()
+    assert 'repmgr_vip_address_held{address="192.0.2.115/24"} 1.0' in text
+    assert 'repmgr_vip_address_held{address="2001:db8::115/64"} 0.0' in text
