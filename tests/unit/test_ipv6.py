@@ -175,3 +175,15 @@ def test_metrics_label_every_address() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'repmgr_vip_address_held{address="192.0.2.115/24"} 1.0' in text
     assert 'repmgr_vip_address_held{address="2001:db8::115/64"} 0.0' in text
+
+
+def test_status_shows_a_partly_held_dual_stack_vip_as_a_conflict() -> None:
+    from repmgr_vip.status import NodeStatus, conflicts, render
+
+    both = {"192.0.2.115/24": True, "2001:db8::115/64": True}
+    part = {"192.0.2.115/24": False, "2001:db8::115/64": True}
+    rows = [NodeStatus(1, "a", "primary", "primary", 1, True, True, True, "", both),
+            NodeStatus(2, "b", "standby", "standby", 1, True, False, True, "", part)]
+    found = conflicts(rows)
+    assert any("2 nodes" in line for line in found), found
+    assert "only 2001:db8::115" in render(rows, found)
