@@ -1233,7 +1233,8 @@ include_if_exists = '../postgresql.node.conf'
                     continue
                 if any(
                     a.get("family") in ("inet", "inet6") and a.get("local") == ip
-                    and not a.get("dadfailed")  # refused by the kernel's DAD: never usable
+                    # IPv6 in (or refused by) the kernel's DAD answers nothing: not held
+                    and not a.get("dadfailed") and not a.get("tentative")
                     for a in link.get("addr_info", [])
                 ):
                     holders.append(n.name)
