@@ -225,16 +225,20 @@ class VipNetwork:
         """Adds every address not yet held; True if this call added any.
 
         IPv6 in direct mode is added with `nodad` (our probe came first, no tentative
-        second); through sudo the kernel's DAD probes it and a conflict refuses (exit 3).
+        second). Through sudo the kernel's DAD probes it: it starts first, the other address
+        is added meanwhile, and a conflict removes what this call added and refuses (exit 3),
+        so the VIP is never left in part.
         """
         state = self.interface_state()
-        added = False
-        for member in self.members:
-            if state.address_as(member.address) is not None:
-                continue
-            if member.version == 6 and self.mode != "direct":
-                self._add_v6_through_kernel(member, state)
-            else:
+        missing = [m for m in self.members if state.address_as(m.address) is None]
+        by_kernel = [m for m in missing if m.version == 6 and self.mode != "direct"]
+        added: list[PrivilegedCommands] = []
+        try:
+            started = [(m, self._start_kernel_dad(m, state)) for m in by_kernel]
+            added.extend(by_kernel)
+            for member in missing:
+                if member in by_kernel:
+                    continue
                 argv = member.add(nodad=True)
                 result = self._privileged(argv, CHANGE_TIMEOUT)
                 if self.interface_state().address_as(member.address) is None:
@@ -243,24 +247,31 @@ class VipNetwork:
                         f"{describe(argv)} said {first_line(result.stderr)!r}; "
                         "check `repmgr-vip check` (sudo rules, interface)"
                     )
-            added = True
-        return added
+                added.append(member)
+            for member, stderr in started:
+                self._wait_kernel_dad(member, stderr)
+        except RefusedError:
+            for member in added:
+                self._privileged(member.delete(), CHANGE_TIMEOUT)
+            raise
+        return bool(missing)
 
-    def _add_v6_through_kernel(self, member: PrivilegedCommands, state: InterfaceState) -> None:
-        """Sudo mode: `ip -6 address add` without nodad, then wait for the kernel's DAD.
+    def _start_kernel_dad(self, member: PrivilegedCommands, state: InterfaceState) -> str:
+        """Sudo mode: `ip -6 address add` without nodad; returns its stderr.
 
         No exact command line sends neighbour discovery packets, so the kernel does: its DAD
         solicits from :: (RFC 4862, our probe) and, with ndisc_notify=1, it sends the
-        unsolicited override advertisement when DAD completes (our announcement). An address
-        that fails DAD is removed again and the add refused: another host holds it.
+        unsolicited override advertisement when DAD completes (our announcement).
         """
         problems = ndp.kernel_dad_problems(member.interface)
         if problems:
             raise CommandFailed(f"cannot add {member.cidr} through sudo: {problems[0]}")
-        stale = state.present_as(member.address)
-        if stale is not None:  # a tentative or failed leftover: DAD must run afresh
+        if state.present_as(member.address) is not None:  # tentative or failed: DAD afresh
             self._privileged(member.delete(), CHANGE_TIMEOUT)
-        result = self._privileged(member.add(), CHANGE_TIMEOUT)
+        return self._privileged(member.add(), CHANGE_TIMEOUT).stderr
+
+    def _wait_kernel_dad(self, member: PrivilegedCommands, stderr: str) -> None:
+        """Waits until the kernel's DAD made the address usable; refuses if it failed."""
         deadline = time.monotonic() + ndp.kernel_dad_seconds(member.interface) + 2.0
         while time.monotonic() < deadline:
             now = self.interface_state()
@@ -269,10 +280,9 @@ class VipNetwork:
             if now.present_as(member.address) is None:
                 raise CommandFailed(
                     f"could not add {member.cidr} to {member.interface}: "
-                    f"{describe(member.add())} said {first_line(result.stderr)!r}; "
+                    f"{describe(member.add())} said {first_line(stderr)!r}; "
                     "check `repmgr-vip check` (sudo rules, interface)")
             if self._dad_failed(member):
-                self._privileged(member.delete(), CHANGE_TIMEOUT)
                 raise RefusedError(f"refusing {member.cidr}: the kernel's duplicate address "
                                    "detection found it in use on another host; release it "
                                    "there first")

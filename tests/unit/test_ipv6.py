@@ -187,3 +187,68 @@ def test_status_shows_a_partly_held_dual_stack_vip_as_a_conflict() -> None:
     found = conflicts(rows)
     assert any("2 nodes" in line for line in found), found
     assert "only 2001:db8::115" in render(rows, found)
+
+
+class _FakeHost:
+    """Interface state and privileged commands of a pretend host, for VipNetwork."""
+
+    def __init__(self, dad_fails: bool) -> None:
+        self.dad_fails = dad_fails
+        self.usable: list[str] = []
+        self.pending: list[str] = []
+        self.ran: list[list[str]] = []
+
+    def state(self) -> InterfaceState:
+        return InterfaceState(True, True, "02:00:00:00:07:01", tuple(self.usable),
+                              tuple(self.pending))
+
+    def privileged(self, argv: list[str], timeout: float) -> object:
+        import subprocess
+
+        self.ran.append(argv)
+        cidr = argv[4]
+        if argv[3] == "add":
+            (self.pending if argv[1] == "-6" and "nodad" not in argv else self.usable).append(
+                cidr)
+        elif argv[3] == "del":
+            for bucket in (self.usable, self.pending):
+                if cidr in bucket:
+                    bucket.remove(cidr)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+
+@pytest.mark.parametrize("dad_fails", [False, True], ids=["free", "in-use"])
+def test_sudo_dual_stack_add_starts_dad_first_and_never_leaves_a_part(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch,
+        dad_fails: bool) -> None:
+    from repmgr_vip.errors import RefusedError
+    from repmgr_vip.network import VipNetwork
+
+    path = tmp_path / "c.toml"
+    path.write_text(_config_text(repmgr_conf, '["192.0.2.115/24", "2001:db8::115/64"]')
+                    + '[privileges]\nmode = "sudo"\n')
+    network = VipNetwork(load_config(path))
+    host = _FakeHost(dad_fails)
+    monkeypatch.setattr(network, "interface_state", host.state)
+    monkeypatch.setattr(network, "_privileged", host.privileged)
+    monkeypatch.setattr(ndp, "kernel_dad_problems", lambda interface: [])
+    monkeypatch.setattr(ndp, "kernel_dad_seconds", lambda interface: 0.1)
+
+    def dad_done(member: PrivilegedCommands) -> bool:
+        if member.cidr in host.pending:
+            host.pending.remove(member.cidr)
+            if not host.dad_fails:
+                host.usable.append(member.cidr)
+        return host.dad_fails
+
+    monkeypatch.setattr(network, "_dad_failed", dad_done)
+    if dad_fails:
+        with pytest.raises(RefusedError):
+            network.add()
+        assert host.usable == [] and host.pending == []
+    else:
+        assert network.add() is True
+        assert sorted(host.usable) == ["192.0.2.115/24", "2001:db8::115/64"]
+    adds = [argv[1] for argv in host.ran if argv[3] == "add"]
+    assert adds == ["-6", "-4"]  # the kernel's DAD runs while IPv4 is added
+    assert not any("nodad" in argv for argv in host.ran)
