@@ -30,7 +30,7 @@ from pathlib import Path
 
 from repmgr_vip import arp, ndp, statefiles
 from repmgr_vip.config import Config, VipInterface
-from repmgr_vip.errors import CommandFailed, RefusedError
+from repmgr_vip.errors import CommandFailed, RefusedError, VipError
 from repmgr_vip.log import LOG
 from repmgr_vip.privileges import effective_mode, privileged
 from repmgr_vip.process import alive, describe, first_line, popen_text, run
@@ -226,8 +226,8 @@ class VipNetwork:
 
         IPv6 in direct mode is added with `nodad` (our probe came first, no tentative
         second). Through sudo the kernel's DAD probes it: it starts first, the other address
-        is added meanwhile, and a conflict removes what this call added and refuses (exit 3),
-        so the VIP is never left in part.
+        is added meanwhile, and a conflict refuses (exit 3). Any failure removes what this
+        call added, so a dual-stack VIP is never left in part.
         """
         state = self.interface_state()
         missing = [m for m in self.members if state.address_as(m.address) is None]
@@ -250,9 +250,11 @@ class VipNetwork:
                 added.append(member)
             for member, stderr in started:
                 self._wait_kernel_dad(member, stderr)
-        except RefusedError:
-            for member in added:
-                self._privileged(member.delete(), CHANGE_TIMEOUT)
+        except VipError:
+            if len(self.members) > 1:  # all or nothing: no half of a dual-stack VIP stays
+                for member in added:
+                    if self.interface_state().present_as(member.address) is not None:
+                        self._privileged(member.delete(), CHANGE_TIMEOUT)
             raise
         return bool(missing)
 
@@ -283,6 +285,7 @@ class VipNetwork:
                     f"{describe(member.add())} said {first_line(stderr)!r}; "
                     "check `repmgr-vip check` (sudo rules, interface)")
             if self._dad_failed(member):
+                self._privileged(member.delete(), CHANGE_TIMEOUT)  # unusable: leave nothing
                 raise RefusedError(f"refusing {member.cidr}: the kernel's duplicate address "
                                    "detection found it in use on another host; release it "
                                    "there first")
