@@ -11,6 +11,8 @@ import pytest
 
 from tests.integration.vipconf import (
     install_generated_sudoers,
+    start_daemon,
+    stop_daemon,
     vip,
     vip_log,
     wire_hooks,
@@ -155,3 +157,38 @@ def test_ipv6_acquire_refuse_release_move(lab_factory: Callable[..., Lab], user:
         assert vip(lab, b, "release", user=user).returncode == 0
     sampler.assert_never_two()
     print(f"\n{user}: acquire of a free IPv6 VIP took {acquire_seconds:.2f} s")
+
+
+def test_daemon_direct_mode_dual_stack_conflict_and_repair(
+        lab_factory: Callable[..., Lab]) -> None:
+    """The daemon as the unit runs it (postgres with CAP_NET_RAW/ADMIN: direct mode): its
+    NDP probe sees another MAC answering for the IPv6 address and fences it; a VIP missing
+    its IPv6 half is completed (holds = holds every address)."""
+    lab = lab_factory(nodes=3)
+    _hooked(lab, f'["{VIP}", "{VIP6}"]')
+    node1, node2, _ = lab.nodes
+    daemons = {n.name: start_daemon(lab, n) for n in lab.nodes}
+    try:
+        _wait(lab, "every daemon has run a cycle", lambda: all(
+            (n.dir / "repmgr-vip-daemon.json").exists() for n in lab.nodes), 30)
+        with VipSampler(lab, ip=VIP_IP) as v4:
+            lab.run(node1, ["ip", "-6", "address", "del", VIP6, "dev", "eth0"], user="root")
+            back = _wait(lab, "IPv6 half re-added on node1",
+                         lambda: lab.vip_holders(VIP6_IP) == ["node1"], 10)
+            assert lab.vip_holders(VIP_IP) == ["node1"]
+        v4.assert_never_two()
+        print(f"\ndaemon re-added the missing IPv6 address after {back:.2f} s")
+
+        stop_daemon(daemons["node2"])
+        lab.run(node2, ["ip", "-6", "address", "add", VIP6, "dev", "eth0", "nodad"],
+                user="root")
+        _wait(lab, "node2's copy fenced away by node1", lambda: VIP6_IP not in str(
+            lab._link_json(node2.netns, "addr", "show", "dev", "eth0")), 30)
+        log = vip_log(node1)
+        assert "VIP CONFLICT" in log and node2.mac in log, log
+        assert lab.vip_holders(VIP6_IP) == ["node1"]
+        assert lab.vip_holders(VIP_IP) == ["node1"]
+    finally:
+        for proc in daemons.values():
+            if proc.poll() is None:
+                stop_daemon(proc)
