@@ -7,6 +7,7 @@ each raise ConfigError (exit 2) with one line naming the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -66,6 +67,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "probe_count": (int, 2),
         "probe_timeout": (float, 0.3),
         "lease": (float, 0.0),
+    },
+    "replica_vip": {  # optional: a read-only address on one healthy standby (replica.py)
+        "address": (str, ""),
+        "interface": (str, ""),
+        "max_lag_bytes": (int, 16777216),
+        "prefer": (list, []),
+        "on_no_standby": (str, "none"),
     },
     "privileges": {"mode": (str, "auto")},
     "commands": {"ip": (str, ""), "arping": (str, ""), "sudo": (str, ""), "ssh": (str, "")},
@@ -133,6 +141,16 @@ class VipSettings:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    """[replica_vip]: its addresses (announce/probe settings from [vip]) and placement."""
+
+    vip: VipSettings
+    max_lag_bytes: int
+    prefer: tuple[str, ...]
+    on_no_standby: str
+
+
+@dataclass(frozen=True)
 class Commands:
     ip: str
     arping: str
@@ -184,6 +202,7 @@ class Config:
     state_dir: Path
     log_file: Path
     values: Mapping[str, Mapping[str, Any]] = field(repr=False)
+    replica: ReplicaSettings | None = None  # [replica_vip], None when not configured
 
     @property
     def lock_path(self) -> Path:
@@ -229,7 +248,11 @@ def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
     name = _key_name(section, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if name == "vip.address" and isinstance(value, list) and value and all(
+    if name == "replica_vip.prefer" and isinstance(value, list):
+        if not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"{name} must be a list of node names; fix {name}")
+        return [_check_type(section, key, item, str) for item in value]
+    if name in ("vip.address", "replica_vip.address") and isinstance(value, list) and value and all(
             isinstance(item, str) for item in value):
         return [_check_type(section, key, item, str) for item in value]  # dual stack
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
@@ -396,6 +419,7 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
             "set it to the NIC that carries the node's address (see `ip -br link`)"
         )
     state_dir = values[""]["state_dir"] or _default_state_dir(repmgr)
+    replica = _replica_settings(values["replica_vip"], vip)
     return Config(
         path=path,
         repmgr=repmgr,
@@ -408,7 +432,30 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         state_dir=Path(state_dir),
         log_file=Path(values[""]["log_file"] or statefiles.default_log_file(Path(state_dir))),
         values=values,
+        replica=replica,
     )
+
+
+def _replica_settings(values: Mapping[str, Any], vip: VipSettings) -> ReplicaSettings | None:
+    if values["address"] in ("", []):
+        return None
+    addresses = parse_vips(values["address"], "replica_vip.address")
+    taken = {a.ip for a in vip.all}
+    for address in addresses:
+        if address.ip in taken:
+            raise ConfigError(f"replica_vip.address={address.with_prefixlen} is also in "
+                              "vip.address; give the replica VIP an address of its own")
+    interface = values["interface"] or vip.interface
+    if not _IFNAME.match(interface):
+        raise ConfigError(f"replica_vip.interface={interface!r} is not a valid interface "
+                          "name; use e.g. 'eth0'")
+    if values["max_lag_bytes"] < 0:
+        raise ConfigError("replica_vip.max_lag_bytes must be 0 or more bytes; fix it")
+    _choice("replica_vip", "on_no_standby", values["on_no_standby"], ("none", "primary"))
+    settings = dataclasses.replace(vip, address=addresses[0], addresses=addresses,
+                                   interface=interface, lease=0.0)
+    return ReplicaSettings(settings, values["max_lag_bytes"], tuple(values["prefer"]),
+                           values["on_no_standby"])
 
 
 def _same_ip(host: str, vip_ip: str) -> bool:

@@ -44,6 +44,7 @@ from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.process import alive
+from repmgr_vip.replica import start_replica_keeper
 
 PEER_TIMEOUT = 2.0
 STATE_FILE = statefiles.DAEMON_STATE
@@ -379,6 +380,7 @@ class Daemon:
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
+        replica = start_replica_keeper(self.config)  # [replica_vip]: its own thread
         first = True
         while not self.stop_event.is_set():
             started = time.monotonic()
@@ -392,6 +394,8 @@ class Daemon:
             self.stop_event.wait(max(0.0, self.config.daemon.interval
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
+        if replica is not None:
+            replica.stop()
         if self.config.daemon.on_stop == "release":
             with contextlib.suppress(VipError), vip_lock(self.config.lock_path, 5.0):
                 if self.network.remove():

@@ -165,13 +165,14 @@ class PrivilegedCommands:
 class VipNetwork:
     """Adapter over `ip`, `arping` and raw sockets for the configured VIP on this node."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, announcer_file: Path | None = None) -> None:
         self.config = config
         self.commands = PrivilegedCommands.from_config(config)
         self.members = (self.commands, *self.commands.others)  # one per address
         self._v4 = next((c for c in self.members if c.version == 4), None)
         self.mode = effective_mode(config.privilege_mode)
-        self._announcer_pid_file = statefiles.announcer_pid_file(config.state_dir)
+        self._announcer_pid_file = (announcer_file
+                                    or statefiles.announcer_pid_file(config.state_dir))
         self._announcer: subprocess.Popen[str] | None = None
 
     def _privileged(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
