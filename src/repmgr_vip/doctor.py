@@ -12,7 +12,7 @@ from repmgr_vip.config import Config
 from repmgr_vip.errors import VipError
 from repmgr_vip.lease import lease_checks
 from repmgr_vip.ndp import ipv6_checks
-from repmgr_vip.network import PrivilegedCommands, VipNetwork
+from repmgr_vip.network import VipNetwork, sudo_lines
 from repmgr_vip.privileges import has_network_capabilities
 from repmgr_vip.process import describe, first_line, run
 from repmgr_vip.remote import run_remote
@@ -53,7 +53,7 @@ def _check_binaries(config: Config, mode: str) -> Iterator[CheckResult]:
 
 
 def _check_privileges(config: Config, mode: str) -> Iterator[CheckResult]:
-    commands = PrivilegedCommands.from_config(config).all()
+    commands = sudo_lines(config)
     if mode == "direct":
         ok = os.geteuid() == 0 or has_network_capabilities()
         detail = ("running with CAP_NET_ADMIN and CAP_NET_RAW" if ok else

@@ -162,6 +162,15 @@ class PrivilegedCommands:
         return [*own, *(line for other in self.others for line in other.all())]
 
 
+def sudo_lines(config: Config) -> list[list[str]]:
+    """Every root command line of sudo mode: the VIP's, then the replica VIP's (sudoers)."""
+    lines = PrivilegedCommands.from_config(config).all()
+    if config.replica is not None:
+        replica = dataclasses.replace(config, vip=config.replica.vip)
+        lines += PrivilegedCommands.from_config(replica).all()
+    return lines
+
+
 class VipNetwork:
     """Adapter over `ip`, `arping` and raw sockets for the configured VIP on this node."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from repmgr_vip import cluster, statefiles
 from repmgr_vip.config import Config, ReplicaSettings
-from repmgr_vip.errors import VipError
+from repmgr_vip.errors import ConfigError, VipError
 from repmgr_vip.lock import LockBusy, vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
@@ -161,10 +161,26 @@ class ReplicaKeeper(threading.Thread):
             return
 
 
+def check_prefer(config: Config) -> None:
+    """replica_vip.prefer must name registered nodes (exit 2); unknown when PostgreSQL is
+    down, then the keeper simply ranks unknown names last."""
+    if config.replica is None or not config.replica.prefer:
+        return
+    try:
+        names = {r.node_name for r in cluster.registered_nodes(config, QUERY_TIMEOUT)}
+    except VipError:
+        return
+    unknown = [name for name in config.replica.prefer if name not in names]
+    if unknown:
+        raise ConfigError(f"replica_vip.prefer names {unknown[0]!r}, which is not a "
+                          "registered node; use node names from `repmgr cluster show`")
+
+
 def start_replica_keeper(config: Config) -> ReplicaKeeper | None:
     network = replica_network(config)
     if network is None or config.replica is None:
         return None
+    check_prefer(config)
     keeper = ReplicaKeeper(config, network, config.daemon.interval)
     keeper.start()
     LOG.info("replica VIP %s: placed on one healthy standby (max lag %d bytes)",

@@ -78,3 +78,29 @@ def test_who_holds_it(tmp_path: Path, repmgr_conf: Path) -> None:
     on_primary = _settings(tmp_path, repmgr_conf, 'on_no_standby = "primary"')
     assert should_hold(on_primary, "n1", "n1", standbys, none_ok, holds=False)
     assert not should_hold(on_primary, "n1", "n1", standbys, ROWS, holds=True)
+
+
+def test_prefer_must_name_registered_nodes(tmp_path: Path, repmgr_conf: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from repmgr_vip import cluster, replica
+    from repmgr_vip.errors import ConfigError
+
+    config = load_config(_write(tmp_path, repmgr_conf,
+                                'address = "192.0.2.116/24"\nprefer = ["pg-c", "pg-x"]'))
+    records = [cluster.NodeRecord(i, name, "standby", True, f"host=192.0.2.{i}", 1)
+               for i, name in ((2, "pg-b"), (3, "pg-c"))]
+    monkeypatch.setattr(cluster, "registered_nodes", lambda config, timeout=3.0: records)
+    with pytest.raises(ConfigError, match=r"replica_vip\.prefer") as caught:
+        replica.check_prefer(config)
+    assert caught.value.exit_code == ExitCode.USAGE
+    records.append(cluster.NodeRecord(4, "pg-x", "standby", True, "host=192.0.2.4", 1))
+    replica.check_prefer(config)  # all registered: no error
+
+
+def test_sudoers_lists_the_replica_vip(tmp_path: Path, repmgr_conf: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, repmgr_conf, 'address = "192.0.2.116/24"')
+    assert main(["-c", str(path), "sudoers"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "address del 192.0.2.116/24 dev lo" in out
+    assert "address del 192.0.2.115/24 dev lo" in out
