@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon
+from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon, vip_log
 from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
@@ -71,6 +71,7 @@ def test_replica_vip_follows_a_healthy_standby(lab_factory: Callable[..., Lab]) 
             assert _reads_standby(lab)
             lab.psql(node3, "SELECT pg_wal_replay_resume()", dbname="postgres")
 
+            assert _holder(lab) == ["node2"]
             lab.kill_postgres(node1)  # failover: node2 (the holder) or node3 is promoted
             _wait(lab, "a standby promoted", lambda: _primary(lab) not in (None, node1), 60)
             new = _primary(lab)
@@ -82,6 +83,9 @@ def test_replica_vip_follows_a_healthy_standby(lab_factory: Callable[..., Lab]) 
             _wait(lab, "reads through the replica VIP reach a standby",
                   lambda: _reads_standby(lab), 20)
             assert _holder(lab) != [new.name]
+            if new is node2:  # the promote hook gave the replica VIP up before the VIP
+                assert "replica VIP 192.0.2.116/24 released before" in vip_log(node2)
+            figures.append((f"promoted {new.name}", 0.0))
         replica.assert_never_two()
         primary.assert_never_two()
     finally:
