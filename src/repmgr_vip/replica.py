@@ -104,7 +104,16 @@ class ReplicaKeeper(threading.Thread):
                 self._note(f"replica VIP: unexpected {type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
+        """Stops placing it and gives it up: only a running daemon would ever move it on."""
         self.stopped.set()
+        self.join(timeout=10)
+        try:
+            with vip_lock(self.config.lock_path, 5.0):
+                if self.network.remove():
+                    LOG.warning("replica VIP %s released: the daemon stops",
+                                self.settings.vip.cidr)
+        except (VipError, LockBusy) as exc:
+            LOG.error("replica VIP not released on stop: %s", exc)
 
     def _note(self, text: str) -> None:
         if text != self.last_note:

@@ -86,6 +86,9 @@ def test_replica_vip_follows_a_healthy_standby(lab_factory: Callable[..., Lab]) 
             if new is node2:  # the promote hook gave the replica VIP up before the VIP
                 assert "replica VIP 192.0.2.116/24 released before" in vip_log(node2)
             figures.append((f"promoted {new.name}", 0.0))
+            stop_daemon(daemons[other.name])  # only the daemon moves it: stopping gives it up
+            _wait(lab, "replica VIP released when its holder's daemon stops",
+                  lambda: _holder(lab) == [], 15)
         replica.assert_never_two()
         primary.assert_never_two()
     finally:
