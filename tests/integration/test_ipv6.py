@@ -192,3 +192,25 @@ def test_daemon_direct_mode_dual_stack_conflict_and_repair(
         for proc in daemons.values():
             if proc.poll() is None:
                 stop_daemon(proc)
+
+
+def test_dual_stack_addresses_move_together_on_switchover(
+        lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(nodes=3)
+    _hooked(lab, f'["{VIP}", "{VIP6}"]')
+    node2 = lab.nodes[1]
+    _wait(lab, "both addresses on node1", lambda: lab.vip_holders(VIP_IP) == ["node1"]
+          and lab.vip_holders(VIP6_IP) == ["node1"], 20)
+    with VipSampler(lab, ip=VIP_IP) as v4, VipSampler(lab, ip=VIP6_IP) as v6:
+        result = lab.repmgr(node2, "standby", "switchover", "--siblings-follow",
+                            "--always-promote", check=False, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+        _wait(lab, "both addresses on node2 only", lambda: lab.vip_holders(VIP_IP)
+              == ["node2"] and lab.vip_holders(VIP6_IP) == ["node2"], 20)
+        for host in (VIP_IP, VIP6_IP):
+            _wait(lab, f"client reaches the new primary via {host}",
+                  lambda host=host: _client_sees_primary(lab, host), 20)
+        _wait(lab, "client IPv6 neighbour entry follows",
+              lambda: lab.client_neigh_mac(VIP6_IP) == node2.mac, 5)
+    v4.assert_never_two()
+    v6.assert_never_two()
