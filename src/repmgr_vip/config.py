@@ -131,6 +131,11 @@ class VipSettings:
         return self.addresses or (self.address,)
 
     @property
+    def cidrs(self) -> tuple[str, ...]:
+        """Every address as "ip/len" (InterfaceState.holds_all, held_map)."""
+        return tuple(a.with_prefixlen for a in self.all)
+
+    @property
     def ip(self) -> str:
         return str(self.address.ip)
 

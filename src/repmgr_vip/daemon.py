@@ -240,7 +240,7 @@ class Daemon:
             LOG.error("cannot read interface %s: %s; retrying next cycle",
                       self.config.vip.interface, exc)
             raise SnapshotFailed(str(exc)) from exc
-        holds = self.network.holds_in(state)  # every address (dual stack)
+        holds = state.holds_all(self.config.vip.cidrs)  # every address (dual stack)
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
             try:
@@ -337,7 +337,7 @@ class Daemon:
         self.last_decision = decision
         self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
         try:
-            held = self.network.held_addresses()
+            held = self.network.interface_state().held_map(self.config.vip.cidrs)
             holds = all(held.values())
             self.metrics.addresses(held)
         except VipError:  # unreadable `ip` output: report what the snapshot saw

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,14 @@ class InterfaceState:
     def present_as(self, ip: str) -> str | None:
         """Like address_as, also counting an IPv6 address still tentative or failed DAD."""
         return _find(self.addresses, ip) or _find(self.pending, ip)
+
+    def held_map(self, cidrs: Iterable[str]) -> dict[str, bool]:
+        """Each VIP address ("ip/len" as configured) and whether it is here, usable."""
+        return {cidr: self.address_as(cidr.split("/", 1)[0]) is not None for cidr in cidrs}
+
+    def holds_all(self, cidrs: Iterable[str]) -> bool:
+        """Whether every address of the VIP is here, usable: what "holds the VIP" means."""
+        return all(self.held_map(cidrs).values())
 
 
 def _find(addresses: tuple[str, ...], ip: str) -> str | None:
@@ -215,21 +223,13 @@ class VipNetwork:
         return InterfaceState(True, "UP" in flags and "LOWER_UP" in flags,
                               str(link.get("address", "")), tuple(usable), tuple(pending))
 
-    def holds_in(self, state: InterfaceState) -> bool:
-        """Whether `state` shows every address of the VIP, usable."""
-        return all(state.address_as(c.address) is not None for c in self.members)
-
-    def held_addresses(self, state: InterfaceState | None = None) -> dict[str, bool]:
-        """Each address ("ip/len" as configured) and whether it is held: status, metrics."""
-        state = state or self.interface_state()
-        return {c.cidr: state.address_as(c.address) is not None for c in self.members}
 
     def held_as(self) -> str | None:
         """The first address as configured on the interface ("ip/len"), or None."""
         return self.interface_state().address_as(self.commands.address)
 
     def holds(self) -> bool:
-        return self.holds_in(self.interface_state())
+        return self.interface_state().holds_all(self.config.vip.cidrs)
 
     def add(self) -> bool:
         """Adds every address not yet held; True if this call added any.

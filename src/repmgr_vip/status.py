@@ -29,8 +29,8 @@ def local_status(config: Config) -> dict[str, Any]:
             last = data
     return {
         "node_id": config.repmgr.node_id,
-        "holds_vip": network.holds_in(state),
-        "addresses": network.held_addresses(state),
+        "holds_vip": state.holds_all(config.vip.cidrs),
+        "addresses": state.held_map(config.vip.cidrs),
         "interface_up": state.up,
         "daemon_pid": daemon_pid(config),
         "last_decision": last.get("reason", ""),

@@ -150,6 +150,10 @@ def test_state_compares_ipv6_spellings_and_ignores_tentative() -> None:
     assert state.address_as("2001:DB8:0::115") == "2001:db8::115/64"
     assert state.address_as("2001:db8::116") is None
     assert state.present_as("2001:db8::116") == "2001:db8::116/64"
+    assert state.held_map(["2001:db8::115/64", "2001:db8::116/64"]) == {
+        "2001:db8::115/64": True, "2001:db8::116/64": False}
+    assert state.holds_all(["2001:db8::115/64"])
+    assert not state.holds_all(["2001:db8::115/64", "2001:db8::116/64"])  # tentative: not held
 
 
 def test_kernel_dad_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
