@@ -64,7 +64,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_sudoers(args: argparse.Namespace) -> int:
-    from repmgr_vip.network import PrivilegedCommands
+    from repmgr_vip.network import sudo_lines
     from repmgr_vip.privileges import sudoers_rules
 
     config = _load(args)
@@ -77,7 +77,7 @@ def cmd_sudoers(args: argparse.Namespace) -> int:
         "# Install: repmgr-vip sudoers > /etc/sudoers.d/repmgr-vip && "
         "chmod 0440 /etc/sudoers.d/repmgr-vip && visudo -cf /etc/sudoers.d/repmgr-vip"
     )
-    print(sudoers_rules(PrivilegedCommands.from_config(config).all(), user=args.user,
+    print(sudoers_rules(sudo_lines(config), user=args.user,
                         alias=alias, comment=comment), end="")
     return ExitCode.OK
 

@@ -7,6 +7,7 @@ each raise ConfigError (exit 2) with one line naming the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from repmgr_vip import statefiles
 from repmgr_vip.errors import ConfigError
+from repmgr_vip.ndp import parse_vip6
 from repmgr_vip.repmgrconf import RepmgrConf, load_repmgr_conf, parse_conninfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/repmgr-vip.toml")
@@ -67,6 +69,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "probe_timeout": (float, 0.3),
         "lease": (float, 0.0),
     },
+    "replica_vip": {  # optional: a read-only address on one healthy standby (replica.py)
+        "address": (str, ""),
+        "interface": (str, ""),
+        "max_lag_bytes": (int, 16777216),
+        "prefer": (list, []),
+        "on_no_standby": (str, "none"),
+    },
     "privileges": {"mode": (str, "auto")},
     "commands": {"ip": (str, ""), "arping": (str, ""), "sudo": (str, ""), "ssh": (str, "")},
     "fencing": {
@@ -103,15 +112,29 @@ def _host_defaults(config_path: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+VipInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
 @dataclass(frozen=True)
 class VipSettings:
-    address: ipaddress.IPv4Interface
+    address: VipInterface  # the first address; `addresses` holds all of them (dual stack)
     interface: str
     announce_count: int
     announce_interval: float
     probe_count: int
     probe_timeout: float
     lease: float = 0.0  # seconds; 0: a permanent address (see lease.py)
+    addresses: tuple[VipInterface, ...] = ()
+
+    @property
+    def all(self) -> tuple[VipInterface, ...]:
+        """Every address of the VIP; they are added, removed and announced together."""
+        return self.addresses or (self.address,)
+
+    @property
+    def cidrs(self) -> tuple[str, ...]:
+        """Every address as "ip/len" (InterfaceState.holds_all, held_map)."""
+        return tuple(a.with_prefixlen for a in self.all)
 
     @property
     def ip(self) -> str:
@@ -119,7 +142,18 @@ class VipSettings:
 
     @property
     def cidr(self) -> str:
-        return self.address.with_prefixlen
+        """The VIP as people read it: "ip/len", or every address joined (dual stack)."""
+        return ", ".join(a.with_prefixlen for a in self.all)
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """[replica_vip]: its addresses (announce/probe settings from [vip]) and placement."""
+
+    vip: VipSettings
+    max_lag_bytes: int
+    prefer: tuple[str, ...]
+    on_no_standby: str
 
 
 @dataclass(frozen=True)
@@ -174,6 +208,7 @@ class Config:
     state_dir: Path
     log_file: Path
     values: Mapping[str, Mapping[str, Any]] = field(repr=False)
+    replica: ReplicaSettings | None = None  # [replica_vip], None when not configured
 
     @property
     def lock_path(self) -> Path:
@@ -219,6 +254,13 @@ def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
     name = _key_name(section, key)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if name == "replica_vip.prefer" and isinstance(value, list):
+        if not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"{name} must be a list of node names; fix {name}")
+        return [_check_type(section, key, item, str) for item in value]
+    if name in ("vip.address", "replica_vip.address") and isinstance(value, list) and value and all(
+            isinstance(item, str) for item in value):
+        return [_check_type(section, key, item, str) for item in value]  # dual stack
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(
             f"{name} must be a {expected.__name__}, "
@@ -273,10 +315,12 @@ def merge_with_schema(raw: Mapping[str, Any], config_path: Path) -> dict[str, di
     return merged
 
 
-def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
+def parse_vip(text: str, key: str = "vip.address") -> VipInterface:
     if "/" not in text:
+        example = "64" if ":" in text else "24"
         raise ConfigError(
-            f"{key}={text!r} has no prefix length; write it as ADDRESS/PREFIX, e.g. {text}/24"
+            f"{key}={text!r} has no prefix length; write it as ADDRESS/PREFIX, "
+            f"e.g. {text}/{example}"
         )
     address, prefix = text.split("/", 1)
     try:
@@ -284,7 +328,7 @@ def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
     except ValueError as exc:
         raise ConfigError(f"{key}={text!r}: {address!r} is not an IP address; fix {key}") from exc
     if ip.version == 6:
-        raise ConfigError(f"{key}={text!r}: IPv6 VIPs are not supported yet; use an IPv4 address")
+        return parse_vip6(text, key)
     if not (prefix.isascii() and prefix.isdigit()) or not 1 <= int(prefix) <= 32:
         raise ConfigError(f"{key}={text!r}: prefix length must be 1..32; fix {key}")
     try:
@@ -295,6 +339,22 @@ def parse_vip(text: str, key: str = "vip.address") -> ipaddress.IPv4Interface:
     if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == broadcast:
         raise ConfigError(f"{key}={text!r} cannot be a service address; use a unicast address")
     return vip
+
+
+def parse_vips(value: str | list[str], key: str = "vip.address") -> tuple[VipInterface, ...]:
+    """One address, or a list (dual stack): at most one IPv4 and one IPv6, no duplicates."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise ConfigError(f"{key} is an empty list; give one address or one IPv4 and one IPv6")
+    parsed = tuple(parse_vip(text, key) for text in texts)
+    for version in (4, 6):
+        same = [a.with_prefixlen for a in parsed if a.version == version]
+        if len(same) > 1:
+            problem = ("the same address twice" if len({a.split("/")[0] for a in same}) == 1
+                       else f"{len(same)} IPv{version} addresses")
+            raise ConfigError(f"{key} = {texts!r} has {problem}; give at most one IPv4 and one "
+                              f"IPv6 address (dual stack)")
+    return parsed
 
 
 def _positive(section: str, values: Mapping[str, Any], *keys: str) -> None:
@@ -321,7 +381,8 @@ def _check_lease(lease: float) -> None:
 def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True) -> Config:
     values = merge_with_schema(raw, path)
     vip_values = values["vip"]
-    vip = VipSettings(address=parse_vip(vip_values["address"]), **{
+    addresses = parse_vips(vip_values["address"])
+    vip = VipSettings(address=addresses[0], addresses=addresses, **{
         k: vip_values[k] for k in ("interface", "announce_count", "announce_interval",
                                    "probe_count", "probe_timeout", "lease")
     })
@@ -332,6 +393,9 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
     _positive("vip", vip_values, "announce_count", "announce_interval", "probe_count",
               "probe_timeout")
     _check_lease(vip.lease)
+    if vip.lease and (len(addresses) > 1 or addresses[0].version == 6):
+        raise ConfigError("vip.lease works with one IPv4 address only; set vip.lease = 0 for "
+                          "an IPv6 or dual-stack vip.address")
     _choice("privileges", "mode", values["privileges"]["mode"], PRIVILEGE_MODES)
     if values[""]["log_format"] not in ("text", "json"):
         raise ConfigError(f"log_format={values['']['log_format']!r}; use one of: text, json")
@@ -351,17 +415,19 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
             raise ConfigError(f"commands.{name}={binary!r} must be an absolute path; fix it")
     repmgr = load_repmgr_conf(Path(values[""]["repmgr_config"]))
     host = parse_conninfo(repmgr.conninfo).get("host", "")
-    if host and _same_ip(host, vip.ip):
-        raise ConfigError(
-            f"vip.address={vip.cidr} is this node's own address ({repmgr.path} conninfo host); "
-            "choose a free address for the VIP"
-        )
+    for address in vip.all:
+        if host and _same_ip(host, str(address.ip)):
+            raise ConfigError(
+                f"vip.address={address.with_prefixlen} is this node's own address "
+                f"({repmgr.path} conninfo host); choose a free address for the VIP"
+            )
     if check_host and not Path("/sys/class/net", vip.interface).exists():
         raise ConfigError(
             f"vip.interface={vip.interface!r} does not exist on this host; "
             "set it to the NIC that carries the node's address (see `ip -br link`)"
         )
     state_dir = values[""]["state_dir"] or _default_state_dir(repmgr)
+    replica = _replica_settings(values["replica_vip"], vip)
     return Config(
         path=path,
         repmgr=repmgr,
@@ -374,7 +440,30 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         state_dir=Path(state_dir),
         log_file=Path(values[""]["log_file"] or statefiles.default_log_file(Path(state_dir))),
         values=values,
+        replica=replica,
     )
+
+
+def _replica_settings(values: Mapping[str, Any], vip: VipSettings) -> ReplicaSettings | None:
+    if values["address"] in ("", []):
+        return None
+    addresses = parse_vips(values["address"], "replica_vip.address")
+    taken = {a.ip for a in vip.all}
+    for address in addresses:
+        if address.ip in taken:
+            raise ConfigError(f"replica_vip.address={address.with_prefixlen} is also in "
+                              "vip.address; give the replica VIP an address of its own")
+    interface = values["interface"] or vip.interface
+    if not _IFNAME.match(interface):
+        raise ConfigError(f"replica_vip.interface={interface!r} is not a valid interface "
+                          "name; use e.g. 'eth0'")
+    if values["max_lag_bytes"] < 0:
+        raise ConfigError("replica_vip.max_lag_bytes must be 0 or more bytes; fix it")
+    _choice("replica_vip", "on_no_standby", values["on_no_standby"], ("none", "primary"))
+    settings = dataclasses.replace(vip, address=addresses[0], addresses=addresses,
+                                   interface=interface, lease=0.0)
+    return ReplicaSettings(settings, values["max_lag_bytes"], tuple(values["prefer"]),
+                           values["on_no_standby"])
 
 
 def _same_ip(host: str, vip_ip: str) -> bool:
@@ -433,6 +522,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return _toml_string(str(value))
 
 

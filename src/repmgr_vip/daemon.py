@@ -45,6 +45,7 @@ from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.process import alive
+from repmgr_vip.replica import start_replica_keeper
 
 PEER_TIMEOUT = 2.0
 STATE_FILE = statefiles.DAEMON_STATE
@@ -279,7 +280,7 @@ class Daemon:
             LOG.error("cannot read interface %s: %s; retrying next cycle",
                       self.config.vip.interface, exc)
             raise SnapshotFailed(str(exc)) from exc
-        holds = state.address_as(self.config.vip.ip) is not None
+        holds = state.holds_all(self.config.vip.cidrs)  # every address (dual stack)
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
             try:
@@ -387,7 +388,9 @@ class Daemon:
         self.last_decision = decision
         self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
         try:
-            holds = self.network.holds()
+            held = self.network.interface_state().held_map(self.config.vip.cidrs)
+            holds = all(held.values())
+            self.metrics.addresses(held)
         except VipError:  # unreadable `ip` output: report what the snapshot saw
             holds = snapshot.holds_vip
         self.metrics.observe(decision, snapshot, holds, self.clock.monotonic() - started)
@@ -428,6 +431,7 @@ class Daemon:
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
+        replica = start_replica_keeper(self.config)  # [replica_vip]: its own thread
         first = True
         while not self.stop_event.is_set():
             started = time.monotonic()
@@ -444,6 +448,8 @@ class Daemon:
             self.stop_event.wait(max(0.0, self.config.daemon.interval
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
+        if replica is not None:
+            replica.stop()
         if self.config.daemon.on_stop == "release":
             with contextlib.suppress(VipError), vip_lock(self.config.lock_path, 5.0):
                 if self.network.remove():

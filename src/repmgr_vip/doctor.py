@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from repmgr_vip import cluster
-from repmgr_vip.config import Config
+from repmgr_vip.config import Config, VipInterface
 from repmgr_vip.errors import VipError
 from repmgr_vip.lease import lease_checks
-from repmgr_vip.network import PrivilegedCommands, VipNetwork
+from repmgr_vip.ndp import ipv6_checks
+from repmgr_vip.network import VipNetwork, sudo_lines
 from repmgr_vip.privileges import has_network_capabilities
 from repmgr_vip.process import describe, first_line, run
 from repmgr_vip.remote import remote_vip_command, run_remote
@@ -56,7 +57,7 @@ def _check_binaries(config: Config, mode: str) -> Iterator[CheckResult]:
 
 
 def _check_privileges(config: Config, mode: str) -> Iterator[CheckResult]:
-    commands = PrivilegedCommands.from_config(config).all()
+    commands = sudo_lines(config)
     if mode == "direct":
         ok = os.geteuid() == 0 or has_network_capabilities()
         detail = ("running with CAP_NET_ADMIN and CAP_NET_RAW" if ok else
@@ -192,23 +193,42 @@ def _check_repmgrd(config: Config) -> CheckResult:
 
 
 def _check_subnet(config: Config, network: VipNetwork) -> CheckResult:
-    """A VIP outside the interface's subnets is not reachable by ARP from the clients' LAN."""
-    vip = config.vip.address
+    """A VIP outside the interface's subnets is not reachable by ARP (or NDP) from the
+    clients' LAN. Each address of a dual-stack VIP is checked against the node's own
+    addresses of its family; the worst answer is the one shown."""
+    state = network.interface_state()
+    results = [_subnet_of(config, vip, state.addresses) for vip in config.vip.all]
+    failed = [r for r in results if not r.ok]
+    warned = [r for r in results if r.warning]
+    if failed or warned or len(results) == 1:
+        return (failed or warned or results)[0]
+    return CheckResult("VIP subnet", True, "; ".join(r.detail for r in results))
+
+
+def _subnet_of(config: Config, vip: VipInterface, addresses: tuple[str, ...]) -> CheckResult:
     name = "VIP subnet"
-    own = [ipaddress.IPv4Interface(a) for a in network.interface_state().addresses
-           if "." in a and "/" in a and a.split("/", 1)[0] != config.vip.ip]
+    family = f"IPv{vip.version}"
+    own: list[VipInterface] = []
+    for text in addresses:
+        try:
+            address = ipaddress.ip_interface(text)
+        except ValueError:
+            continue
+        if (address.version == vip.version and address.ip != vip.ip
+                and not address.ip.is_link_local):
+            own.append(address)
     if not own:
-        return CheckResult(name, False, f"{config.vip.interface} has no IPv4 address of its own; "
-                           "the VIP needs the node's address on the same subnet")
+        return CheckResult(name, False, f"{config.vip.interface} has no {family} address of its "
+                           "own; the VIP needs the node's address on the same subnet")
     same = [a for a in own if a.network == vip.network]
     if same:
         return CheckResult(name, True, f"{vip.network} as {same[0]} on {config.vip.interface}")
     near = [a for a in own if vip.ip in a.network or a.ip in vip.network]
     if near:
-        return CheckResult(name, True, f"{config.vip.cidr} overlaps {near[0]} with another "
+        return CheckResult(name, True, f"{vip.with_prefixlen} overlaps {near[0]} with another "
                            "prefix length; use the interface's prefix in vip.address",
                            warning=True)
-    return CheckResult(name, False, f"{config.vip.cidr} is on no subnet of "
+    return CheckResult(name, False, f"{vip.with_prefixlen} is on no subnet of "
                        f"{config.vip.interface} ({', '.join(str(a) for a in own)}); fix "
                        "vip.address or vip.interface")
 
@@ -268,6 +288,8 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("isolation grace", lambda: iter([_check_isolation_grace(config)])),
         ("cluster", lambda: _check_cluster(config)),
         ("lease", lambda: lease_checks(config)),
+        ("ipv6", lambda: ipv6_checks(config.vip.interface, network.mode, [
+            a.with_prefixlen for a in config.vip.all if a.version == 6])),
     ]
     checks += wiring_checks(config, network)
     for name, check in checks:

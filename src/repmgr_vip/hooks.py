@@ -7,6 +7,7 @@ that is repmgr's own status, never the VIP step's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
@@ -23,6 +24,7 @@ from repmgr_vip.lock import vip_lock
 from repmgr_vip.log import LOG
 from repmgr_vip.network import VipNetwork
 from repmgr_vip.release_retry import start_retrier
+from repmgr_vip.replica import release_here
 from repmgr_vip.statefiles import write_atomic
 
 LOCK_TIMEOUT = 60.0
@@ -113,6 +115,8 @@ def promote(config: Config) -> int:
     """
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
+            release_here(config)
         # start releasing at once with the node list cached on disk, then correct it from
         # repmgr.nodes: a failover should not wait for the PostgreSQL driver to load
         cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]

@@ -146,6 +146,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.held = Gauge("repmgr_vip_held", "1 if this node holds the VIP", registry=r)
+        self.address_held = Gauge("repmgr_vip_address_held", "1 if this node holds this "
+                                  "address of the VIP (dual stack: one per address)",
+                                  ["address"], registry=r)
         self.role = Gauge("repmgr_vip_role", "1 for the local role", ["role"], registry=r)
         self.peers = Gauge("repmgr_vip_peers_reachable", "other nodes answering", registry=r)
         self.peers_total = Gauge("repmgr_vip_peers", "other registered nodes", registry=r)
@@ -191,6 +194,10 @@ class Metrics:
 
     def lease_failure(self) -> None:
         self.lease_failures.inc()
+
+    def addresses(self, held: dict[str, bool]) -> None:
+        for address, on in held.items():
+            self.address_held.labels(address=address).set(1 if on else 0)
 
     def conflict(self) -> None:
         self.conflicts.inc()

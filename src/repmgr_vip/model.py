@@ -6,6 +6,8 @@ code and the ports import no I/O at all (tests/unit/test_layers.py holds that li
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -40,8 +42,35 @@ class InterfaceState:
     exists: bool
     up: bool
     mac: str
-    addresses: tuple[str, ...]  # "a.b.c.d/len"
+    addresses: tuple[str, ...]  # "a.b.c.d/len" or "v6/len", usable
+    pending: tuple[str, ...] = ()  # IPv6 still in (or failed) the kernel's DAD: not usable
 
     def address_as(self, ip: str) -> str | None:
-        """`ip` as configured here ("ip/len"), or None; an exact match, never a substring."""
-        return next((a for a in self.addresses if a.split("/", 1)[0] == ip), None)
+        """`ip` as configured here ("ip/len"), or None; an exact match, never a substring
+        (IPv6 compared in one spelling)."""
+        return _find(self.addresses, ip)
+
+    def present_as(self, ip: str) -> str | None:
+        """Like address_as, also counting an IPv6 address still tentative or failed DAD."""
+        return _find(self.addresses, ip) or _find(self.pending, ip)
+
+    def held_map(self, cidrs: Iterable[str]) -> dict[str, bool]:
+        """Each VIP address ("ip/len" as configured) and whether it is here, usable."""
+        return {cidr: self.address_as(cidr.split("/", 1)[0]) is not None for cidr in cidrs}
+
+    def holds_all(self, cidrs: Iterable[str]) -> bool:
+        """Whether every address of the VIP is here, usable: what "holds the VIP" means."""
+        return all(self.held_map(cidrs).values())
+
+
+def _find(addresses: tuple[str, ...], ip: str) -> str | None:
+    wanted = normal_ip(ip)
+    return next((a for a in addresses if normal_ip(a.split("/", 1)[0]) == wanted), None)
+
+
+def normal_ip(ip: str) -> str:
+    """One spelling per address, so 2001:DB8::1 and 2001:db8:0::1 compare equal."""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip

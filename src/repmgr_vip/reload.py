@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 # interface, the lock or state file of another directory, a metrics port already bound, the
 # identity of this node.
 RESTART_ONLY = (("vip", "address"), ("vip", "interface"), ("", "repmgr_config"),
-                ("", "state_dir"), ("daemon", "metrics_address"), ("daemon", "metrics_port"))
+                ("", "state_dir"), ("daemon", "metrics_address"), ("daemon", "metrics_port"),
+                # the replica VIP's thread keeps the settings it started with
+                *(("replica_vip", key) for key in ("address", "interface", "max_lag_bytes",
+                                                   "prefer", "on_no_standby")))
 
 
 def _flat(values: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
@@ -78,8 +81,7 @@ def install_sighup() -> threading.Event:
 def reload_daemon(daemon: Daemon) -> bool:
     """Re-reads the file and puts the result into the running daemon; False if nothing changed."""
     from repmgr_vip.daemon import effective_isolation_grace
-    from repmgr_vip.network import PrivilegedCommands, VipNetwork
-    from repmgr_vip.privileges import effective_mode
+    from repmgr_vip.network import VipNetwork
 
     old = daemon.config
     new = reload_config(old)
@@ -92,9 +94,7 @@ def reload_daemon(daemon: Daemon) -> bool:
     setup_logging_for(new)
     daemon.config = new
     if isinstance(daemon.network, VipNetwork):  # an injected port (a fake) has no commands
-        daemon.network.config = new
-        daemon.network.commands = PrivilegedCommands.from_config(new)
-        daemon.network.mode = effective_mode(new.privilege_mode)
+        daemon.network.reconfigure(new)
     daemon.policy = dataclasses.replace(daemon.policy,
                                         isolation_grace=effective_isolation_grace(new))
     for watcher in daemon.watchers.values():

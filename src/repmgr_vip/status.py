@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from repmgr_vip import cluster, statefiles
@@ -29,7 +29,8 @@ def local_status(config: Config) -> dict[str, Any]:
             last = data
     return {
         "node_id": config.repmgr.node_id,
-        "holds_vip": state.address_as(config.vip.ip) is not None,
+        "holds_vip": state.holds_all(config.vip.cidrs),
+        "addresses": state.held_map(config.vip.cidrs),
         "interface_up": state.up,
         "daemon_pid": daemon_pid(config),
         "last_decision": last.get("reason", ""),
@@ -47,6 +48,7 @@ class NodeStatus:
     holds_vip: bool | None  # None: could not ask the node
     daemon: bool | None
     note: str
+    addresses: dict[str, bool] = field(default_factory=dict)  # dual stack: each address
 
 
 def _remote_status(config: Config, node: cluster.NodeRecord) -> dict[str, Any] | str:
@@ -82,6 +84,7 @@ def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
     rows = []
     for node, view, remote in pairs:
         role = "down" if not view.reachable else ("standby" if view.in_recovery else "primary")
+        addresses: dict[str, bool] = {}
         if isinstance(remote, str):
             holds, daemon, note = None, None, remote
         else:
@@ -89,14 +92,17 @@ def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
             holds = answer if isinstance(answer, bool) else None
             daemon = remote.get("daemon_pid") is not None
             note = str(remote.get("last_decision", ""))
+            given = remote.get("addresses")
+            if isinstance(given, dict):
+                addresses = {str(k): v for k, v in given.items() if isinstance(v, bool)}
         rows.append(NodeStatus(node.node_id, node.node_name, node.node_type, role,
-                               view.timeline, view.reachable, holds, daemon, note))
+                               view.timeline, view.reachable, holds, daemon, note, addresses))
     return rows, conflicts(rows)
 
 
 def conflicts(rows: list[NodeStatus]) -> list[str]:
     found = []
-    holders = [r.node_name for r in rows if r.holds_vip]
+    holders = [r.node_name for r in rows if r.holds_vip or any(r.addresses.values())]
     primaries = [r.node_name for r in rows if r.role == "primary"]
     if len(holders) > 1:
         found.append(f"VIP held by {len(holders)} nodes: {', '.join(holders)}")
@@ -105,6 +111,9 @@ def conflicts(rows: list[NodeStatus]) -> list[str]:
     for row in rows:
         if row.holds_vip and row.role != "primary":
             found.append(f"{row.node_name} holds the VIP but is {row.role}")
+        elif not row.holds_vip and any(row.addresses.values()):
+            held = ", ".join(a for a, on in row.addresses.items() if on)
+            found.append(f"{row.node_name} holds only part of the VIP ({held})")
     if primaries and not holders and all(r.holds_vip is not None for r in rows):
         found.append("no node holds the VIP")
     return found
@@ -128,10 +137,15 @@ def render(rows: list[NodeStatus], found: list[str]) -> str:
     def yes(value: bool | None) -> str:
         return "?" if value is None else ("yes" if value else "no")
 
+    def vip(row: NodeStatus) -> str:
+        if not row.holds_vip and any(row.addresses.values()):
+            return "only " + ",".join(a.split("/")[0] for a, on in row.addresses.items() if on)
+        return yes(row.holds_vip)
+
     header = ("id", "name", "type", "role", "timeline", "reachable", "VIP", "daemon", "note")
     table = [header] + [
         (str(r.node_id), printable(r.node_name), printable(r.node_type), r.role,
-         str(r.timeline or "-"), yes(r.reachable), yes(r.holds_vip), yes(r.daemon),
+         str(r.timeline or "-"), yes(r.reachable), vip(r), yes(r.daemon),
          printable(r.note)[:60])
         for r in rows
     ]

@@ -22,10 +22,11 @@ def config_path(node: Node) -> Path:
 def write_vip_config(lab: Lab, node: Node, extra: str = "", *, address: str = VIP) -> Path:
     """A node's config as a DBA would write it; other nodes' configs follow a path template."""
     path = config_path(node)
+    toml_address = address if address.startswith("[") else f'"{address}"'  # a list: as is
     template = str(lab.workdir / "{node_name}" / CONFIG_NAME)
     path.write_text(
         f'repmgr_config = "{node.repmgr_conf}"\n\n'
-        f'[vip]\naddress = "{address}"\ninterface = "{INTERFACE}"\n\n'
+        f'[vip]\naddress = {toml_address}\ninterface = "{INTERFACE}"\n\n'
         f'[remote]\ncommand = "{REPMGR_VIP}"\nconfig = "{template}"\n\n'
         f"{extra}\n"
     )

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -49,6 +50,11 @@ SUBNET = "192.0.2.0/24"
 CLIENT_IP = "192.0.2.100"
 WITNESS_IP = "192.0.2.30"
 WITNESS_NODE_ID = 99
+# IPv6 inside the lab's namespaces only (documentation prefix, no routes): each host has
+# 2001:db8::N beside 192.0.2.N; the kernel's DAD and ndisc_notify as sudo mode needs them.
+SUBNET6 = "2001:db8::/64"
+VIP6 = "2001:db8::115/64"
+VIP6_IP = "2001:db8::115"
 PG_USER = "postgres"
 REPMGR_USER = "repmgr"
 REPMGR_DB = "repmgr"
@@ -68,6 +74,7 @@ MOUNT = "/usr/bin/mount"
 UMOUNT = "/usr/bin/umount"
 IPCS = "/usr/bin/ipcs"
 IPCRM = "/usr/bin/ipcrm"
+SYSCTL = "/usr/sbin/sysctl"
 SUDOERS_DIR = Path("/etc/sudoers.d")
 SUDOERS_PREFIX = "repmgr-vip-lab-"
 WORKDIR_ROOT = Path("/tmp")
@@ -75,6 +82,12 @@ WORKDIR_PREFIX = "rvlab-"
 # No /usr/local: that tree holds odd copies of repmgr on this workplace.
 DEFAULT_PATH = f"{PG_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
+
+
+def ipv6_of(ipv4: str) -> str:
+    """A lab host's IPv6 address: 192.0.2.N -> 2001:db8::N."""
+    return f"2001:db8::{ipv4.rsplit('.', 1)[1]}"
+
 
 T = TypeVar("T")
 
@@ -526,6 +539,7 @@ PREREQUISITES: tuple[tuple[str, str], ...] = (
     (SETPRIV, "util-linux"),
     (IPCS, "util-linux"),
     (IPCRM, "util-linux"),
+    (SYSCTL, "procps"),  # IPv6 neighbour discovery settings per host
     (MOUNT, "mount"),
     (UMOUNT, "mount"),
     (SSHD, "openssh-server"),
@@ -613,7 +627,8 @@ RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFLA_IFNAME, IFLA_OPERSTATE = 3, 16
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 IF_OPER_DOWN, IF_OPER_LOWERLAYERDOWN = 2, 3
 _NLMSGHDR = struct.Struct("=LHHLL")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -636,6 +651,14 @@ def _rtattrs(data: bytes) -> dict[int, bytes]:
         attrs.setdefault(kind, data[off + _RTATTR.size : off + length])
         off += _align4(length)
     return attrs
+
+
+def _same_ip(a: str, b: str) -> bool:
+    """One address however spelled (2001:DB8::1 and 2001:db8:0::1 are the same)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
 
 
 def _netlink_socket_in(netns: str) -> socket.socket:
@@ -673,7 +696,7 @@ def _netlink_socket_in(netns: str) -> socket.socket:
 
 
 class NetnsReader:
-    """Reads one interface's carrier and IPv4 addresses in a namespace over rtnetlink.
+    """Reads one interface's carrier and addresses in a namespace over rtnetlink.
 
     Why: a fork+exec of `ip` per namespace and sample takes tens of milliseconds on a
     loaded box; two netlink dumps on a socket opened once take well under one. Errors
@@ -723,7 +746,11 @@ class NetnsReader:
                     out.append((mtype, body))
 
     def interface(self, ifname: str) -> tuple[bool, list[str]]:
-        """(has carrier, IPv4 addresses as 'a.b.c.d/len') of `ifname`; LabError if absent."""
+        """(has carrier, usable addresses as 'ip/len') of `ifname`; LabError if absent.
+
+        IPv4 and IPv6; an IPv6 address still in (or refused by) the kernel's DAD answers
+        nothing on the wire, so it is left out.
+        """
         index = None
         carrier = False
         for mtype, body in self._dump(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
@@ -738,17 +765,23 @@ class NetnsReader:
         if index is None:
             raise LabError(f"{self.netns}: no interface {ifname}")
         addrs: list[str] = []
-        request = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         for mtype, body in self._dump(RTM_GETADDR, request):
             if mtype != RTM_NEWADDR or len(body) < _IFADDRMSG.size:
                 continue
-            family, prefixlen, _flags, _scope, idx = _IFADDRMSG.unpack_from(body)
-            if family != socket.AF_INET or idx != index:
+            family, prefixlen, flags, _scope, idx = _IFADDRMSG.unpack_from(body)
+            if family not in (socket.AF_INET, socket.AF_INET6) or idx != index:
                 continue
             attrs = _rtattrs(body[_IFADDRMSG.size :])
+            extended = attrs.get(IFA_FLAGS)
+            if extended is not None and len(extended) == 4:
+                flags = struct.unpack("=I", extended)[0]
+            if family == socket.AF_INET6 and flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
             raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-            if raw is not None and len(raw) == 4:
-                addrs.append(f"{socket.inet_ntoa(raw)}/{prefixlen}")
+            size = 4 if family == socket.AF_INET else 16
+            if raw is not None and len(raw) == size:
+                addrs.append(f"{socket.inet_ntop(family, raw)}/{prefixlen}")
         return carrier, addrs
 
 
@@ -975,6 +1008,10 @@ class Lab:
             _ip("-n", br, "link", "set", veth, "master", "br0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", INTERFACE)
+            _ip("-n", ns, "addr", "add", f"{ipv6_of(ip)}/64", "dev", INTERFACE, "nodad")
+            run_cmd([IP_BIN, "netns", "exec", ns, SYSCTL, "-qw",
+                     f"net.ipv6.conf.{INTERFACE}.ndisc_notify=1",
+                     f"net.ipv6.conf.{INTERFACE}.router_solicitation_delay=0"], timeout=10)
             _ip("-n", ns, "link", "set", INTERFACE, "up")
         for n in self.all_nodes:
             info = json.loads(_ip("-n", n.netns, "-j", "link", "show", "dev", INTERFACE).stdout)
@@ -1086,6 +1123,7 @@ include_if_exists = '../postgresql.node.conf'
             "local replication all trust\n"
             f"host all all {SUBNET} trust\n"
             f"host replication all {SUBNET} trust\n"
+            f"host all all {SUBNET6} trust\n"
             "host all all 127.0.0.1/32 trust\n"
         )
 
@@ -1425,7 +1463,7 @@ include_if_exists = '../postgresql.node.conf'
         holders: list[str] = []
         for n in self.all_nodes:
             carrier, addrs = self._reader(n).interface(INTERFACE)
-            if carrier and any(a.split("/", 1)[0] == ip for a in addrs):
+            if carrier and any(_same_ip(a.split("/", 1)[0], ip) for a in addrs):
                 holders.append(n.name)
         return holders
 

@@ -82,7 +82,7 @@ BAD_INPUTS = [
     ("VIP without prefix", {"address": "192.0.2.115"}, ["vip.address", "prefix length"]),
     ("bad prefix", {"address": "192.0.2.115/33"}, ["vip.address", "1..32"]),
     ("bad prefix text", {"address": "192.0.2.115/x"}, ["vip.address", "1..32"]),
-    ("IPv6 VIP", {"address": "2001:db8::15/64"}, ["IPv6"]),
+    ("IPv6 VIP without prefix", {"address": "2001:db8::15"}, ["vip.address", "prefix"]),
     ("VIP = node's own address", {"address": "192.0.2.12/24"}, ["own address"]),
     ("missing interface", {"interface": "nosuch0"}, ["vip.interface", "does not exist"]),
     ("invalid interface name", {"interface": "eth0; reboot"}, ["vip.interface", "not a valid"]),

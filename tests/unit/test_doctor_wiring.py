@@ -79,6 +79,24 @@ def test_vip_subnet(write_config: Callable[..., Path], addresses: tuple[str, ...
     assert result.line().split()[0] == expected
 
 
+@pytest.mark.parametrize(("vip", "addresses", "expected"), [
+    ('"2001:db8::115/64"', ("192.0.2.12/24", "2001:db8::12/64", "fe80::1/64"), "ok"),
+    ('"2001:db8::115/64"', ("192.0.2.12/24", "fe80::1/64"), "FAIL"),  # no IPv6 of its own
+    ('"2001:db8::115/64"', ("2001:db8:1::12/64",), "FAIL"),
+    ('["192.0.2.115/24", "2001:db8::115/64"]', ("192.0.2.12/24", "2001:db8::12/64"), "ok"),
+    ('["192.0.2.115/24", "2001:db8::115/64"]', ("192.0.2.12/24",), "FAIL"),
+    ('["192.0.2.115/24", "2001:db8::115/64"]', ("2001:db8::12/64",), "FAIL"),
+    ('["192.0.2.115/24", "2001:db8::115/64"]', ("192.0.2.12/16", "2001:db8::12/64"), "WARN"),
+])
+def test_vip_subnet_per_family(write_config: Callable[..., Path], repmgr_conf: Path, vip: str,
+                               addresses: tuple[str, ...], expected: str) -> None:
+    """Each address of an IPv6 or dual-stack VIP needs the node's own subnet of its family."""
+    config = load_config(write_config(f'repmgr_config = "{repmgr_conf}"\n[vip]\n'
+                                      f'address = {vip}\ninterface = "lo"\n'))
+    result = _check_subnet(config, FakeNetwork(*addresses))  # type: ignore[arg-type]
+    assert result.line().split()[0] == expected
+
+
 def test_check_output_round_trips() -> None:
     text = ("ok    config: /etc/repmgr-vip.toml (VIP ...)\n"
             "WARN  daemon on node3: not running: a blip\n"

@@ -15,7 +15,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "repmgr_vip"
 PURE = ("decide", "ports", "model")
 ALLOWED_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "dataclasses",
-                  "enum", "typing", "abc", "math"}
+                  "enum", "typing", "abc", "math", "ipaddress"}
 
 
 def _runtime_imports(tree: ast.Module) -> list[str]:
