@@ -50,6 +50,7 @@ def test_valid_change_is_applied_to_the_running_daemon(
     "[daemon]\nno_such_key = 1\n",
     "[vip]\naddress = '192.0.2.200/24'\ninterface = 'lo'\n",   # restart-only key
     "[daemon]\nmetrics_port = 9999\n",                        # restart-only key
+    "[replica_vip]\naddress = '192.0.2.116/24'\n",             # its thread keeps its own
 ])
 def test_invalid_or_restart_only_change_is_refused_in_one_line(
         write_config: Callable[..., Path], caplog: pytest.LogCaptureFixture, body: str) -> None:
@@ -95,3 +96,19 @@ def test_refusal_is_one_structured_json_line(write_config: Callable[..., Path],
     record = json.loads(lines[0])
     assert (record["level"], record["event"], record["outcome"]) == ("error", "reload", "refused")
     assert "daemon.interval" in record["message"]
+
+
+def test_reload_refreshes_every_address_of_a_dual_stack_vip(
+        write_config: Callable[..., Path], repmgr_conf: Path) -> None:
+    """Probe and announce run each address's own lines: a reload must reach all of them."""
+    from repmgr_vip.network import VipNetwork
+
+    path = write_config(f'repmgr_config = "{repmgr_conf}"\n[vip]\n'
+                        'address = ["192.0.2.115/24", "2001:db8::115/64"]\ninterface = "lo"\n'
+                        + NO_METRICS)
+    daemon = Daemon(load_config(path))
+    path.write_text(path.read_text().replace('interface = "lo"\n',
+                                             'interface = "lo"\nprobe_timeout = 0.9\n'))
+    assert reload_daemon(daemon)
+    assert isinstance(daemon.network, VipNetwork)
+    assert [m.probe_timeout for m in daemon.network.members] == [0.9, 0.9]
