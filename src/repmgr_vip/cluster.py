@@ -160,6 +160,11 @@ def registered_nodes(config: Config, timeout: float = 3.0) -> list[NodeRecord]:
             f"cannot read repmgr.nodes through conninfo of {config.repmgr.path}: "
             f"{_one_line(exc)}; is the local PostgreSQL running and the node registered?"
         ) from exc
+    return remember_rows(config, rows)
+
+
+def remember_rows(config: Config, rows: Iterable[Any]) -> list[NodeRecord]:
+    """NODES_QUERY's rows as records, kept on disk for the hooks (see _remember)."""
     records = [NodeRecord(int(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]), int(r[5]))
                for r in rows]
     _remember(config, records)
