@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from repmgr_vip import claim, cluster, pgsession, ports, statefiles
+from repmgr_vip import claim, cluster, pgsession, ports, sshmux, statefiles
 from repmgr_vip.adapters import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.config import Config
 from repmgr_vip.decide import (
@@ -231,6 +231,9 @@ class Daemon:
             lambda: pgsession.registered_nodes(self.local_session, config), "node-list")
         self.node_gate = pgsession.NodeListGate()
         self.local_latest = cluster.NodeView(config.repmgr.node_id, reachable=False)
+        # warm SSH links for the hooks' remote releases (a thread: never blocks the cycle)
+        self.ssh_keeper = sshmux.MasterKeeper(config, lambda: [r.host for r in self.records],
+                                              self.stop_event)
         # hooks' entries written before this daemon started are history, not news
         self.journal_offset = self.files.read_journal(0)[1]
         self.views: ports.NodeViews = views if views is not None else DaemonViews(self)
@@ -444,6 +447,7 @@ class Daemon:
         from repmgr_vip.reload import install_sighup, reload_daemon
         reload_requested = install_sighup()
         self.metrics.start()
+        self.ssh_keeper.start()
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
