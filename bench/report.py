@@ -95,6 +95,12 @@ NOTES = {
         "second by itself (more on the primary, whose standbys' repmgrd ping it); the "
         "difference is the daemons' share (goal 0: under 5 per minute counts as met, the "
         "jitter of repmgrd's own). Median over nodes, min\u2013max across nodes.",
+    16: "bench/sshwarm.py, after the daemon window, as postgres on node1 with the daemons "
+        "running: what fencing does first (`repmgr-vip release` over SSH on every other "
+        "node at once), timed until every session exited 0. Cold rounds close every SSH "
+        "master first (`ssh -O exit`): each ssh connects and authenticates anew, as without "
+        "warm links; warm rounds use the masters the daemon keeps (OpenSSH ControlMaster). "
+        "Interleaved, 5 of each; median (min\u2013max).",
 }
 
 
@@ -171,6 +177,21 @@ def daemon_rows(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[str
                 met.append("n/a")
         goal_cell = f"{goal}: " + " / ".join(met) if goal else ""
         lines.append(f"| {label} [{note}] | " + " | ".join(cells) + f" | {goal_cell} |")
+    for mode, what in (("release", "remote release on every other node in parallel"),
+                       ("true", "the SSH transport alone (`ssh HOST true`)")):
+        for temp in ("cold", "warm"):
+            cells = []
+            for size in sizes:
+                links = daemon.get(size, {}).get("links", {})
+                if mode in links:
+                    cells.append(cell([float(v) for v in links[mode][f"{temp}_s"]]))
+                else:
+                    why = links.get("error") or daemon.get(size, {}).get("error", "no run")
+                    cells.append(f"not measured: {why}")
+            link = ("fresh connections" if temp == "cold"
+                    else "over the daemon's SSH masters")
+            lines.append(f"| fencing's SSH step: {what}, {link} [16] | "
+                         + " | ".join(cells) + " |  |")
     return lines
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from bench.hooklog import PG_LINE, LogLine, fencing_seconds, first, read_log
 from bench.procwatch import Proc, ProcWatch
 from bench.sessions import new_sessions
+from bench.sshwarm import measure as measure_links
 from demo.timeline import Timeline
 from tests.integration import vipconf
 from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster
@@ -411,6 +412,16 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
             per_node[name]["sessions_per_min_daemons"] = (
                 per_node[name]["sessions_per_min"] - per_node[name]["sessions_per_min_without"])
         holders = lab.vip_holders()
+        try:  # after the quiet window: cold rounds close the daemon's masters
+            links = measure_links(lab, lab.nodes[0])
+        except Exception as exc:
+            links = {"error": f"{exc!r}"[:300]}
+    if "release" in links:
+        say(f"  fencing's SSH step to {nodes - 1} peers: remote release cold "
+            f"{links['release']['cold_median_s'] * 1000:.0f} ms, warm "
+            f"{links['release']['warm_median_s'] * 1000:.0f} ms; ssh alone cold "
+            f"{links['true']['cold_median_s'] * 1000:.0f} ms, warm "
+            f"{links['true']['warm_median_s'] * 1000:.0f} ms")
     say(f"  daemon at {nodes} nodes, period {period} s, {elapsed:.0f} s: "
         + ", ".join(f"{k} {v['rss_mib']:.1f} MiB {v['cpu_s_per_hour']:.1f} CPU-s/h"
                     for k, v in per_node.items()))
@@ -418,4 +429,4 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
         + ", ".join(f"{k} {v['sessions_per_min']:.0f} ({v['sessions_per_min_without']:.0f})"
                     for k, v in per_node.items()))
     return {"period_s": period, "seconds": elapsed, "per_node": per_node,
-            "vip_holders_after": holders}
+            "vip_holders_after": holders, "links": links}

@@ -119,6 +119,9 @@ class SingleFlight(Generic[T]):
             result = self._pending.result(timeout=wait)
         except FutureTimeout:
             return None, time.monotonic() - self._started
+        except Exception:
+            self._pending = None  # a failed call is over too: the next call tries again
+            raise
         self._pending = None
         return result, 0.0
 

@@ -157,3 +157,22 @@ def test_node_list_is_read_only_when_it_can_have_changed() -> None:
     assert gate.due(2.0, [_view(1, rec=False), _view(2, rec=False, tl=2), _view(3)])
     assert gate.due(2.0, [_view(1, rec=False), _view(2, reachable=False), _view(3)])
     assert gate.due(2.0, [_view(1, rec=False), _view(2)])  # a node gone from the views
+
+
+def test_a_failed_single_flight_call_is_retried_by_the_next_call() -> None:
+    """The daemon's node list read failing once (a DBA's lock: lock_timeout) must not make
+    every later read return the same old failure."""
+    from repmgr_vip.daemon import SingleFlight
+
+    outcomes: list[Exception | int] = [CommandFailed("lock timeout"), 7]
+
+    def read() -> int:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    flight = SingleFlight(read, "node-list")
+    with pytest.raises(CommandFailed):
+        flight.call(wait=1.0)
+    assert flight.call(wait=1.0) == (7, 0.0)
