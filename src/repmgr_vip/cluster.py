@@ -121,6 +121,7 @@ def connect(conninfo: str, timeout: float) -> Any:
         conninfo, connect_timeout=max(1, int(timeout)), autocommit=True,
         keepalives=1, keepalives_idle=max(1, int(timeout)), keepalives_interval=1,
         keepalives_count=2, tcp_user_timeout=millis, options=options,
+        fallback_application_name="repmgr-vip",  # the daemon's kept sessions, by name
     )
 
 

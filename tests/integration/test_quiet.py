@@ -75,6 +75,12 @@ def test_daemons_start_no_backend_in_steady_state_and_reconnect_after_restart(
         grown = _new_sessions(lab, WINDOW)
         print(f"new sessions in {WINDOW:g} s with daemons running: {grown}")
         assert all(grown[n] <= lab_only[n] + JITTER for n in grown), (grown, lab_only)
+        # what they use instead: one long-lived session from each daemon (2 peers + its own)
+        for node in lab.nodes:
+            kept = lab.psql(node, "SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                            f" = 'repmgr-vip' AND backend_start < now() - '{WINDOW:g} s'::interval",
+                            dbname="postgres")
+            assert int(kept) >= 3, (node.name, kept)
 
         standby = lab.node("node3")
         with VipSampler(lab) as sampler:
