@@ -12,10 +12,13 @@ import json
 import pwd
 import re
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.integration.vipconf import REPMGR_VIP, config_path
+from bench.hooklog import fencing_seconds, first, read_log
+from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster
 from tests.lab.lab import Lab, Node
 
 PROBE = r"""
@@ -37,6 +40,9 @@ if mode in ("release", "true"):
                 for n in peers]
     codes = [s.result().returncode for s in sessions]
     print(json.dumps({"seconds": time.monotonic() - began, "codes": codes}))
+elif mode == "warm":  # what the daemon's keeper does: a master to every peer
+    masters = [sshmux.start_master(config, n.host) for n in peers]
+    print(json.dumps({n.host: m.wait(30) if m else -1 for n, m in zip(peers, masters)}))
 else:  # "-O check" or "-O exit" for every peer: {host: [exit status, output]}
     out = {}
     for n in peers:
@@ -81,6 +87,42 @@ def cold_rounds(lab: Lab, node: Node, rounds: int, mode: str = "release") -> lis
         probe(lab, node, "exit")
         out.append(release_seconds(lab, node, mode))
     return out
+
+
+def failover_fencing(nodes: int, warm: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Hooks only (no daemon releases the VIP early): kill -9 the primary's postmaster and
+    read the promote hook's own fencing duration. Warm: every standby has an SSH master to
+    every other node, as the daemon keeps them; cold: none (each ssh authenticates anew)."""
+    with Lab(nodes=nodes) as lab:
+        hooked_cluster(lab)
+        lab.wait_for(lambda: lab.vip_holders() == ["node1"], 60, what="VIP on node1")
+        for node in lab.nodes:
+            probe(lab, node, "exit")  # masters left by the start-up hooks' ssh calls
+        if warm:
+            for node in lab.nodes[1:]:
+                probe(lab, node, "warm")
+        t0 = time.time()
+        lab.kill_postgres(lab.nodes[0])
+        found: list[Node] = []
+
+        def moved() -> bool:
+            holders = lab.vip_holders()
+            found[:] = [lab.node(h) for h in holders if h != "node1"]
+            return len(holders) == 1 and bool(found)
+
+        lab.wait_for(moved, 120, interval=0.1, what="VIP on the new primary")
+        new = found[0]
+        line = None
+        deadline = time.monotonic() + 30
+        while line is None and time.monotonic() < deadline:
+            line = first(read_log(new.dir / "repmgr-vip.log"), r"^promote: fencing: ", t0)
+            time.sleep(0.2)
+        seconds = fencing_seconds(line) if line is not None else None
+        if seconds is None:
+            raise RuntimeError(f"{new.name}: no 'promote: fencing: ... (N s)' line")
+    say(f"    fencing in the promote hook, {nodes} nodes, {'warm' if warm else 'cold'} links: "
+        f"{seconds * 1000:.0f} ms ({line.message if line else ''})")
+    return {"warm": warm, "fencing_s": seconds, "new": new.name}
 
 
 def measure(lab: Lab, node: Node, rounds: int = 5) -> dict[str, Any]:
