@@ -24,7 +24,7 @@ from typing import Any
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
-from bench.sshwarm import failover_fencing
+from bench.sshwarm import failover_fencing, fencing_table
 from tests.integration.vipconf import REPMGR_VIP
 from tests.lab.lab import PG_BIN, list_runs, missing_prerequisites
 
@@ -158,6 +158,8 @@ def main() -> int:
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
     table = markdown(runs, daemon, period) + (f"\n\n{frozen_table(frozen)}" if frozen else "")
     meta["loadavg_end"] = os.getloadavg()
+    meta["fencing_links"] = fencing  # BENCH_FENCING_ROUNDS=2: cold/warm pairs (bench/sshwarm.py)
+    table += fencing_table(fencing)
     meta["installed_digest_end"] = installed_digest()
     if meta["installed_digest_end"] != meta["installed_digest_start"]:
         say("WARNING: the installed repmgr-vip changed during the run; figures mix versions")

@@ -101,12 +101,6 @@ NOTES = {
         "master first (`ssh -O exit`): each ssh connects and authenticates anew, as without "
         "warm links; warm rounds use the masters the daemon keeps (OpenSSH ControlMaster). "
         "Interleaved, 5 of each; median (min\u2013max).",
-    17: "bench/sshwarm.py failover_fencing: a fresh lab per run, hooks only (no daemon, so the "
-        "old primary keeps the VIP until fencing's remote release reaches it), kill -9 of the "
-        "primary's postmaster; the promote hook's own `fencing: ... (N s)` line. Cold: every "
-        "SSH master closed first; warm: each standby has a master to every other node, as "
-        "the daemon keeps them. BENCH_FENCING_ROUNDS (default 2) runs of each; median "
-        "(min\u2013max).",
 }
 
 
@@ -201,23 +195,8 @@ def daemon_rows(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[str
     return lines
 
 
-def fencing_rows(fencing: dict[str, Any], columns: int) -> list[str]:
-    """The promote hook's fencing over cold and warm SSH links (bench.sshwarm)."""
-    if not fencing:
-        return []
-    size = fencing.get("nodes", "?")
-    lines = [f"| **Promote hook's fencing, {size} nodes, hooks only: cold vs warm SSH links** |"
-             + " |" * columns + " |"]
-    for warm, label in ((False, "fresh SSH connections"),
-                        (True, "SSH masters up (as the daemon keeps them)")):
-        vals = [float(r["fencing_s"]) for r in fencing.get("runs", []) if r["warm"] is warm]
-        lines.append(f"| fencing, {label} [17] | {cell(vals)} |" + " |" * (columns - 1)
-                     + "  |")
-    return lines
-
-
 def markdown(runs: dict[int, list[dict[str, Any]]], daemon: dict[int, dict[str, Any]],
-             daemon_period: str, fencing: dict[str, Any] | None = None) -> str:
+             daemon_period: str) -> str:
     sizes = sorted(runs)
     head = " | ".join(f"{s} nodes (n={len(runs[s])})" for s in sizes)
     lines = [f"| figure | {head} | goal: met at " + " / ".join(str(s) for s in sizes) + " |",
@@ -232,7 +211,6 @@ def markdown(runs: dict[int, list[dict[str, Any]]], daemon: dict[int, dict[str, 
     lines.append(f"| **Daemon (`repmgr-vip daemon`, default settings{period})** |"
                  + " |" * len(sizes) + " |")
     lines += daemon_rows(daemon, sizes)
-    lines += fencing_rows(fencing or {}, len(sizes))
     lines.append("")
     lines.append("Each cell: median (min\u2013max) over the runs. How each figure is measured:")
     lines.append("")

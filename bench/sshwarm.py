@@ -141,3 +141,23 @@ def measure(lab: Lab, node: Node, rounds: int = 5) -> dict[str, Any]:
         out[mode] = {"cold_s": cold, "warm_s": warm, "cold_median_s": statistics.median(cold),
                      "warm_median_s": statistics.median(warm)}
     return out
+
+
+def fencing_table(fencing: dict[str, Any]) -> str:
+    """failover_fencing's figures as their own Markdown table ("" when none were taken)."""
+    if not fencing.get("runs"):
+        return ""
+    rows = [f"| promote hook's fencing, {fencing.get('nodes', '?')} nodes, hooks only | "
+            "median | runs |", "|---|---|---|"]
+    for warm, label in ((False, "fresh SSH connections (cold links)"),
+                        (True, "SSH masters up, as the daemon keeps them (warm links)")):
+        vals = [float(r["fencing_s"]) for r in fencing["runs"] if r["warm"] is warm]
+        if vals:
+            rows.append(f"| {label} | {statistics.median(vals) * 1000:.0f} ms | "
+                        + ", ".join(f"{v * 1000:.0f}" for v in vals) + " ms |")
+    note = ("A fresh lab per run, no daemon (so the old primary keeps the VIP until fencing's "
+            "remote release reaches it), kill -9 of the primary's postmaster; the figure is the "
+            "promote hook's own `fencing: ... (N s)` line. Cold: every SSH master closed first; "
+            "warm: each standby has a master to every other node. BENCH_FENCING_ROUNDS "
+            "(default 2) pairs, interleaved.")
+    return "\n\n" + "\n".join(rows) + "\n\n" + note
