@@ -235,7 +235,8 @@ class Daemon:
         self.node_gate = pgsession.NodeListGate()
         self.local_latest = cluster.NodeView(config.repmgr.node_id, reachable=False)
         # warm SSH links for the hooks' remote releases (a thread: never blocks the cycle)
-        self.ssh_keeper = sshmux.MasterKeeper(config, lambda: [r.host for r in self.records],
+        self.ssh_keeper = sshmux.MasterKeeper(lambda: self.config,
+                                              lambda: [r.host for r in self.records],
                                               self.stop_event)
         # hooks' entries written before this daemon started are history, not news
         self.journal_offset = self.files.read_journal(0)[1]

@@ -114,10 +114,10 @@ class MasterKeeper(threading.Thread):
     by ConnectTimeout, so an unreachable peer costs one attempt per round.
     """
 
-    def __init__(self, config: Config, hosts: Callable[[], Sequence[str]],
+    def __init__(self, config: Callable[[], Config], hosts: Callable[[], Sequence[str]],
                  stop: threading.Event, every: float = KEEP_EVERY) -> None:
         super().__init__(daemon=True, name="ssh-masters")
-        self.config = config
+        self.config = config  # read each round: a reloaded configuration applies at once
         self.hosts = hosts
         self.stop_event = stop
         self.every = every
@@ -125,7 +125,8 @@ class MasterKeeper(threading.Thread):
 
     def keep(self) -> None:
         """One round: check every peer's master, start the missing ones."""
-        if not control_options(self.config):
+        config = self.config()
+        if not control_options(config):
             return
         for host, (at, started) in list(self.starting.items()):
             if started.finished():  # the foreground ssh ended: the master is up or failed
@@ -137,9 +138,9 @@ class MasterKeeper(threading.Thread):
         for host in dict.fromkeys(h for h in self.hosts() if h):
             if self.stop_event.is_set():
                 return
-            if host in self.starting or master_alive(self.config, host):
+            if host in self.starting or master_alive(config, host):
                 continue
-            master = start_master(self.config, host)
+            master = start_master(config, host)
             if master is not None:
                 self.starting[host] = (time.monotonic(), master)
 

@@ -111,7 +111,7 @@ def test_keeper_starts_a_master_only_where_none_answers(
     (short_dir / "up").write_text("192.0.2.13\n")  # a master some hook left running
     config = _config(write_config, short_dir, f'\n[commands]\nssh = "{fake}"\n')
     hosts = ["192.0.2.12", "192.0.2.13", "192.0.2.12", ""]
-    keeper = sshmux.MasterKeeper(config, lambda: hosts, threading.Event())
+    keeper = sshmux.MasterKeeper(lambda: config, lambda: hosts, threading.Event())
     keeper.keep()
     for _, started in keeper.starting.values():
         started.wait(5)
