@@ -24,6 +24,7 @@ from typing import Any
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
+from bench.sshwarm import failover_fencing, fencing_table
 from tests.integration.vipconf import REPMGR_VIP
 from tests.lab.lab import PG_BIN, list_runs, missing_prerequisites
 
@@ -147,9 +148,18 @@ def main() -> int:
                 daemon[size] = measure_daemon(size, daemon_seconds, say)
             except Exception as exc:
                 daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
+    fencing: dict[str, Any] = {"nodes": sizes[0], "runs": [], "errors": []}
+    for _ in range(int(os.environ.get("BENCH_FENCING_ROUNDS", "2"))):
+        for warm in (False, True):  # interleaved: the machine's load hits both alike
+            try:
+                fencing["runs"].append(failover_fencing(sizes[0], warm, say))
+            except Exception as exc:
+                fencing["errors"].append(repr(exc)[:300])
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
     table = markdown(runs, daemon, period) + (f"\n\n{frozen_table(frozen)}" if frozen else "")
     meta["loadavg_end"] = os.getloadavg()
+    meta["fencing_links"] = fencing  # BENCH_FENCING_ROUNDS=2: cold/warm pairs (bench/sshwarm.py)
+    table += fencing_table(fencing)
     meta["installed_digest_end"] = installed_digest()
     if meta["installed_digest_end"] != meta["installed_digest_start"]:
         say("WARNING: the installed repmgr-vip changed during the run; figures mix versions")

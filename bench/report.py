@@ -89,6 +89,18 @@ NOTES = {
         "hook's log to the same ARP frame as row 1. Negative when the hook adds the VIP as "
         "soon as PostgreSQL leaves recovery, before `repmgr standby promote` has noticed "
         "(it checks once per promote_check_interval, 1 s).",
+    15: "`pg_stat_database.sessions` summed over databases on every node, read by one psql at "
+        "the start and one at the end of the daemon window (row 11), and of a window of up to "
+        "30 s just before the daemons start. repmgrd starts about one backend per node per "
+        "second by itself (more on the primary, whose standbys' repmgrd ping it); the "
+        "difference is the daemons' share (goal 0: under 5 per minute counts as met, the "
+        "jitter of repmgrd's own). Median over nodes, min\u2013max across nodes.",
+    16: "bench/sshwarm.py, after the daemon window, as postgres on node1 with the daemons "
+        "running: what fencing does first (`repmgr-vip release` over SSH on every other "
+        "node at once), timed until every session exited 0. Cold rounds close every SSH "
+        "master first (`ssh -O exit`): each ssh connects and authenticates anew, as without "
+        "warm links; warm rounds use the masters the daemon keeps (OpenSSH ControlMaster). "
+        "Interleaved, 5 of each; median (min\u2013max).",
 }
 
 
@@ -142,17 +154,44 @@ def goal_text(row: Row, by_size: dict[int, list[float]]) -> str:
 
 def daemon_rows(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[str]:
     lines = []
-    for key, label, unit in (("rss_mib", "resident memory", "MiB"),
-                             ("cpu_s_per_hour", "CPU time per hour", "CPU-s")):
+    for key, label, unit, note, goal in (
+            ("rss_mib", "resident memory", "MiB", 11, ""),
+            ("cpu_s_per_hour", "CPU time per hour", "CPU-s", 11, ""),
+            ("sessions_per_min", "new PostgreSQL sessions per minute per node, daemons "
+             "running", "/min", 15, ""),
+            ("sessions_per_min_without", "the same without daemons (repmgrd's own checks)",
+             "/min", 15, ""),
+            ("sessions_per_min_daemons", "new sessions per minute per node caused by the "
+             "daemons (difference)", "/min", 15, "0")):
         cells = []
+        met = []
         for size in sizes:
             result = daemon.get(size, {})
-            if "per_node" in result:
+            if "per_node" in result and all(key in v for v in result["per_node"].values()):
                 vals = [float(v[key]) for v in result["per_node"].values()]
                 cells.append(cell(vals, unit))
+                # jitter of repmgrd's own sessions: a few per minute either way
+                met.append("yes" if statistics.median(vals) < 5 else "no")
             else:
                 cells.append(f"not measured: {result.get('error', 'daemon not available')}")
-        lines.append(f"| {label} [11] | " + " | ".join(cells) + " |  |")
+                met.append("n/a")
+        goal_cell = f"{goal}: " + " / ".join(met) if goal else ""
+        lines.append(f"| {label} [{note}] | " + " | ".join(cells) + f" | {goal_cell} |")
+    for mode, what in (("release", "remote release on every other node in parallel"),
+                       ("true", "the SSH transport alone (`ssh HOST true`)")):
+        for temp in ("cold", "warm"):
+            cells = []
+            for size in sizes:
+                links = daemon.get(size, {}).get("links", {})
+                if mode in links:
+                    cells.append(cell([float(v) for v in links[mode][f"{temp}_s"]]))
+                else:
+                    why = links.get("error") or daemon.get(size, {}).get("error", "no run")
+                    cells.append(f"not measured: {why}")
+            link = ("fresh connections" if temp == "cold"
+                    else "over the daemon's SSH masters")
+            lines.append(f"| fencing's SSH step: {what}, {link} [16] | "
+                         + " | ".join(cells) + " |  |")
     return lines
 
 

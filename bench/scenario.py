@@ -24,6 +24,8 @@ from typing import Any
 
 from bench.hooklog import PG_LINE, LogLine, fencing_seconds, first, read_log
 from bench.procwatch import Proc, ProcWatch
+from bench.sessions import new_sessions
+from bench.sshwarm import measure as measure_links
 from demo.timeline import Timeline
 from tests.integration import vipconf
 from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster
@@ -37,6 +39,7 @@ SETTLE = 1.0
 ARP_INTERVAL = 0.005
 WRITER_INTERVAL = 0.02
 ROLE_INTERVAL = 0.25
+SESSIONS_BASELINE = 30.0
 
 Say = Callable[[str], None]
 
@@ -381,6 +384,9 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
             period = tomllib.loads(config).get("daemon", {}).get("interval", "?")
         except tomllib.TOMLDecodeError:
             period = "?"
+        time.sleep(SETTLE)
+        # what repmgrd and the lab start on their own, to tell the daemons' share apart
+        lab_sessions = new_sessions(lab, min(seconds, SESSIONS_BASELINE))
         for node in lab.nodes:
             _start_daemon(lab, node)
         time.sleep(5.0)  # warm-up: imports, first cycle, peer watchers
@@ -392,7 +398,7 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
                              + (tail[0].message if tail else "no log line")}
         start = {name: _cpu_ticks(pid) for name, pid in pids.items() if pid}
         began = time.monotonic()
-        time.sleep(seconds)
+        sessions = new_sessions(lab, seconds)
         elapsed = time.monotonic() - began
         per_node = {}
         for name, pid in pids.items():
@@ -400,10 +406,27 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
             cpu = (_cpu_ticks(pid) - start[name]) / clk
             rss, hwm = _rss_kib(pid)
             per_node[name] = {"cpu_s_per_hour": cpu / elapsed * 3600, "rss_mib": rss / 1024,
-                              "peak_rss_mib": hwm / 1024}
+                              "peak_rss_mib": hwm / 1024,
+                              "sessions_per_min": sessions["per_minute"][name],
+                              "sessions_per_min_without": lab_sessions["per_minute"][name]}
+            per_node[name]["sessions_per_min_daemons"] = (
+                per_node[name]["sessions_per_min"] - per_node[name]["sessions_per_min_without"])
         holders = lab.vip_holders()
+        try:  # after the quiet window: cold rounds close the daemon's masters
+            links = measure_links(lab, lab.nodes[0])
+        except Exception as exc:
+            links = {"error": f"{exc!r}"[:300]}
+    if "release" in links:
+        say(f"  fencing's SSH step to {nodes - 1} peers: remote release cold "
+            f"{links['release']['cold_median_s'] * 1000:.0f} ms, warm "
+            f"{links['release']['warm_median_s'] * 1000:.0f} ms; ssh alone cold "
+            f"{links['true']['cold_median_s'] * 1000:.0f} ms, warm "
+            f"{links['true']['warm_median_s'] * 1000:.0f} ms")
     say(f"  daemon at {nodes} nodes, period {period} s, {elapsed:.0f} s: "
         + ", ".join(f"{k} {v['rss_mib']:.1f} MiB {v['cpu_s_per_hour']:.1f} CPU-s/h"
                     for k, v in per_node.items()))
+    say("  new PostgreSQL sessions per minute, daemons running (without daemons): "
+        + ", ".join(f"{k} {v['sessions_per_min']:.0f} ({v['sessions_per_min_without']:.0f})"
+                    for k, v in per_node.items()))
     return {"period_s": period, "seconds": elapsed, "per_node": per_node,
-            "vip_holders_after": holders}
+            "vip_holders_after": holders, "links": links}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from demo.plot import write_png
 from demo.timeline import Timeline
+from repmgr_vip import journal
 from tests.integration.vipconf import hooked_cluster
 from tests.lab.lab import Lab
 
@@ -57,9 +58,10 @@ def run() -> int:
             _wait(lab, "repmgr metadata names node2 primary", lambda: lab.psql(
                 node2, "SELECT node_name FROM repmgr.nodes WHERE type = 'primary' AND active")
                 == "node2")
-            # pg_rewind reads the new primary's timeline from its control file, which lags
-            # until the first checkpoint after promotion
-            lab.psql(node2, "CHECKPOINT")
+            # pg_rewind reads the new primary's timeline from its control file: the promote
+            # hook's own CHECKPOINT (after the VIP is up) writes it
+            _wait(lab, "the promote hook's CHECKPOINT", lambda: any(
+                e.get("action") == "checkpoint" for e in journal.read(node2.dir)))
             timeline.action("repmgr node rejoin node1 as a standby of node2 (--force-rewind)")
             lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                        timeout=120)

@@ -121,6 +121,7 @@ def connect(conninfo: str, timeout: float) -> Any:
         conninfo, connect_timeout=max(1, int(timeout)), autocommit=True,
         keepalives=1, keepalives_idle=max(1, int(timeout)), keepalives_interval=1,
         keepalives_count=2, tcp_user_timeout=millis, options=options,
+        fallback_application_name="repmgr-vip",  # the daemon's kept sessions, by name
     )
 
 
@@ -160,6 +161,11 @@ def registered_nodes(config: Config, timeout: float = 3.0) -> list[NodeRecord]:
             f"cannot read repmgr.nodes through conninfo of {config.repmgr.path}: "
             f"{_one_line(exc)}; is the local PostgreSQL running and the node registered?"
         ) from exc
+    return remember_rows(config, rows)
+
+
+def remember_rows(config: Config, rows: Iterable[Any]) -> list[NodeRecord]:
+    """NODES_QUERY's rows as records, kept on disk for the hooks (see _remember)."""
     records = [NodeRecord(int(r[0]), str(r[1]), str(r[2]), bool(r[3]), str(r[4]), int(r[5]))
                for r in rows]
     _remember(config, records)

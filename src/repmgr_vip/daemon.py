@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from repmgr_vip import claim, cluster, ports, statefiles
+from repmgr_vip import claim, cluster, pgsession, ports, sshmux, statefiles
 from repmgr_vip.adapters import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.config import Config
 from repmgr_vip.decide import (
@@ -120,6 +120,9 @@ class SingleFlight(Generic[T]):
             result = self._pending.result(timeout=wait)
         except FutureTimeout:
             return None, time.monotonic() - self._started
+        except Exception:
+            self._pending = None  # a failed call is over too: the next call tries again
+            raise
         self._pending = None
         return result, 0.0
 
@@ -135,6 +138,8 @@ class PeerWatcher(threading.Thread):
         self.retired = threading.Event()  # the node left repmgr.nodes or changed conninfo
         self._latest: tuple[float, cluster.NodeView] | None = None
         self._lock = threading.Lock()
+        self.session = pgsession.NodeSession(record.conninfo, PEER_TIMEOUT, interval,
+                                             f"node {record.node_id}")
 
     def _stopped(self) -> bool:
         return self.daemon_stop.is_set() or self.retired.is_set()
@@ -142,10 +147,11 @@ class PeerWatcher(threading.Thread):
     def run(self) -> None:
         while not self._stopped():
             started = time.monotonic()
-            view = cluster.query_view(self.record.node_id, self.record.conninfo, PEER_TIMEOUT)
+            view = self.session.view(self.record.node_id)
             with self._lock:
                 self._latest = (time.monotonic(), view)
             self.retired.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        self.session.close()
 
     def retire(self) -> None:
         self.retired.set()
@@ -220,10 +226,19 @@ class Daemon:
         self.state = DaemonState(Memory(majority_seen_at=self.clock.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
+        # one kept connection for the local node: the steady state starts no backend
+        self.local_session = pgsession.NodeSession(
+            config.repmgr.conninfo, PEER_TIMEOUT, config.daemon.interval, "local node")
         self.local_query = SingleFlight(
-            lambda: cluster.local_view(config, timeout=PEER_TIMEOUT), "local-query")
+            lambda: self.local_session.view(config.repmgr.node_id), "local-query")
         self.node_list = SingleFlight(
-            lambda: cluster.registered_nodes(config, timeout=PEER_TIMEOUT), "node-list")
+            lambda: pgsession.registered_nodes(self.local_session, config), "node-list")
+        self.node_gate = pgsession.NodeListGate()
+        self.local_latest = cluster.NodeView(config.repmgr.node_id, reachable=False)
+        # warm SSH links for the hooks' remote releases (a thread: never blocks the cycle)
+        self.ssh_keeper = sshmux.MasterKeeper(lambda: self.config,
+                                              lambda: [r.host for r in self.records],
+                                              self.stop_event)
         # hooks' entries written before this daemon started are history, not news
         self.journal_offset = self.files.read_journal(0)[1]
         self.views: ports.NodeViews = views if views is not None else DaemonViews(self)
@@ -238,13 +253,20 @@ class Daemon:
         """Re-reads repmgr.nodes without ever waiting on it; keeps the last list meanwhile.
 
         A DBA's lock on repmgr.nodes or a stalled server delays only the list, not the cycle.
+        Read only when it can have changed (see pgsession.NodeListGate).
         """
+        now = time.monotonic()
+        views = [self.local_latest,
+                 *(w.view(self._stale_after()) for w in self.watchers.values())]
+        if not self.node_gate.due(now, views):
+            return
         try:
             records, _ = self.node_list.call(wait=0.0 if self.records else 0.5)
         except VipError:
             return
         if records is None:
             return
+        self.node_gate.read(now, views)
         others = [r for r in records if r.node_id != self.config.repmgr.node_id and r.active]
         self.records = others
         for record in others:
@@ -258,13 +280,17 @@ class Daemon:
         for node_id in set(self.watchers) - {r.node_id for r in others}:
             self.watchers.pop(node_id).retire()
 
+    def _stale_after(self) -> float:
+        return max(3 * self.config.daemon.interval, PEER_TIMEOUT + 1)
+
     def _local_view(self) -> cluster.NodeView:
         # a slow but healthy server gets a moment; a frozen one costs at most this per cycle
         wait = min(PEER_TIMEOUT, max(0.5, 1.5 * self.config.daemon.interval))
         view, waited = self.local_query.call(wait)
         if view is None:
-            return cluster.NodeView(self.config.repmgr.node_id, reachable=False,
+            view = cluster.NodeView(self.config.repmgr.node_id, reachable=False,
                                     error=f"no answer for {waited:.1f} s")
+        self.local_latest = view  # for the node list's "can it have changed" (NodeListGate)
         return view
 
     def snapshot(self) -> Snapshot:
@@ -428,6 +454,7 @@ class Daemon:
         from repmgr_vip.reload import install_sighup, reload_daemon
         reload_requested = install_sighup()
         self.metrics.start()
+        self.ssh_keeper.start()
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)

@@ -179,6 +179,8 @@ def _request_checkpoint(config: Config) -> None:
     try:
         cluster.checkpoint(config, timeout=30.0)
         LOG.info("promote: CHECKPOINT done (the new timeline is in the control file)")
+        _journal(config, "promote", "checkpoint", "the new timeline is in the control file",
+                 outcome="done")
     except VipError as exc:
         LOG.warning("promote: CHECKPOINT after promotion failed: %s; run it by hand before "
                     "`repmgr node rejoin --force-rewind`", exc)

@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from repmgr_vip import sshmux
 from repmgr_vip.config import Config
 from repmgr_vip.errors import CommandFailed
 from repmgr_vip.process import Started, run, start
@@ -33,18 +34,21 @@ class RemoteResult:
         return self.returncode == 0
 
 
-def ssh_argv(config: Config, host: str, remote_argv: Sequence[str]) -> list[str]:
+def ssh_options(config: Config) -> list[str]:
+    """Every option of our ssh calls; repmgr.conf's ssh_options before the multiplexing
+    ones, so a DBA's own ControlPath (or ControlPath=none) wins (see sshmux)."""
     return [
-        config.commands.ssh,
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={config.fencing.ssh_connect_timeout}",
         "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
         "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
         *shlex.split(config.repmgr.ssh_options),
-        "--",
-        host,
-        shlex.join(remote_argv),
+        *sshmux.control_options(config),
     ]
+
+
+def ssh_argv(config: Config, host: str, remote_argv: Sequence[str]) -> list[str]:
+    return [config.commands.ssh, *ssh_options(config), "--", host, shlex.join(remote_argv)]
 
 
 def run_remote(

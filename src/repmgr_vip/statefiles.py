@@ -24,6 +24,7 @@ ANNOUNCER_PID = "repmgr-vip-announce.pid"
 LOG = "repmgr-vip.log"
 JOURNAL = "repmgr-vip-journal.jsonl"
 RELEASE_REQUEST = "repmgr-vip-release-requested"
+SSH_CONTROL = "repmgr-vip-ssh"  # + "-UID": one private directory per user, for ssh's sockets
 
 FILE_MODE = 0o644
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -55,6 +56,11 @@ def release_request_marker(state_dir: Path) -> Path:
 
 def journal_file(state_dir: Path) -> Path:
     return state_dir / JOURNAL
+
+
+def ssh_control_dir(state_dir: Path, uid: int) -> Path:
+    """ssh's ControlPath sockets of user `uid`: a 0700 directory only that user can enter."""
+    return state_dir / f"{SSH_CONTROL}-{uid}"
 
 
 def default_log_file(state_dir: Path) -> Path:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from repmgr_vip import journal
 from tests.integration.vipconf import hooked_cluster, vip, vip_log
 from tests.lab.lab import VIP_IP, Lab, Node, VipSampler
 
@@ -172,7 +173,11 @@ def test_rejoin_after_failover_keeps_vip_off(lab_factory: Callable[..., Lab]) ->
         _wait(lab, "VIP on node2", lambda: lab.vip_holders() == ["node2"])
         _wait(lab, "repmgr metadata names node2 primary", lambda: _registered_primary(lab, node2)
               == "node2")
-        lab.psql(node2, "CHECKPOINT")  # pg_rewind reads the timeline from the control file
+        # pg_rewind reads the new timeline from the control file: the promote hook's own
+        # CHECKPOINT (fencing.checkpoint_after_promote) writes it, no DBA step needed
+        _wait(lab, "the promote hook's CHECKPOINT", lambda: any(
+            e.get("action") == "checkpoint" and e.get("outcome") == "done"
+            for e in journal.read(node2.dir)), 30)
         result = lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                             check=False, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
