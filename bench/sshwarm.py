@@ -14,11 +14,10 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bench.hooklog import fencing_seconds, first, read_log
-from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster
+from tests.integration.vipconf import PYTHON, config_path, hooked_cluster
 from tests.lab.lab import Lab, Node
 
 PROBE = r"""
@@ -57,7 +56,7 @@ def postgres_uid() -> int:
 
 
 def probe(lab: Lab, node: Node, mode: str) -> dict[str, Any]:
-    python = str(Path(REPMGR_VIP).with_name("python"))
+    python = PYTHON
     result = lab.run(node, [python, "-c", PROBE, str(config_path(node)), mode], timeout=60)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 

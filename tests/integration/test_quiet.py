@@ -7,11 +7,10 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.integration.vipconf import REPMGR_VIP, hooked_cluster, start_daemon, stop_daemon
+from tests.integration.vipconf import PYTHON, hooked_cluster, start_daemon, stop_daemon
 from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
@@ -42,7 +41,7 @@ def _new_sessions(lab: Lab, seconds: float) -> dict[str, int]:
 
 def _peers_reachable(lab: Lab, node: Node) -> int | None:
     """The daemon's repmgr_vip_peers_reachable gauge, from inside the node's namespace."""
-    python = str(Path(REPMGR_VIP).with_name("python"))
+    python = PYTHON
     get = ("import urllib.request;print(urllib.request.urlopen("
            "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
     fetch = lab.run(node, [python, "-c", get], check=False)

@@ -12,6 +12,20 @@ from tests.lab.lab import INTERFACE, VIP, Lab, Node
 # What the lab runs: RV_UNDER_TEST (`make test` sets /usr/bin/repmgr-vip, the installed Debian
 # package), else the venv's console script (pytest runs from the same venv the hooks use).
 REPMGR_VIP = os.environ.get("RV_UNDER_TEST") or str(Path(sys.executable).parent / "repmgr-vip")
+
+
+def _interpreter(script: str) -> str:
+    """The Python that runs the command under test (its #! line), so that helper snippets run
+    inside a node import the same repmgr_vip: the package's /usr/bin/python3 or the venv's."""
+    try:
+        with open(script, encoding="utf-8") as handle:
+            first = handle.readline()
+    except OSError:
+        return sys.executable
+    return first[2:].split()[0] if first.startswith("#!") and first[2:].split() else sys.executable
+
+
+PYTHON = _interpreter(REPMGR_VIP)
 CONFIG_NAME = "repmgr-vip.toml"
 
 
