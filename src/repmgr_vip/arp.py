@@ -12,7 +12,9 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
@@ -26,7 +28,7 @@ def interface_mac(interface: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def _mac_text(mac: bytes) -> str:
+def mac_text(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
@@ -48,21 +50,25 @@ def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes] | None:
     return op, frame[22:28], frame[28:32], frame[38:42]
 
 
-def _open(interface: str) -> socket.socket:
-    """A packet socket for ARP on `interface` only.
+def packet_socket(interface: str, protocol: int) -> socket.socket:
+    """A packet socket for `protocol` frames on `interface` only.
 
     Created with protocol 0 it receives nothing; bind() then sets both the interface and
-    the protocol. Created with ETH_P_ARP it would queue ARP frames from every interface
+    the protocol. Created with the protocol it would queue frames from every interface
     until bound, and a probe could take another segment's answer for a conflict here.
     """
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
-        sock.bind((interface, ETH_P_ARP))
+        sock.bind((interface, protocol))
         _drain(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _open(interface: str) -> socket.socket:
+    return packet_socket(interface, ETH_P_ARP)
 
 
 def _drain(sock: socket.socket) -> None:
@@ -74,38 +80,58 @@ def _drain(sock: socket.socket) -> None:
             return
 
 
+# judge(frame, address) -> (MAC of a host claiming the address, conclusive?) or None
+Judge = Callable[[bytes, Any], "tuple[str, bool] | None"]
+
+
+def solicit(sock: socket.socket, frame: bytes, count: int, wait: float,
+            judge: Judge) -> tuple[str, ...]:
+    """Sends `frame` `count` times spread over `wait` seconds and listens until then.
+
+    Returns the MACs `judge` found in the answers; a conclusive answer ends it at once.
+    The one loop behind the ARP (RFC 5227) and the IPv6 (DAD) probe.
+    """
+    seen: dict[str, None] = {}
+    spacing = wait / max(count, 1)
+    deadline = time.monotonic() + wait
+    next_send = time.monotonic()
+    sent = 0
+    while True:
+        now = time.monotonic()
+        if sent < count and now >= next_send:
+            sock.send(frame)
+            sent += 1
+            next_send = now + spacing
+        if now >= deadline and sent >= count:
+            break
+        timeout = max(0.0, min(deadline, next_send if sent < count else deadline) - now)
+        if not select.select([sock], [], [], timeout)[0]:
+            continue
+        verdict = judge(*sock.recvfrom(2048))
+        if verdict is not None:
+            seen[verdict[0]] = None
+            if verdict[1]:
+                break
+    return tuple(seen)
+
+
 def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, ...]:
     """MACs of other hosts that claim `address`: RFC 5227 probes (sender IP 0.0.0.0)."""
     own = interface_mac(interface)
     target = ipaddress.IPv4Address(address).packed
     frame = arp_frame(REQUEST, own, b"\x00" * 4, ZERO_MAC, target)
-    seen: dict[str, None] = {}
+
+    def judge(data: bytes, _where: Any) -> tuple[str, bool] | None:
+        parsed = parse_arp(data)
+        if parsed is None:
+            return None
+        op, sender_mac, sender_ip, _ = parsed
+        if sender_ip != target or sender_mac == own or op not in (REQUEST, REPLY):
+            return None
+        return mac_text(sender_mac), op == REPLY  # one reply proves it is in use
+
     with _open(interface) as sock:
-        spacing = wait / max(count, 1)
-        deadline = time.monotonic() + wait
-        next_send = time.monotonic()
-        sent = 0
-        while True:
-            now = time.monotonic()
-            if sent < count and now >= next_send:
-                sock.send(frame)
-                sent += 1
-                next_send = now + spacing
-            if now >= deadline and sent >= count:
-                break
-            timeout = max(0.0, min(deadline, next_send if sent < count else deadline) - now)
-            ready, _, _ = select.select([sock], [], [], timeout)
-            if not ready:
-                continue
-            parsed = parse_arp(sock.recv(2048))
-            if parsed is None:
-                continue
-            op, sender_mac, sender_ip, _ = parsed
-            if sender_ip == target and sender_mac != own and op in (REQUEST, REPLY):
-                seen[_mac_text(sender_mac)] = None
-                if op == REPLY:
-                    break  # one answer proves it is in use
-    return tuple(seen)
+        return solicit(sock, frame, count, wait, judge)
 
 
 def announce_once(interface: str, address: str) -> None:

@@ -40,7 +40,7 @@ from repmgr_vip.decide import (
 from repmgr_vip.errors import VipError
 from repmgr_vip.fencing import fence_others
 from repmgr_vip.lease import LeaseKeeper
-from repmgr_vip.lock import LockBusy, vip_lock
+from repmgr_vip.lock import LockBusy
 from repmgr_vip.log import LOG
 from repmgr_vip.metrics import Metrics
 from repmgr_vip.network import VipNetwork
@@ -378,6 +378,9 @@ class Daemon:
         report = fence_others(self.config, self.network, nodes, **self.fencing_ports)
         LOG.warning("conflict fencing: %s", report.summary())
         self.metrics.action("fence")
+        self._journal("fence", reason, alarm=CONFLICT, answering=list(macs),
+                      released=report.released, fenced=report.fenced,
+                      still_answering=list(report.answered_by))
 
     # --- loop -------------------------------------------------------------------------
 
@@ -478,9 +481,11 @@ class Daemon:
         if replica is not None:
             replica.stop()
         if self.config.daemon.on_stop == "release":
-            with contextlib.suppress(VipError), vip_lock(self.config.lock_path, 5.0):
-                if self.network.remove():
+            with contextlib.suppress(VipError), self.files.lock(5.0):
+                if claim.release(self.network):
                     LOG.warning("released the VIP on stop (daemon.on_stop = release)")
+                    self._journal("release", "daemon stopped (daemon.on_stop = release)",
+                                  outcome="released")
         else:
             LOG.info("stopped; VIP left as it is (daemon.on_stop = keep)")
         with contextlib.suppress(OSError):

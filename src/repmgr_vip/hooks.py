@@ -82,7 +82,7 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
                 vip_note = fence_and_acquire(config, network, others, local.timeline or 0,
                                              "start-repmgrd")
             elif decision.action is Action.RELEASE:
-                vip_note = "VIP released" if network.remove() else "VIP not held"
+                vip_note = "VIP released" if claim.release(network) else "VIP not held"
             else:
                 vip_note = f"VIP untouched: {decision.reason}"
     except VipError as exc:
@@ -224,8 +224,10 @@ def follow(config: Config, upstream_node_id: int) -> int:
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
         try:
-            if network.remove():
+            if claim.release(network):
                 LOG.info("follow: VIP %s released", config.vip.cidr)
+                _journal(config, "follow", "release", "following a new primary",
+                         outcome="released")
         except VipError as exc:
             LOG.error("follow: could not release the VIP: %s", exc)
         return repmgr.run_repmgr(config, "standby", "follow", "--log-to-file",
@@ -241,7 +243,7 @@ def fence_self(config: Config) -> str:
 
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        removed = network.remove()  # first: a full disk must not keep the VIP here
+        removed = claim.release(network)  # first: a full disk must not keep the VIP here
         try:
             write_atomic(self_fence_marker(config), marker_text("child nodes disconnected"))
         except OSError as exc:
@@ -277,7 +279,9 @@ def handle_event(config: Config, event: Event) -> str:
     network = VipNetwork(config)
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
         if event.name in STANDBY_EVENTS:
-            removed = network.remove()
+            removed = claim.release(network)
+            _journal(config, f"event {event.name}", "release", "this node is a standby now",
+                     outcome="released" if removed else "not held")
             return f"event {event.name}: " + ("VIP released" if removed else "VIP not held")
         local = cluster.local_view(config)
         if not local.is_primary:

@@ -14,14 +14,13 @@ the kernel's own DAD is the probe and its `ndisc_notify` advertisement is the an
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from repmgr_vip.arp import interface_mac, mac_text, packet_socket, solicit
 from repmgr_vip.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -133,29 +132,8 @@ def parse_nd(frame: bytes) -> tuple[int, bytes, ipaddress.IPv6Address, bytes | N
     return message[0], frame[6:12], ipaddress.IPv6Address(message[8:24]), lladdr
 
 
-def interface_mac(interface: str) -> bytes:
-    text = Path("/sys/class/net", interface, "address").read_text(encoding="ascii").strip()
-    return bytes.fromhex(text.replace(":", ""))
-
-
-def _mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 def _open(interface: str) -> socket.socket:
-    """A packet socket for IPv6 on `interface` only (deaf until bound, as in arp.py)."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    try:
-        sock.bind((interface, ETH_P_IPV6))
-        while select.select([sock], [], [], 0)[0]:
-            try:
-                sock.recv(2048, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return packet_socket(interface, ETH_P_IPV6)
 
 
 def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, ...]:
@@ -163,35 +141,21 @@ def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, .
     own = interface_mac(interface)
     target = ipaddress.IPv6Address(address)
     frame = solicitation_frame(own, target)
-    seen: dict[str, None] = {}
+
+    def judge(data: bytes, where: Any) -> tuple[str, bool] | None:
+        if len(where) > 2 and where[2] == PACKET_OUTGOING:
+            return None  # our own frames, and our kernel's answers to others
+        parsed = parse_nd(data)
+        if parsed is None:
+            return None
+        kind, eth_src, got, lladdr = parsed
+        mac = lladdr or eth_src
+        if kind != NEIGHBOR_ADVERTISEMENT or got != target or own in (mac, eth_src):
+            return None
+        return mac_text(mac), True  # one advertisement proves it is in use
+
     with _open(interface) as sock:
-        spacing = wait / max(count, 1)
-        deadline = time.monotonic() + wait
-        next_send = time.monotonic()
-        sent = 0
-        while True:
-            now = time.monotonic()
-            if sent < count and now >= next_send:
-                sock.send(frame)
-                sent += 1
-                next_send = now + spacing
-            if now >= deadline and sent >= count:
-                break
-            timeout = max(0.0, min(deadline, next_send if sent < count else deadline) - now)
-            if not select.select([sock], [], [], timeout)[0]:
-                continue
-            data, where = sock.recvfrom(2048)
-            if len(where) > 2 and where[2] == PACKET_OUTGOING:
-                continue  # our own frames, and our kernel's answers to others
-            parsed = parse_nd(data)
-            if parsed is None:
-                continue
-            kind, eth_src, got, lladdr = parsed
-            mac = lladdr or eth_src
-            if kind == NEIGHBOR_ADVERTISEMENT and got == target and own not in (mac, eth_src):
-                seen[_mac_text(mac)] = None
-                break  # one advertisement proves it is in use
-    return tuple(seen)
+        return solicit(sock, frame, count, wait, judge)
 
 
 def announce_once(interface: str, address: str) -> None:

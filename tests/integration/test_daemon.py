@@ -7,48 +7,34 @@ import json
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.integration.vipconf import (
+    has_vip,
     hooked_cluster,
+    journal_entries,
+    metrics,
+    never_during,
     start_daemon,
     stop_daemon,
     vip,
     vip_log,
+    wait_until,
     write_vip_config,
 )
-from tests.lab.lab import VIP, VIP_IP, Lab, Node, VipSampler
+from tests.lab.lab import VIP, VIP_IP, Lab, VipSampler
 
 pytestmark = pytest.mark.lab
 
 
-def _has_vip(lab: Lab, node: Node) -> bool:
-    return VIP in lab.addresses(node)
 
 
-def _wait(lab: Lab, what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    lab.wait_for(predicate, timeout, interval=0.05, what=what)
-    return time.monotonic() - started
 
 
-def _never_during(lab: Lab, predicate: Callable[[], bool], seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert not predicate()
-        time.sleep(0.05)
 
 
-def _metrics(lab: Lab, node: Node) -> str:
-    """The node's Prometheus endpoint as seen from inside its namespace ("" if it is not up)."""
-    python = "/usr/bin/python3"  # stdlib only; REPMGR_VIP may be the package's, with no venv
-    get = ("import urllib.request;print(urllib.request.urlopen("
-           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
-    fetch = lab.run(node, [python, "-c", get], check=False)
-    return fetch.stdout if fetch.returncode == 0 else ""
 
 
 class Cluster:
@@ -58,7 +44,7 @@ class Cluster:
         self.lab = lab
         hooked_cluster(lab, extra)
         self.daemons = {n.name: start_daemon(lab, n) for n in lab.nodes}
-        _wait(lab, "every daemon has run a cycle", lambda: all(
+        wait_until(lab, "every daemon has run a cycle", lambda: all(
             (n.dir / "repmgr-vip-daemon.json").exists() for n in lab.nodes), 30)
         assert lab.vip_holders() == ["node1"]
 
@@ -80,12 +66,12 @@ def _partition_primary_then_heal(lab: Lab) -> float:
     node1, node2 = lab.nodes[0], lab.nodes[1]
     with VipSampler(lab) as sampler:
         lab.link_down(node1)
-        released_after = _wait(lab, "node1 releases the VIP itself",
-                               lambda: not _has_vip(lab, node1), 15)
-        _wait(lab, "node2 promoted and holding", lambda: lab.vip_holders() == ["node2"]
+        released_after = wait_until(lab, "node1 releases the VIP itself",
+                               lambda: not has_vip(lab, node1), 15)
+        wait_until(lab, "node2 promoted and holding", lambda: lab.vip_holders() == ["node2"]
               and lab.is_in_recovery(node2) is False)
         lab.link_up(node1)
-        _never_during(lab, lambda: _has_vip(lab, node1), 8.0)
+        never_during(lambda: has_vip(lab, node1), 8.0)
         assert lab.vip_holders() == ["node2"]
     sampler.assert_never_two()
     return released_after
@@ -102,9 +88,9 @@ def test_vip_removed_by_hand_comes_back(cluster3: Cluster) -> None:
     lab = cluster3.lab
     node1 = lab.nodes[0]
     lab.run(node1, ["ip", "-4", "address", "del", VIP, "dev", "eth0"], user="root")
-    back = _wait(lab, "VIP re-added on node1", lambda: _has_vip(lab, node1), 10)
+    back = wait_until(lab, "VIP re-added on node1", lambda: has_vip(lab, node1), 10)
     assert back < 2.5, f"VIP came back after {back:.2f} s (period 1 s)"
-    _wait(lab, "client sees node1's MAC", lambda: lab.client_arping(VIP_IP) == [node1.mac], 5)
+    wait_until(lab, "client sees node1's MAC", lambda: lab.client_arping(VIP_IP) == [node1.mac], 5)
 
 
 def test_daemon_kill_and_restart_does_not_flap(cluster3: Cluster) -> None:
@@ -112,17 +98,19 @@ def test_daemon_kill_and_restart_does_not_flap(cluster3: Cluster) -> None:
     node1 = lab.nodes[0]
     cluster3.daemons["node1"].kill()
     cluster3.daemons["node1"].wait()
-    cluster3.daemons["node1"] = start_daemon(lab, node1)
-    _never_during(lab, lambda: not _has_vip(lab, node1), 6.0)
-    assert "released" not in vip_log(node1).split("daemon started")[-1]
+    restarted = cluster3.daemons["node1"] = start_daemon(lab, node1)
+    never_during(lambda: not has_vip(lab, node1), 6.0)
+    new_daemon = journal_entries(node1, source="daemon", pid=restarted.pid)
+    assert new_daemon, "the restarted daemon journaled no decision"  # the filter is not vacuous
+    assert not [e for e in new_daemon if e["action"] == "release"], new_daemon
 
 
 def test_metrics_status_and_sigterm(cluster3: Cluster) -> None:
     lab = cluster3.lab
     node1, node2, _ = lab.nodes
-    _wait(lab, "metrics with both peers reachable",
-          lambda: "repmgr_vip_peers_reachable 2.0" in _metrics(lab, node1), 10)
-    fetch = _metrics(lab, node1)
+    wait_until(lab, "metrics with both peers reachable",
+          lambda: "repmgr_vip_peers_reachable 2.0" in metrics(lab, node1), 10)
+    fetch = metrics(lab, node1)
     assert "repmgr_vip_held 1.0" in fetch
     assert 'repmgr_vip_role{role="primary"} 1.0' in fetch
     assert "repmgr_vip_peers_reachable 2.0" in fetch
@@ -134,7 +122,7 @@ def test_metrics_status_and_sigterm(cluster3: Cluster) -> None:
     assert json.loads(status.stdout)["conflicts"] == []
     # SIGTERM: the loop stops, the VIP stays (a manager restart must not cut clients)
     assert stop_daemon(cluster3.daemons["node1"]) == 0
-    assert _has_vip(lab, node1)
+    assert has_vip(lab, node1)
 
 
 def test_sd_notify_readiness(cluster3: Cluster) -> None:
@@ -158,9 +146,9 @@ def test_local_postgres_stopped_with_repmgrd_paused(cluster3: Cluster) -> None:
     lab.repmgr(node1, "daemon", "pause")
     with VipSampler(lab) as sampler:
         lab.stop_postgres(node1)
-        gone = _wait(lab, "VIP released on node1", lambda: not _has_vip(lab, node1), 10)
+        gone = wait_until(lab, "VIP released on node1", lambda: not has_vip(lab, node1), 10)
         lab.start_postgres(node1)
-        back = _wait(lab, "VIP back on node1", lambda: _has_vip(lab, node1), 15)
+        back = wait_until(lab, "VIP back on node1", lambda: has_vip(lab, node1), 15)
     sampler.assert_never_two()
     assert gone < 3.0 and back < 5.0, (gone, back)
     lab.repmgr(node1, "daemon", "unpause")
@@ -184,10 +172,10 @@ def test_fence_self_from_child_nodes_disconnect(cluster3: Cluster) -> None:
     lab.stop_postgres(node3)
     result = vip(lab, node1, "fence-self")
     assert result.returncode == 0, result.stderr
-    _never_during(lab, lambda: _has_vip(lab, node1), 5.0)
+    never_during(lambda: has_vip(lab, node1), 5.0)
     lab.start_postgres(node2)
     lab.start_postgres(node3)
-    _wait(lab, "VIP back once the standbys are back", lambda: _has_vip(lab, node1), 20)
+    wait_until(lab, "VIP back once the standbys are back", lambda: has_vip(lab, node1), 20)
     lab.repmgr(node1, "daemon", "unpause")
 
 
@@ -210,11 +198,12 @@ def test_sigint_with_on_stop_release_gives_the_vip_up(cluster3: Cluster) -> None
             return False
         return bool(state["pid"] == pid and state["holds_vip"])
 
-    _wait(lab, "the restarted daemon holds the VIP", new_daemon_cycled, 15)
+    wait_until(lab, "the restarted daemon holds the VIP", new_daemon_cycled, 15)
     cluster3.daemons["node1"].send_signal(signal.SIGINT)
     assert cluster3.daemons["node1"].wait(timeout=10) == 0
-    assert not _has_vip(lab, node1)
-    assert "released the VIP on stop (daemon.on_stop = release)" in vip_log(node1)
+    assert not has_vip(lab, node1)
+    last = journal_entries(node1, source="daemon", pid=pid)[-1]
+    assert (last["action"], last.get("outcome")) == ("release", "released"), last
 
 
 def test_conflict_is_reported_and_fenced(cluster3: Cluster) -> None:
@@ -224,12 +213,11 @@ def test_conflict_is_reported_and_fenced(cluster3: Cluster) -> None:
     node1, node2, _ = lab.nodes
     stop_daemon(cluster3.daemons["node2"])
     lab.run(node2, ["ip", "-4", "address", "add", VIP, "dev", "eth0"], user="root")
-    _wait(lab, "node2's copy fenced away by node1", lambda: not _has_vip(lab, node2), 30)
-    _wait(lab, "node1 logs the conflict fencing",
-          lambda: "conflict fencing: released on" in vip_log(node1), 15)
-    assert _has_vip(lab, node1)
-    log = vip_log(node1)
-    assert "VIP CONFLICT" in log and node2.mac in log, log
-    metrics = _metrics(lab, node1)
-    assert "repmgr_vip_conflicts_total 0.0" not in metrics
-    assert 'repmgr_vip_actions_total{action="fence"}' in metrics
+    wait_until(lab, "node2's copy fenced away by node1", lambda: not has_vip(lab, node2), 30)
+    wait_until(lab, "node1 journals its conflict fencing", lambda: any(
+        node2.mac in e["inputs"]["answering"] and "node2" in e["inputs"]["released"]
+        for e in journal_entries(node1, source="daemon", action="fence", alarm="conflict")), 15)
+    assert has_vip(lab, node1)
+    scraped = metrics(lab, node1)
+    assert "repmgr_vip_conflicts_total 0.0" not in scraped
+    assert 'repmgr_vip_actions_total{action="fence"}' in scraped

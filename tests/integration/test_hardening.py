@@ -15,7 +15,14 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster, vip, vip_log
+from tests.integration.vipconf import (
+    REPMGR_VIP,
+    config_path,
+    hooked_cluster,
+    journal_entries,
+    vip,
+    vip_log,
+)
 from tests.lab.lab import PG_USER, VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
@@ -60,7 +67,7 @@ def test_root_release_with_umask_077_leaves_a_lock_postgres_can_take(
         time.sleep(1)
         assert lab.vip_holders() == [node2.name]
     sampler.assert_never_two()
-    assert "VIP 192.0.2.115/24 added and announced" in vip_log(node2)
+    assert journal_entries(node2, action="acquire", outcome="held"), vip_log(node2)
     assert VIP_IP not in " ".join(lab.addresses(node1))
     for node in lab.nodes:
         info = _lock_file(node)

@@ -19,6 +19,7 @@ import pytest
 from tests.integration.vipconf import (
     config_path,
     hooked_cluster,
+    metrics,
     start_daemon,
     stop_daemon,
     vip,
@@ -66,10 +67,7 @@ def daemons(lab: Lab) -> Iterator[Daemons]:
 
 
 def _announces(lab: Lab, node: Node) -> float:
-    get = ("import urllib.request;print(urllib.request.urlopen("
-           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
-    fetch = lab.run(node, ["/usr/bin/python3", "-c", get], check=False)
-    found = ANNOUNCES.search(fetch.stdout)
+    found = ANNOUNCES.search(metrics(lab, node))
     return float(found.group(1)) if found else 0.0
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.vipconf import PYTHON, hooked_cluster, start_daemon, stop_daemon
+from tests.integration.vipconf import hooked_cluster, metrics, start_daemon, stop_daemon
 from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
@@ -41,11 +41,7 @@ def _new_sessions(lab: Lab, seconds: float) -> dict[str, int]:
 
 def _peers_reachable(lab: Lab, node: Node) -> int | None:
     """The daemon's repmgr_vip_peers_reachable gauge, from inside the node's namespace."""
-    python = PYTHON
-    get = ("import urllib.request;print(urllib.request.urlopen("
-           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
-    fetch = lab.run(node, [python, "-c", get], check=False)
-    found = re.search(r"^repmgr_vip_peers_reachable (\S+)$", fetch.stdout, re.M)
+    found = re.search(r"^repmgr_vip_peers_reachable (\S+)$", metrics(lab, node), re.M)
     return int(float(found.group(1))) if found else None
 
 

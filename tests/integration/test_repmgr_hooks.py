@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from repmgr_vip import journal
-from tests.integration.vipconf import hooked_cluster, vip, vip_log
+from tests.integration.vipconf import hooked_cluster, journal_entries, vip, vip_log
 from tests.lab.lab import VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
@@ -83,9 +82,9 @@ def test_failover_old_host_alive(lab_factory: Callable[..., Lab]) -> None:
         _wait(lab, "client reaches the new primary", lambda: _client_sees_primary(lab), 20)
         assert lab.client_arping(VIP_IP) == [node2.mac]
     sampler.assert_never_two()
-    log = vip_log(node2)
-    assert re.search(r"released on [^;]*node1", log), log
-    assert "VIP 192.0.2.115/24 added and announced" in log
+    verdicts = journal_entries(node2, source="promote", action="acquire")
+    assert any("node1" in e["inputs"]["released"] for e in verdicts if "inputs" in e), verdicts
+    assert journal_entries(node2, source="promote", action="acquire", outcome="held")
 
 
 def test_failover_old_host_gone_does_not_wait_for_ssh(lab_factory: Callable[..., Lab]) -> None:
@@ -112,8 +111,9 @@ def test_hung_old_host_without_fence_command_refuses(lab_factory: Callable[..., 
     with VipSampler(lab) as sampler:
         lab.freeze(node1)
         try:
-            _wait(lab, "a refused promotion in node2's or node3's log",
-                  lambda: "refusing to promote" in vip_log(node2) + vip_log(node3))
+            _wait(lab, "a refused promotion in node2's or node3's journal",
+                  lambda: bool(journal_entries(node2, source="promote", action="refuse")
+                               + journal_entries(node3, source="promote", action="refuse")))
             time.sleep(5)  # and nothing else happens: no promotion, no second holder
             assert lab.is_in_recovery(node2) is True
             assert lab.is_in_recovery(node3) is True
@@ -143,7 +143,8 @@ def test_hung_old_host_with_fence_command_moves(lab_factory: Callable[..., Lab])
         finally:
             lab.thaw(node1)
     sampler.assert_never_two()
-    assert "fenced: node1" in vip_log(node2)
+    assert any("node1" in e["inputs"].get("fenced", [])
+               for e in journal_entries(node2, source="promote") if "inputs" in e)
 
 
 def test_switchover_and_rejoin(lab_factory: Callable[..., Lab]) -> None:
@@ -161,7 +162,8 @@ def test_switchover_and_rejoin(lab_factory: Callable[..., Lab]) -> None:
         assert _client_sees_primary(lab)
     sampler.assert_never_two()
     # the promotion event itself moved the VIP (fencing proved it free after the release)
-    assert "event standby_promote: VIP 192.0.2.115/24 held here" in vip_log(node2), vip_log(node2)
+    assert journal_entries(node2, source="event standby_promote", action="acquire",
+                           outcome="held"), vip_log(node2)
 
 
 def test_rejoin_after_failover_keeps_vip_off(lab_factory: Callable[..., Lab]) -> None:
@@ -175,13 +177,12 @@ def test_rejoin_after_failover_keeps_vip_off(lab_factory: Callable[..., Lab]) ->
               == "node2")
         # pg_rewind reads the new timeline from the control file: the promote hook's own
         # CHECKPOINT (fencing.checkpoint_after_promote) writes it, no DBA step needed
-        _wait(lab, "the promote hook's CHECKPOINT", lambda: any(
-            e.get("action") == "checkpoint" and e.get("outcome") == "done"
-            for e in journal.read(node2.dir)), 30)
+        _wait(lab, "the promote hook's CHECKPOINT", lambda: bool(journal_entries(
+            node2, source="promote", action="checkpoint", outcome="done")), 30)
         result = lab.repmgr(node1, "node", "rejoin", "-d", node2.conninfo, "--force-rewind",
                             check=False, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
         _wait(lab, "node1 in recovery", lambda: lab.is_in_recovery(node1) is True, 30)
         assert lab.vip_holders() == ["node2"]
     sampler.assert_never_two()
-    assert "event node_rejoin" in vip_log(node1)
+    assert journal_entries(node1, source="event node_rejoin", action="release"), vip_log(node1)

@@ -19,30 +19,27 @@ from pathlib import Path
 
 import pytest
 
+from repmgr_vip import statefiles
 from tests.integration.vipconf import (
     REPMGR_VIP,
     config_path,
+    has_vip,
     hooked_cluster,
+    journal_entries,
     start_daemon,
     vip,
-    vip_log,
+    wait_until,
 )
 from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
 
 pytestmark = pytest.mark.lab
 
-STATE_FILE = "repmgr-vip-daemon.json"
+STATE_FILE = statefiles.DAEMON_STATE
 PERIOD = 1.0  # [daemon] interval, the default
 
 
-def _has_vip(lab: Lab, node: Node) -> bool:
-    return VIP in lab.addresses(node)
 
 
-def _wait(lab: Lab, what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    lab.wait_for(predicate, timeout, interval=0.05, what=what)
-    return time.monotonic() - started
 
 
 def _ip_vip(lab: Lab, node: Node | None, verb: str) -> None:
@@ -59,7 +56,7 @@ def _never_two(sampler: VipSampler) -> None:
 def _start_daemons(lab: Lab) -> dict[str, subprocess.Popen[str]]:
     """The daemon on every node (as the systemd unit runs it), once each has cycled."""
     daemons = {n.name: start_daemon(lab, n) for n in lab.nodes}
-    _wait(lab, "every daemon has run a cycle",
+    wait_until(lab, "every daemon has run a cycle",
           lambda: all((n.dir / STATE_FILE).exists() for n in lab.nodes), 30)
     return daemons
 
@@ -67,7 +64,7 @@ def _start_daemons(lab: Lab) -> dict[str, subprocess.Popen[str]]:
 def _daemon_cluster(lab: Lab, extra: str = "") -> dict[str, subprocess.Popen[str]]:
     hooked_cluster(lab, extra)
     daemons = _start_daemons(lab)
-    _wait(lab, "the VIP on node1 only", lambda: lab.vip_holders() == ["node1"], 10)
+    wait_until(lab, "the VIP on node1 only", lambda: lab.vip_holders() == ["node1"], 10)
     return daemons
 
 
@@ -139,7 +136,7 @@ def test_two_primaries_on_one_timeline_at_most_one_holds(
     for node in (node2, node3):
         _ip_vip(lab, node, "add")
     assert sorted(lab.vip_holders()) == ["node2", "node3"]
-    settled = _wait(lab, "at most one holder", lambda: len(lab.vip_holders()) <= 1,
+    settled = wait_until(lab, "at most one holder", lambda: len(lab.vip_holders()) <= 1,
                     3 * PERIOD + 0.5)
     with VipSampler(lab) as sampler:
         time.sleep(5)
@@ -175,24 +172,27 @@ def test_foreign_host_on_the_vip_refuses_promotion_and_fences_nobody(
         result = lab.repmgr(node, "daemon", "start", check=False, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
     _start_daemons(lab)
-    _wait(lab, "the VIP on node1 only", lambda: lab.vip_holders() == ["node1"], 10)
+    wait_until(lab, "the VIP on node1 only", lambda: lab.vip_holders() == ["node1"], 10)
     with VipSampler(lab) as sampler:
         _ip_vip(lab, None, "add")  # the stray host: the lab's client, with its own MAC
         stray_at = time.monotonic()
         lab.kill_postgres(node1)
-        _wait(lab, "the promote hook's exit code", lambda: rc_log.exists(), 60)
+        wait_until(lab, "the promote hook's exit code", lambda: rc_log.exists(), 60)
         time.sleep(max(2.0, 12.0 - (time.monotonic() - stray_at)))  # daemons' conflict checks
     _never_two(sampler)
     fenced = fence_log.read_text() if fence_log.exists() else ""
     codes = rc_log.read_text().split()
     recovery = {n.name: lab.is_in_recovery(n) for n in (node2, node3)}
-    logs = (vip_log(node2) + vip_log(node3)).lower()
+    refusals = [e for n in (node2, node3)
+                for e in journal_entries(n, source="promote", action="refuse", alarm="conflict")]
+    named = [e for e in refusals
+             if lab.client_mac.lower() in [m.lower() for m in e["inputs"]["answered_by"]]]
     print(f"fence_command runs {fenced.split()}, promote exit codes {codes}, "
-          f"in recovery {recovery}, MAC named {lab.client_mac in logs}")
+          f"in recovery {recovery}, refusals naming the MAC {len(named)}")
     assert fenced == "", f"fence_command ran although every node confirmed: {fenced!r}"
     assert codes and set(codes) == {"3"}, codes
     assert recovery == {"node2": True, "node3": True}, recovery
-    assert lab.client_mac in logs, "the foreign MAC is not named"
+    assert named, f"no refusal names the foreign MAC: {refusals}"
 
 
 # ---- c. the primary's PostgreSQL frozen ----------------------------------------------
@@ -208,7 +208,7 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
     with VipSampler(lab) as sampler:
         frozen = lab.freeze_postgres(node1)
         try:
-            moved = _wait(lab, "the VIP on node2 only",
+            moved = wait_until(lab, "the VIP on node2 only",
                           lambda: lab.vip_holders() == ["node2"], 45)
             assert lab.is_in_recovery(node2) is False
         finally:
@@ -216,7 +216,7 @@ def test_frozen_postgres_vip_follows_and_old_node_never_readds(
             stalls = watch.finish()
         end = time.monotonic() + 8
         while time.monotonic() < end:
-            assert not _has_vip(lab, node1), "node1 re-added the VIP after SIGCONT"
+            assert not has_vip(lab, node1), "node1 re-added the VIP after SIGCONT"
             time.sleep(0.05)
     _never_two(sampler)
     assert max(stalls.values()) <= 3.0, f"a daemon stopped cycling: {stalls}"
@@ -261,7 +261,7 @@ def test_fence_self_with_a_full_state_dir_removes_the_vip(
         with VipSampler(lab) as sampler:
             result = vip(lab, node1, "fence-self")
         _never_two(sampler)
-        assert not _has_vip(lab, node1), (result.returncode, result.stderr)
+        assert not has_vip(lab, node1), (result.returncode, result.stderr)
     finally:
         run_cmd([UMOUNT, str(state)], check=False)
         if os.path.ismount(state):
@@ -279,7 +279,7 @@ def test_hooks_only_link_down_then_back_loses_the_old_copy(
     with VipSampler(lab) as sampler:
         lab.link_down(node1)
         down_at = time.monotonic()
-        _wait(lab, "node2 promoted and holding", lambda: lab.vip_holders() == ["node2"]
+        wait_until(lab, "node2 promoted and holding", lambda: lab.vip_holders() == ["node2"]
               and lab.is_in_recovery(node2) is False, 40)
         # 15 s down, or longer if the failover took that long (it is what is tested)
         time.sleep(max(0.5, 15 - (time.monotonic() - down_at)))
@@ -316,7 +316,7 @@ def test_lock_on_repmgr_nodes_does_not_stall_the_daemons(
         backend[:] = lab.psql(node1, holder, timeout=5).split()
         return bool(backend)
 
-    _wait(lab, "the exclusive lock granted", locked, 15)
+    wait_until(lab, "the exclusive lock granted", locked, 15)
     watch = StallWatch(lab.nodes)
     watch.start()
     try:
@@ -326,7 +326,8 @@ def test_lock_on_repmgr_nodes_does_not_stall_the_daemons(
             deleted = time.monotonic()
             back = None
             with contextlib.suppress(TimeoutError):
-                _wait(lab, "VIP re-added on node1", lambda: _has_vip(lab, node1), 2 * PERIOD + 1)
+                wait_until(lab, "VIP re-added on node1", lambda: has_vip(lab, node1),
+                           2 * PERIOD + 1)
                 back = time.monotonic() - deleted
             time.sleep(max(0.0, 8 - (time.monotonic() - deleted)))
         stalls = watch.finish()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from tests.lab.lab import INTERFACE, VIP, Lab, Node
 
@@ -115,3 +118,45 @@ def start_daemon(lab: Lab, node: Node, env: dict[str, str] | None = None
 def stop_daemon(proc: subprocess.Popen[str], timeout: float = 10) -> int:
     proc.terminate()
     return proc.wait(timeout=timeout)
+
+
+# --- what the lab tests look at, in one place --------------------------------------------
+
+
+def has_vip(lab: Lab, node: Node) -> bool:
+    return VIP in lab.addresses(node)
+
+
+def wait_until(lab: Lab, what: str, predicate: Callable[[], bool], timeout: float = 60.0,
+               interval: float = 0.05) -> float:
+    """Polls predicate until true (TimeoutError naming `what`); the seconds it took."""
+    started = time.monotonic()
+    lab.wait_for(predicate, timeout, interval=interval, what=what)
+    return time.monotonic() - started
+
+
+def never_during(predicate: Callable[[], bool], seconds: float) -> None:
+    """AssertionError the first time predicate holds within `seconds` (checked every 50 ms)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert not predicate()
+        time.sleep(0.05)
+
+
+def metrics(lab: Lab, node: Node) -> str:
+    """The node's Prometheus endpoint as seen from inside its namespace ("" if it is not up).
+
+    Debian's python3 with the standard library only: the command under test may be the
+    package's, with no venv around it."""
+    get = ("import urllib.request;print(urllib.request.urlopen("
+           "'http://127.0.0.1:9853/metrics', timeout=5).read().decode())")
+    fetch = lab.run(node, ["/usr/bin/python3", "-c", get], check=False)
+    return fetch.stdout if fetch.returncode == 0 else ""
+
+
+def journal_entries(node: Node, **match: object) -> list[Mapping[str, Any]]:
+    """The node's decision journal entries whose fields equal `match` (what tests assert on,
+    rather than log wording)."""
+    from repmgr_vip import journal
+
+    return [e for e in journal.read(node.dir) if all(e.get(k) == v for k, v in match.items())]
