@@ -99,6 +99,8 @@ def cmd_release(args: argparse.Namespace) -> int:
     from repmgr_vip.network import VipNetwork
 
     config = _load(args)
+    if args.replica:
+        return _release_replica(config, args.unless_eligible)
     if args.unless_newer_than is not None:
         from repmgr_vip import cluster
 
@@ -111,6 +113,24 @@ def cmd_release(args: argparse.Namespace) -> int:
         if os.environ.get("SSH_CONNECTION"):
             _hold_daemon_off(config)
         print(release(VipNetwork(config)))
+    return ExitCode.OK
+
+
+def _release_replica(config: Config, unless_eligible: bool) -> int:
+    """release --replica: the replica VIP's addresses ([replica_vip]) instead of the VIP's."""
+    from repmgr_vip import claim, replica
+    from repmgr_vip.lock import vip_lock
+
+    network = replica.replica_network(config)
+    if network is None:
+        raise ConfigError("release --replica: no [replica_vip] address is configured; add one "
+                          "or leave out --replica")
+    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        if unless_eligible:
+            released, text = replica.release_unless_eligible(config)
+            print(text)
+            return ExitCode.OK if released or not network.holds() else ExitCode.REFUSED
+        print("replica VIP released" if claim.release(network) else "replica VIP not held")
     return ExitCode.OK
 
 
@@ -273,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unless-newer-than", type=int, metavar="TIMELINE",
                    help="keep the VIP if this node is primary on a newer timeline (exit 3); "
                         "what a promoting node's retries send")
+    p.add_argument("--replica", action="store_true",
+                   help="remove the replica VIP ([replica_vip]) instead of the VIP")
+    p.add_argument("--unless-eligible", action="store_true",
+                   help="with --replica: keep it if this node is still an eligible standby "
+                        "(exit 3); what a node fencing the replica VIP sends")
     p = add("retry-release", cmd_retry_release, "keep asking NODEs to release the VIP until "
             "each confirms (started in the background by promote; not for manual use)")
     p.add_argument("--timeline", type=int, required=True, help="the promoted node's timeline")

@@ -461,7 +461,7 @@ class Daemon:
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
-        replica = start_replica_keeper(self.config)  # [replica_vip]: its own thread
+        replica = start_replica_keeper(self.config, self)  # [replica_vip]: own thread, our sessions
         first = True
         while not self.stop_event.is_set():
             started = time.monotonic()

@@ -286,6 +286,8 @@ def handle_event(config: Config, event: Event) -> str:
         local = cluster.local_view(config)
         if not local.is_primary:
             return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
+        with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
+            release_here(config)
         if network.holds():
             return f"event {event.name}: VIP already held here"
         return f"event {event.name}: " + fence_and_acquire(

@@ -149,6 +149,12 @@ class Metrics:
         self.address_held = Gauge("repmgr_vip_address_held", "1 if this node holds this "
                                   "address of the VIP (dual stack: one per address)",
                                   ["address"], registry=r)
+        self.replica_held = Gauge("repmgr_vip_replica_held", "1 if this node holds the replica "
+                                  "VIP ([replica_vip]; 0 when none is configured)",
+                                  registry=r)
+        self.replica_address_held = Gauge("repmgr_vip_replica_address_held", "1 if this node "
+                                          "holds this address of the replica VIP", ["address"],
+                                          registry=r)
         self.role = Gauge("repmgr_vip_role", "1 for the local role", ["role"], registry=r)
         self.peers = Gauge("repmgr_vip_peers_reachable", "other nodes answering", registry=r)
         self.peers_total = Gauge("repmgr_vip_peers", "other registered nodes", registry=r)
@@ -198,6 +204,12 @@ class Metrics:
     def addresses(self, held: dict[str, bool]) -> None:
         for address, on in held.items():
             self.address_held.labels(address=address).set(1 if on else 0)
+
+    def replica(self, held: dict[str, bool]) -> None:
+        """The replica VIP's addresses on this node (set by the replica keeper's thread)."""
+        for address, on in held.items():
+            self.replica_address_held.labels(address=address).set(1 if on else 0)
+        self.replica_held.set(1 if held and all(held.values()) else 0)
 
     def conflict(self) -> None:
         self.conflicts.inc()
