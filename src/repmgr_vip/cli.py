@@ -229,15 +229,20 @@ def cmd_repmgr_conf(args: argparse.Namespace) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from repmgr_vip.daemon import Daemon
+    from repmgr_vip.replica import check_prefer
 
-    return Daemon(_hook_config(args)).run()
+    config = _hook_config(args)
+    check_prefer(config)  # replica_vip.prefer naming no registered node: exit 2, nothing done
+    return Daemon(config).run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from repmgr_vip.status import as_json, collect, render
+    from repmgr_vip.status import address_rows, as_json, collect, render
 
-    rows, found = collect(_load(args))
-    print(as_json(rows, found) if args.json else render(rows, found))
+    config = _load(args)
+    rows, found = collect(config)
+    addresses = address_rows(rows, config)
+    print(as_json(rows, found, addresses) if args.json else render(rows, found, addresses))
     return ExitCode.FAILED if found else ExitCode.OK
 
 

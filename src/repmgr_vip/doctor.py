@@ -233,6 +233,41 @@ def _subnet_of(config: Config, vip: VipInterface, addresses: tuple[str, ...]) ->
                        "vip.address or vip.interface")
 
 
+def _check_replica(config: Config) -> Iterator[CheckResult]:
+    """[replica_vip]: its interface, each address's subnet (and IPv6 prerequisites), and
+    `prefer` naming registered nodes (only knowable with the node list)."""
+    from repmgr_vip.replica import prefer_error, replica_config, replica_network, unknown_prefer
+
+    if config.replica is None:
+        return
+    network = replica_network(config)
+    assert network is not None
+    own = replica_config(config)
+    state = network.interface_state()
+    if not state.exists:
+        yield CheckResult(f"replica VIP interface {own.vip.interface}", False,
+                          "does not exist; fix replica_vip.interface")
+        return
+    for vip in own.vip.all:
+        result = _subnet_of(own, vip, state.addresses)
+        yield CheckResult("replica VIP subnet", result.ok,
+                          result.detail.replace("vip.", "replica_vip."), result.warning)
+    yield from ipv6_checks(own.vip.interface, network.mode,
+                           [a.with_prefixlen for a in own.vip.all if a.version == 6])
+    holder = "holds it" if network.holds() else "does not hold it"
+    yield CheckResult("replica VIP", True, f"{own.vip.cidr} on {own.vip.interface}; this node "
+                      f"{holder} (max lag {config.replica.max_lag_bytes} bytes)")
+    if config.replica.prefer:
+        try:
+            names = [n.node_name for n in cluster.registered_nodes(config)]
+        except VipError as exc:
+            yield CheckResult("replica_vip.prefer", True, f"cannot tell: {exc}", warning=True)
+            return
+        unknown = unknown_prefer(config, names)
+        yield CheckResult("replica_vip.prefer", unknown is None,
+                          prefer_error(unknown) if unknown else ", ".join(config.replica.prefer))
+
+
 UNPROTECTED = ("a network blip that heals leaves the VIP on two nodes until someone acts "
                "(only the daemon removes it from a returning old primary); start it there "
                "(systemctl enable --now repmgr-vip)")
@@ -290,6 +325,7 @@ def run_checks(config: Config, network: VipNetwork) -> Iterator[CheckResult]:
         ("lease", lambda: lease_checks(config)),
         ("ipv6", lambda: ipv6_checks(config.vip.interface, network.mode, [
             a.with_prefixlen for a in config.vip.all if a.version == 6])),
+        ("replica VIP", lambda: _check_replica(config)),
     ]
     checks += wiring_checks(config, network)
     for name, check in checks:

@@ -198,7 +198,7 @@ def want(config: Config, source: ClusterSource, holds: bool) -> bool | None:
     local = source.local()
     if not local.reachable:
         return False  # our PostgreSQL is down: no reads can be served here
-    records = source.nodes()
+    records = sorted(source.nodes(), key=lambda r: r.node_id)  # the stable rule: node id
     data = [r for r in records if r.node_type != "witness"]
     views = source.views(data)
     primaries = [r for r in data if views.get(r.node_id) is not None

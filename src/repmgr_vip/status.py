@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,10 +28,16 @@ def local_status(config: Config) -> dict[str, Any]:
         data = json.loads(statefiles.read_text(statefiles.daemon_state_file(config.state_dir)))
         if isinstance(data, dict):
             last = data
+    replica = config.replica.vip if config.replica is not None else None
+    if replica is not None and replica.interface != config.vip.interface:
+        replica_state = VipNetwork(dataclasses.replace(config, vip=replica)).interface_state()
+    else:
+        replica_state = state
     return {
         "node_id": config.repmgr.node_id,
         "holds_vip": state.holds_all(config.vip.cidrs),
         "addresses": state.held_map(config.vip.cidrs),
+        "replica_addresses": replica_state.held_map(replica.cidrs) if replica else {},
         "interface_up": state.up,
         "daemon_pid": daemon_pid(config),
         "last_decision": last.get("reason", ""),
@@ -49,6 +56,17 @@ class NodeStatus:
     daemon: bool | None
     note: str
     addresses: dict[str, bool] = field(default_factory=dict)  # dual stack: each address
+    replica_addresses: dict[str, bool] = field(default_factory=dict)  # [replica_vip]'s
+
+
+@dataclass(frozen=True)
+class AddressRow:
+    """One address of the primary VIP or of the replica VIP, and who holds it."""
+
+    address: str
+    vip: str  # "primary" or "replica"
+    holders: list[str]
+    unknown: list[str]  # nodes that could not be asked
 
 
 def _remote_status(config: Config, node: cluster.NodeRecord) -> dict[str, Any] | str:
@@ -85,6 +103,7 @@ def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
     for node, view, remote in pairs:
         role = "down" if not view.reachable else ("standby" if view.in_recovery else "primary")
         addresses: dict[str, bool] = {}
+        replica: dict[str, bool] = {}
         if isinstance(remote, str):
             holds, daemon, note = None, None, remote
         else:
@@ -95,13 +114,41 @@ def collect(config: Config) -> tuple[list[NodeStatus], list[str]]:
             given = remote.get("addresses")
             if isinstance(given, dict):
                 addresses = {str(k): v for k, v in given.items() if isinstance(v, bool)}
+            given = remote.get("replica_addresses")
+            if isinstance(given, dict):
+                replica = {str(k): v for k, v in given.items() if isinstance(v, bool)}
         rows.append(NodeStatus(node.node_id, node.node_name, node.node_type, role,
-                               view.timeline, view.reachable, holds, daemon, note, addresses))
-    return rows, conflicts(rows)
+                               view.timeline, view.reachable, holds, daemon, note, addresses,
+                               replica))
+    return rows, conflicts(rows, config)
 
 
-def conflicts(rows: list[NodeStatus]) -> list[str]:
+def address_rows(rows: list[NodeStatus], config: Config) -> list[AddressRow]:
+    """A row per configured address (the VIP's, then the replica VIP's) with its holders."""
+    out = []
+    kinds = [("primary", config.vip.cidrs)]
+    if config.replica is not None:
+        kinds.append(("replica", config.replica.vip.cidrs))
+    for kind, cidrs in kinds:
+        for cidr in cidrs:
+            held = [(r.node_name, (r.addresses if kind == "primary" else r.replica_addresses)
+                     .get(cidr)) for r in rows]
+            out.append(AddressRow(cidr, kind, [n for n, on in held if on],
+                                  [n for n, on in held if on is None]))
+    return out
+
+
+def conflicts(rows: list[NodeStatus], config: Config | None = None) -> list[str]:
     found = []
+    if config is not None and config.replica is not None:
+        for address in address_rows(rows, config):
+            if address.vip == "replica" and len(address.holders) > 1:
+                found.append(f"replica VIP {address.address} held by {len(address.holders)} "
+                             f"nodes: {', '.join(address.holders)}")
+            elif address.vip == "replica" and config.replica.on_no_standby == "none":
+                found.extend(f"{r.node_name} holds the replica VIP {address.address} but is "
+                             f"{r.role}" for r in rows
+                             if r.node_name in address.holders and r.role != "standby")
     holders = [r.node_name for r in rows if r.holds_vip or any(r.addresses.values())]
     primaries = [r.node_name for r in rows if r.role == "primary"]
     if len(holders) > 1:
@@ -133,7 +180,22 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
-def render(rows: list[NodeStatus], found: list[str]) -> str:
+def render_addresses(addresses: list[AddressRow]) -> list[str]:
+    def held_by(row: AddressRow) -> str:
+        text = ", ".join(printable(n) for n in row.holders) or "nobody"
+        if row.unknown:
+            text += f" (could not ask {', '.join(printable(n) for n in row.unknown)})"
+        return text
+
+    table = [("address", "vip", "held by")] + [(a.address, a.vip, held_by(a))
+                                               for a in addresses]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in table]
+
+
+def render(rows: list[NodeStatus], found: list[str],
+           addresses: list[AddressRow] | None = None) -> str:
     def yes(value: bool | None) -> str:
         return "?" if value is None else ("yes" if value else "no")
 
@@ -152,9 +214,13 @@ def render(rows: list[NodeStatus], found: list[str]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in table]
+    if addresses:
+        lines += ["", *render_addresses(addresses)]
     lines.append("conflicts: " + (printable("; ".join(found)) if found else "none"))
     return "\n".join(lines)
 
 
-def as_json(rows: list[NodeStatus], found: list[str]) -> str:
-    return json.dumps({"nodes": [asdict(r) for r in rows], "conflicts": found}, indent=2)
+def as_json(rows: list[NodeStatus], found: list[str],
+            addresses: list[AddressRow] | None = None) -> str:
+    return json.dumps({"nodes": [asdict(r) for r in rows], "conflicts": found,
+                       "addresses": [asdict(a) for a in addresses or []]}, indent=2)

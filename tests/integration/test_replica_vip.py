@@ -159,7 +159,7 @@ def test_replica_vip_dual_stack_kept_connections_and_fencing_a_dead_daemon(
     for node in lab.nodes:
         lab.set_repmgr_conf(node, "connection_check_type", "query", quote=False)
     hooked_cluster(lab, f'[replica_vip]\naddress = ["{REPLICA}", "{REPLICA6}"]\n')
-    node1, node2, node3 = lab.nodes
+    node2 = lab.node("node2")
     lab.wait_for(lambda: lab.vip_holders() == ["node1"], 30, what="VIP on node1")
     time.sleep(2.0)
     lab_only = _new_sessions(lab, WINDOW)
