@@ -1,0 +1,143 @@
+"""Every address everywhere: status rows, metrics, sudoers and check cover the replica VIP
+and IPv6 addresses; an unregistered replica_vip.prefer name is refused (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from repmgr_vip import cluster, doctor, replica
+from repmgr_vip.cli import main
+from repmgr_vip.config import load_config
+from repmgr_vip.errors import ExitCode
+from repmgr_vip.status import NodeStatus, address_rows, conflicts, render
+
+VIP4, VIP6 = "192.0.2.115/24", "2001:db8::115/64"
+REP4, REP6 = "192.0.2.116/24", "2001:db8::116/64"
+
+
+def _config(tmp_path: Path, repmgr_conf: Path, extra: str = "") -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f'repmgr_config = "{repmgr_conf}"\n\n[vip]\naddress = ["{VIP4}", "{VIP6}"]\n'
+                    f'interface = "lo"\n\n[replica_vip]\naddress = ["{REP4}", "{REP6}"]\n'
+                    f"{extra}\n")
+    return path
+
+
+def _row(node_id: int, name: str, role: str, primary: bool, replica_held: bool) -> NodeStatus:
+    return NodeStatus(node_id, name, "standby" if role != "primary" else "primary", role, 1,
+                      True, primary, True, "", {VIP4: primary, VIP6: primary},
+                      {REP4: replica_held, REP6: replica_held})
+
+
+def test_status_prints_a_row_per_address_with_its_holder(tmp_path: Path,
+                                                         repmgr_conf: Path) -> None:
+    config = load_config(_config(tmp_path, repmgr_conf))
+    rows = [_row(1, "pg-a", "primary", True, False), _row(2, "pg-b", "standby", False, True),
+            _row(3, "pg-c", "standby", False, False)]
+    found = conflicts(rows, config)
+    assert found == []
+    text = render(rows, found, address_rows(rows, config))
+    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert lines[VIP4] == ["primary", "pg-a"] and lines[VIP6] == ["primary", "pg-a"]
+    assert lines[REP4] == ["replica", "pg-b"] and lines[REP6] == ["replica", "pg-b"]
+
+
+def test_status_reports_a_replica_vip_on_two_nodes_or_on_the_primary(
+        tmp_path: Path, repmgr_conf: Path) -> None:
+    config = load_config(_config(tmp_path, repmgr_conf))
+    two = [_row(1, "pg-a", "primary", True, False), _row(2, "pg-b", "standby", False, True),
+           _row(3, "pg-c", "standby", False, True)]
+    assert conflicts(two, config)  # status exits 1 on any conflict
+    text = render(two, conflicts(two, config), address_rows(two, config))
+    assert any(line.startswith(REP4) and "pg-b, pg-c" in line for line in text.splitlines())
+    on_primary = [_row(1, "pg-a", "primary", True, True), _row(2, "pg-b", "standby", False, False)]
+    assert conflicts(on_primary, config)
+    allowed = load_config(_config(tmp_path, repmgr_conf, 'on_no_standby = "primary"'))
+    assert conflicts(on_primary, allowed) == []
+
+
+def test_metrics_label_the_replica_addresses_and_keep_the_old_names() -> None:
+    from prometheus_client import generate_latest
+
+    from repmgr_vip.metrics import Metrics
+
+    metrics = Metrics("127.0.0.1", 0)
+    metrics.addresses({VIP4: True})
+    metrics.replica({REP4: True, REP6: True})
+    text = generate_latest(metrics.registry).decode()
+    assert f'repmgr_vip_replica_address_held{{address="{REP6}"}} 1.0' in text
+    assert "repmgr_vip_replica_held 1.0" in text
+    assert f'repmgr_vip_address_held{{address="{VIP4}"}} 1.0' in text
+    assert "repmgr_vip_held " in text
+    metrics.replica({REP4: False, REP6: True})  # half held is not held
+    assert "repmgr_vip_replica_held 0.0" in generate_latest(metrics.registry).decode()
+
+
+def test_sudoers_cover_every_address(tmp_path: Path, repmgr_conf: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(_config(tmp_path, repmgr_conf)), "sudoers"]) == ExitCode.OK
+    rules = capsys.readouterr().out
+    for address in (VIP4, VIP6, REP4, REP6):
+        family = "-6" if ":" in address else "-4"
+        escaped = address.replace(":", "\\:")  # sudoers escapes colons
+        assert f"ip {family} address add {escaped} dev lo" in rules, address
+        assert f"ip {family} address del {escaped} dev lo" in rules, address
+    assert "192.0.2.116" in rules and "arping -U" in rules
+
+
+def _nodes(*names: str) -> list[cluster.NodeRecord]:
+    return [cluster.NodeRecord(i, name, "standby", True, f"host=192.0.2.{10 + i}", 100)
+            for i, name in enumerate(names, 1)]
+
+
+def test_daemon_refuses_a_prefer_name_that_is_not_registered(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = _config(tmp_path, repmgr_conf, 'prefer = ["pg-b", "pg-x"]')
+    monkeypatch.setattr(cluster, "registered_nodes",
+                        lambda *_a, **_k: _nodes("pg-a", "pg-b", "pg-c"))
+    started: list[Any] = []
+    monkeypatch.setattr("repmgr_vip.daemon.Daemon.run", lambda self: started.append(self) or 0)
+    assert main(["-c", str(path), "daemon"]) == ExitCode.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "replica_vip.prefer" in err[0] and "pg-x" in err[0], err
+    assert started == []  # nothing ran
+    ok = _config(tmp_path, repmgr_conf, 'prefer = ["pg-c"]')
+    assert main(["-c", str(ok), "daemon"]) == ExitCode.OK and len(started) == 1
+
+
+def test_check_fails_on_an_unregistered_prefer_name_and_covers_the_replica_addresses(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(_config(tmp_path, repmgr_conf, 'prefer = ["pg-x"]'))
+    monkeypatch.setattr(cluster, "registered_nodes", lambda *_a, **_k: _nodes("pg-a", "pg-b"))
+    results = list(doctor._check_replica(config))
+    prefer = [r for r in results if r.name == "replica_vip.prefer"]
+    assert len(prefer) == 1 and not prefer[0].ok and "pg-x" in prefer[0].detail
+    subnets = [r for r in results if r.name == "replica VIP subnet"]
+    assert len(subnets) == 2  # one per replica address, IPv4 and IPv6
+    assert any("2001:db8::116" in r.name for r in results)  # the IPv6 prerequisites
+
+
+def test_release_replica_asks_eligibility_only_when_held(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`release --replica --unless-eligible` (what fencing sends): kept (exit 3) by an
+    eligible holder, released by a holder that is not eligible."""
+    config = load_config(_config(tmp_path, repmgr_conf))
+    removed: list[bool] = []
+
+    class Net:
+        def holds(self) -> bool:
+            return True
+
+        def remove(self) -> bool:
+            removed.append(True)
+            return True
+
+    monkeypatch.setattr(replica, "replica_network", lambda _c: Net())
+    monkeypatch.setattr(replica, "want", lambda *_a, **_k: True)
+    assert replica.release_unless_eligible(config)[0] is False and removed == []
+    monkeypatch.setattr(replica, "want", lambda *_a, **_k: False)
+    assert replica.release_unless_eligible(config)[0] is True and removed == [True]
