@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
+from lab import Lab, Node, VipSampler
 from tests.integration.test_quiet import JITTER, _new_sessions
 from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon
-from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

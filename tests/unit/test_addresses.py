@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip import cluster, doctor, replica
-from repmgr_vip.cli import main
-from repmgr_vip.config import load_config
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.status import NodeStatus, address_rows, conflicts, render
+from repmgr_vip.adapters import cluster
+from repmgr_vip.app import doctor, replica
+from repmgr_vip.app.status import NodeStatus, address_rows, conflicts, render
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.schema import load_config
+from repmgr_vip.core.errors import ExitCode
+from repmgr_vip.core.model import NodeRecord
 
 VIP4, VIP6 = "192.0.2.115/24", "2001:db8::115/64"
 REP4, REP6 = "192.0.2.116/24", "2001:db8::116/64"
@@ -62,7 +64,7 @@ def test_status_reports_a_replica_vip_on_two_nodes_or_on_the_primary(
 def test_metrics_label_the_replica_addresses_and_keep_the_old_names() -> None:
     from prometheus_client import generate_latest
 
-    from repmgr_vip.metrics import Metrics
+    from repmgr_vip.app.metrics import Metrics
 
     metrics = Metrics("127.0.0.1", 0)
     metrics.addresses({VIP4: True})
@@ -88,8 +90,8 @@ def test_sudoers_cover_every_address(tmp_path: Path, repmgr_conf: Path,
     assert "192.0.2.116" in rules and "arping -U" in rules
 
 
-def _nodes(*names: str) -> list[cluster.NodeRecord]:
-    return [cluster.NodeRecord(i, name, "standby", True, f"host=192.0.2.{10 + i}", 100)
+def _nodes(*names: str) -> list[NodeRecord]:
+    return [NodeRecord(i, name, "standby", True, f"host=192.0.2.{10 + i}", 100)
             for i, name in enumerate(names, 1)]
 
 
@@ -100,7 +102,7 @@ def test_daemon_refuses_a_prefer_name_that_is_not_registered(
     monkeypatch.setattr(cluster, "registered_nodes",
                         lambda *_a, **_k: _nodes("pg-a", "pg-b", "pg-c"))
     started: list[Any] = []
-    monkeypatch.setattr("repmgr_vip.daemon.Daemon.run", lambda self: started.append(self) or 0)
+    monkeypatch.setattr("repmgr_vip.app.daemon.Daemon.run", lambda self: started.append(self) or 0)
     assert main(["-c", str(path), "daemon"]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "replica_vip.prefer" in err[0] and "pg-x" in err[0], err
