@@ -4,6 +4,7 @@ kernel's DAD probes and its ndisc_notify advertisement announces), a sampler per
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ import pytest
 
 from lab import VIP, VIP6, VIP6_IP, VIP_IP, Lab, Node, VipSampler
 from tests.integration.vipconf import (
+    REPMGR_VIP,
+    config_path,
     install_generated_sudoers,
     journal_entries,
     start_daemon,
@@ -214,3 +217,55 @@ def test_dual_stack_addresses_move_together_on_switchover(
               lambda: lab.client_neigh_mac(VIP6_IP) == node2.mac, 5)
     v4.assert_never_two()
     v6.assert_never_two()
+
+
+BOGUS_MAC = "02:00:00:00:00:99"
+
+
+def test_sudo_mode_daemon_probes_and_reannounces_ipv6(lab_factory: Callable[..., Lab]) -> None:
+    """The daemon as postgres without capabilities (sudo mode, the generated rules only):
+    `repmgr-vip nd-announce` through sudo re-announces the held IPv6 VIP (a client's stale
+    entry with a wrong MAC is corrected while the client sends nothing), and `nd-probe`
+    through sudo sees a second holder, which is then fenced over SSH."""
+    lab = lab_factory(nodes=3)
+    extra = ('[privileges]\nmode = "sudo"\n\n[daemon]\nreannounce_interval = 2.0\n'
+             "conflict_probe_interval = 1.0\n")
+    for node in lab.nodes:
+        write_vip_config(lab, node, extra, address=VIP6)
+    rules = install_generated_sudoers(lab, lab.nodes[0])
+    assert "nd-probe" in rules and "nd-announce" in rules
+    for node in lab.nodes:
+        wire_hooks(lab, node)
+    for node in lab.nodes:
+        result = lab.repmgr(node, "daemon", "start", check=False, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    node1, node2, _ = lab.nodes
+    _wait(lab, "IPv6 VIP on node1", lambda: lab.vip_holders(VIP6_IP) == ["node1"], 20)
+    checked = vip(lab, node1, "check")
+    assert "FAIL  IPv6 helper" not in checked.stdout, checked.stdout
+    daemons = {n.name: lab.popen(n, [REPMGR_VIP, "-c", str(config_path(n)), "daemon"],
+                                 user="postgres", stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL) for n in lab.nodes}
+    try:
+        _wait(lab, "every daemon has run a cycle", lambda: all(
+            (n.dir / "repmgr-vip-daemon.json").exists() for n in lab.nodes), 30)
+        lab.run(None, ["ip", "-6", "neigh", "replace", VIP6_IP, "lladdr", BOGUS_MAC, "dev",
+                       "eth0", "nud", "stale"], user="root")
+        assert lab.client_neigh_mac(VIP6_IP) == BOGUS_MAC
+        fixed = _wait(lab, "the client's entry corrected by a re-announcement",
+                      lambda: lab.client_neigh_mac(VIP6_IP) == node1.mac, 10)
+        print(f"\nsudo mode: re-announced within {fixed:.2f} s of a wrong client entry")
+
+        stop_daemon(daemons["node2"])
+        lab.run(node2, ["ip", "-6", "address", "add", VIP6, "dev", "eth0", "nodad"],
+                user="root")
+        gone = _wait(lab, "node2's copy fenced away by node1", lambda: VIP6_IP not in str(
+            lab._link_json(node2.netns, "addr", "show", "dev", "eth0")), 30)
+        print(f"sudo mode: a second IPv6 holder fenced after {gone:.2f} s")
+        log = vip_log(node1)
+        assert "VIP CONFLICT" in log and node2.mac in log, log
+        assert lab.vip_holders(VIP6_IP) == ["node1"]
+    finally:
+        for proc in daemons.values():
+            if proc.poll() is None:
+                stop_daemon(proc)

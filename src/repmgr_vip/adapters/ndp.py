@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.arp import interface_mac, mac_text, packet_socket, solicit
+from repmgr_vip.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from repmgr_vip.core.model import CheckResult
@@ -197,7 +198,8 @@ def ipv6_checks(interface: str, mode: str, addresses: Sequence[str]) -> Iterator
         return
     seconds = kernel_dad_seconds(interface)
     detail = (f"through sudo the kernel's DAD probes it and announces it (ndisc_notify) "
-              f"within {seconds:.1f} s")
+              f"within {seconds:.1f} s; `repmgr-vip nd-probe`/`nd-announce` (sudoers) probe "
+              "a held address for conflicts and re-announce it")
     if seconds > 0.5:
         yield CheckResult(name, True, detail + f": every move waits for it; set net.ipv6.conf."
                           f"{interface}.router_solicitation_delay=0 and net.ipv6.neigh."
@@ -205,3 +207,82 @@ def ipv6_checks(interface: str, mode: str, addresses: Sequence[str]) -> Iterator
                           "direct mode)", warning=True)
         return
     yield CheckResult(name, True, detail)
+
+
+# --- sudo mode: the same probe and announcement through exact command lines -------------
+#
+# In sudo mode the daemon and the hooks run as postgres, without CAP_NET_RAW. The kernel's DAD
+# probes an IPv6 address when it is added and announces it once, but nothing would probe a
+# held address for a conflict or re-announce it. So `repmgr-vip nd-probe IF ADDR COUNT WAIT`
+# and `repmgr-vip nd-announce IF ADDR COUNT INTERVAL` run these very functions as root, each
+# through a sudoers rule for that exact command line (`repmgr-vip sudoers`): no argument is
+# free, no configuration or environment is read, so the rule lets postgres do exactly one
+# thing. `check` verifies that nobody but root can change the program those rules run.
+
+HELPER_PROBE = "nd-probe"
+HELPER_ANNOUNCE = "nd-announce"
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+
+
+def usable_on(interface: str, address: str,
+              table: Path = Path("/proc/net/if_inet6")) -> bool:
+    """Whether `address` is on `interface` and usable (not tentative, DAD not failed), from
+    /proc/net/if_inet6: no subprocess, nothing a caller controls."""
+    want = ipaddress.IPv6Address(address).packed.hex()
+    try:
+        lines = table.read_text(encoding="ascii").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[0] == want and fields[5] == interface:
+            return not int(fields[4], 16) & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+    return False
+
+
+def helper_args(interface: str, address: str, count: str, seconds: str
+                ) -> tuple[str, str, int, float]:
+    """The helper's four arguments, checked as strictly as the config checks them."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", interface):
+        raise ConfigError(f"{interface!r} is not an interface name")
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError as exc:
+        raise ConfigError(f"{address!r} is not an IPv6 address") from exc
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise ConfigError(f"{address!r} cannot be a VIP")
+    if not (count.isascii() and count.isdigit() and 1 <= int(count) <= 100):
+        raise ConfigError(f"count {count!r} must be 1..100")
+    try:
+        wait = float(seconds)
+    except ValueError as exc:
+        raise ConfigError(f"{seconds!r} is not a number of seconds") from exc
+    if not 0 <= wait <= 60:
+        raise ConfigError(f"{seconds!r} must be 0..60 seconds")
+    return interface, str(ip), int(count), wait
+
+
+def helper_probe(interface: str, address: str, count: str, wait: str) -> list[str]:
+    """nd-probe: the MACs of other hosts answering for the address (one per line)."""
+    name, ip, times, seconds = helper_args(interface, address, count, wait)
+    return list(probe(name, ip, times, seconds))
+
+
+def helper_announce(interface: str, address: str, count: str, interval: str) -> int:
+    """nd-announce: `count` unsolicited advertisements `interval` apart, each only while the
+    address is still usable here (never advertise an address given up meanwhile)."""
+    import time
+
+    name, ip, times, seconds = helper_args(interface, address, count, interval)
+    sent = 0
+    for index in range(times):
+        if index:
+            time.sleep(seconds)
+        if not usable_on(name, ip):
+            break
+        announce_once(name, ip)
+        sent += 1
+    return sent

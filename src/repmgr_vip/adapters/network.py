@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repmgr_vip.adapters import arp, ndp, statefiles
-from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.privileges import effective_mode, privileged
 from repmgr_vip.adapters.process import alive, describe, first_line, popen_text, run
 from repmgr_vip.config import statepaths
@@ -60,6 +59,8 @@ class PrivilegedCommands:
     lease: int = 0  # the address's lifetime in whole seconds (vip.lease rounded up); 0: none
     version: int = 4
     others: tuple[PrivilegedCommands, ...] = ()  # the VIP's other addresses (dual stack)
+    helper: str = ""  # repmgr-vip itself: IPv6 probe/announce through sudo (ndp.helper_*)
+    announce_interval: float = 0.2
 
     @classmethod
     def from_config(cls, config: Config) -> PrivilegedCommands:
@@ -80,6 +81,8 @@ class PrivilegedCommands:
             probe_timeout=config.vip.probe_timeout,
             lease=math.ceil(config.vip.lease),
             version=address.version,
+            helper=config.remote.command,
+            announce_interval=config.vip.announce_interval,
         )
 
     @property
@@ -115,10 +118,20 @@ class PrivilegedCommands:
         return [self.arping, "-D", "-c", str(self.probe_count), "-w", deadline,
                 "-I", self.interface, self.address]
 
+    def nd_probe(self) -> list[str]:
+        """IPv6 through sudo: our DAD-style probe of a held address (conflicts), as root."""
+        return [self.helper, ndp.HELPER_PROBE, self.interface, self.address,
+                str(self.probe_count), f"{self.probe_timeout:g}"]
+
+    def nd_announce(self) -> list[str]:
+        """IPv6 through sudo: unsolicited advertisements after adding and on re-announce."""
+        return [self.helper, ndp.HELPER_ANNOUNCE, self.interface, self.address,
+                str(self.announce_count), f"{self.announce_interval:g}"]
+
     def all(self) -> list[list[str]]:
         """Every line sudo mode runs for the VIP: what `repmgr-vip sudoers` allows."""
-        if self.version == 6:  # the kernel probes and announces (ndisc_notify)
-            own = [self.add(), self.delete()]
+        if self.version == 6:  # the kernel's DAD on add; our helper probes and announces
+            own = [self.add(), self.delete(), self.nd_announce(), self.nd_probe()]
         else:
             leased = [self.renew()] if self.lease else []
             own = [self.add(), self.delete(), self.announce(), self.probe(), *leased]
@@ -142,6 +155,7 @@ class VipNetwork:
         self._announcer_pid_file = (announcer_file
                                     or statepaths.announcer_pid_file(config.state_dir))
         self._announcer: subprocess.Popen[str] | None = None
+        self._nd_children: list[subprocess.Popen[str]] = []  # sudo mode IPv6 announcements
 
     def reconfigure(self, config: Config) -> None:
         """Takes `config`'s command lines and mode (start, and a daemon's SIGHUP reload)."""
@@ -334,8 +348,8 @@ class VipNetwork:
     def _probe_one(self, member: PrivilegedCommands) -> tuple[str, ...]:
         vip = self.config.vip
         if member.version == 6:
-            if self.mode != "direct":
-                return ()  # the kernel's DAD probes it when it is added (see add)
+            if self.mode != "direct":  # the kernel's DAD on add; a held one: ndp's helper
+                return self._nd_probe_through_sudo(member)
             try:
                 return ndp.probe(vip.interface, member.address, vip.probe_count,
                                  vip.probe_timeout)
@@ -362,6 +376,27 @@ class VipNetwork:
             "check `repmgr-vip check` (sudo rules, arping)"
         )
 
+    def _nd_probe_through_sudo(self, member: PrivilegedCommands) -> tuple[str, ...]:
+        if self.interface_state().address_as(member.address) is None:
+            return ()  # not held: the kernel's DAD probes it when it is added (see add)
+        result = self._privileged(member.nd_probe(), CHANGE_TIMEOUT)
+        if result.returncode != 0:
+            raise CommandFailed(f"IPv6 probe failed (exit {result.returncode}): "
+                                f"{first_line(result.stderr)!r}; check `repmgr-vip check`")
+        return tuple(line.strip().lower() for line in result.stdout.splitlines()
+                     if line.strip())
+
+    def _nd_announce_through_sudo(self) -> None:
+        """Starts the helper in the background (it stops by itself once the address is
+        gone); children started earlier are reaped here."""
+        self._nd_children = [c for c in self._nd_children if c.poll() is None]
+        for member in self.members:
+            if member.version == 6:
+                argv = privileged(member.nd_announce(), self.mode, self.config.commands.sudo)
+                self._nd_children.append(popen_text(
+                    argv, privileged=True, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, new_session=True))
+
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.
 
@@ -375,8 +410,8 @@ class VipNetwork:
         if self.mode == "direct":
             self._announce_direct()
             return
+        self._nd_announce_through_sudo()  # IPv6: besides the kernel's advertisement at DAD
         if self._v4 is None:
-            LOG.debug("IPv6 VIP through sudo: the kernel announced it after DAD")
             return
         argv = privileged(self._v4.announce(), self.mode, self.config.commands.sudo)
         proc = popen_text(argv, privileged=True, stdout=subprocess.DEVNULL,

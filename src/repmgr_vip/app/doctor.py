@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from repmgr_vip.adapters import cluster
@@ -45,8 +48,52 @@ def _check_binaries(config: Config, mode: str) -> Iterator[CheckResult]:
         yield CheckResult(f"binary {name}", ok, detail)
 
 
+def _writable_by_others(path: Path) -> str | None:
+    """Why someone other than root could change `path` or a directory above it, or None."""
+    for where in [path, *path.parents]:
+        try:
+            st = os.stat(where)
+        except OSError as exc:
+            return f"{where}: {exc.strerror}"
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0:
+            return f"{where} is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not sticky_dir:
+            return f"{where} is writable by group or others"
+    return None
+
+
+def _check_helper(config: Config) -> Iterator[CheckResult]:
+    """Sudo mode with an IPv6 address: sudoers lets postgres run repmgr-vip itself as root
+    (nd-probe, nd-announce, exact arguments). That is safe only while nobody but root can
+    change the program: the command, its interpreter and the installed package."""
+    import repmgr_vip
+
+    own = [a for a in config.vip.all if a.version == 6]
+    if config.replica is not None:
+        own += [a for a in config.replica.vip.all if a.version == 6]
+    if not own:
+        return
+    command = Path(config.remote.command)
+    paths = [command, Path(repmgr_vip.__file__).resolve().parent]
+    with contextlib.suppress(OSError):
+        first = command.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+        if first.startswith("#!") and first[2:].split():
+            paths.append(Path(first[2:].split()[0]).resolve())
+    for path in paths:
+        problem = _writable_by_others(path)
+        if problem:
+            yield CheckResult("IPv6 helper (sudo)", False, f"{problem}: the sudoers lines for "
+                              f"`{command} nd-probe/nd-announce` would let that user become "
+                              "root; install repmgr-vip owned by root (the Debian package)")
+            return
+    yield CheckResult("IPv6 helper (sudo)", True, f"{command} and its package are root's only")
+
+
 def _check_privileges(config: Config, mode: str) -> Iterator[CheckResult]:
     commands = sudo_lines(config)
+    if mode == "sudo":
+        yield from _check_helper(config)
     if mode == "direct":
         ok = os.geteuid() == 0 or has_network_capabilities()
         detail = ("running with CAP_NET_ADMIN and CAP_NET_RAW" if ok else

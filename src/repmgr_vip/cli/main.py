@@ -255,6 +255,33 @@ def cmd_local_status(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_nd_probe(args: argparse.Namespace) -> int:
+    """Sudo mode's IPv6 conflict probe, run as root through an exact sudoers line."""
+    from repmgr_vip.adapters import ndp
+
+    try:
+        macs = ndp.helper_probe(*args.helper)
+    except OSError as exc:
+        print(f"repmgr-vip: neighbour solicitation failed: {exc.strerror}", file=sys.stderr)
+        return ExitCode.FAILED
+    for mac in macs:
+        print(mac)
+    return ExitCode.OK
+
+
+def cmd_nd_announce(args: argparse.Namespace) -> int:
+    """Sudo mode's IPv6 (re-)announcement, run as root through an exact sudoers line."""
+    from repmgr_vip.adapters import ndp
+
+    try:
+        sent = ndp.helper_announce(*args.helper)
+    except OSError as exc:
+        print(f"repmgr-vip: neighbour advertisement failed: {exc.strerror}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"{sent} advertisements sent")
+    return ExitCode.OK
+
+
 def cmd_fence_self(args: argparse.Namespace) -> int:
     from repmgr_vip.app.hooks import fence_self
 
@@ -307,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
             "each confirms (started in the background by promote; not for manual use)")
     p.add_argument("--timeline", type=int, required=True, help="the promoted node's timeline")
     p.add_argument("nodes", nargs="+", metavar="NODE", help="node names, as in repmgr.nodes")
+    for name, func, what in (("nd-probe", cmd_nd_probe, "COUNT WAIT"),
+                             ("nd-announce", cmd_nd_announce, "COUNT INTERVAL")):
+        p = add(name, func, f"IPv6 {'probe' if func is cmd_nd_probe else 'announcement'} "
+                "for sudo mode, run as root through the exact line `sudoers` prints; not "
+                "for manual use (reads no configuration)")
+        p.add_argument("helper", nargs=4, metavar="ARG",
+                       help=f"INTERFACE ADDRESS {what}, as in the sudoers line")
     add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
     sub.choices["check"].add_argument(
