@@ -39,6 +39,8 @@ class Timeline:
     writes: list[dict[str, object]] = field(default_factory=list)
     writer_interval: float = 0.05  # the client's pause between writes
     role_interval: float | None = None  # psql per node per round: the bench samples less often
+    replica_ip: str | None = None  # [replica_vip]: sampled too, noted as "replica VIP on ..."
+    replica_samples: list[tuple[float, list[str]]] = field(default_factory=list)
 
     def note(self, kind: str, text: str, t: float | None = None) -> None:
         self.entries.append(Entry(time.time() if t is None else t, kind, text))
@@ -49,6 +51,7 @@ class Timeline:
 
     def _sample_vip(self) -> None:
         last: list[str] | None = None
+        last_replica: list[str] | None = None
         while not self._stop.is_set():
             holders = self.lab.vip_holders()
             now = time.time()
@@ -56,6 +59,12 @@ class Timeline:
             if holders != last:
                 self.note("vip", "VIP on " + (", ".join(holders) or "no node"), now)
                 last = holders
+            if self.replica_ip is not None:
+                replica = self.lab.vip_holders(self.replica_ip)
+                self.replica_samples.append((time.time(), replica))
+                if replica != last_replica:
+                    self.note("replica", "replica VIP on " + (", ".join(replica) or "no node"))
+                    last_replica = replica
             time.sleep(self.interval)
 
     def _sample_roles(self) -> None:
@@ -107,6 +116,10 @@ class Timeline:
     @property
     def max_holders(self) -> int:
         return max((len(h) for _, h in self.vip_samples), default=0)
+
+    @property
+    def max_replica_holders(self) -> int:
+        return max((len(h) for _, h in self.replica_samples), default=0)
 
     def first(self, kind: str, text: str, after: float) -> float | None:
         for entry in sorted(self.entries, key=lambda e: e.t):

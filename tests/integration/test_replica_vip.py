@@ -127,9 +127,20 @@ def test_replica_vip_follows_a_healthy_standby(lab_factory: Callable[..., Lab]) 
 
                 lab.kill_postgres(node1)  # failover: node2, the holder, is promoted
                 _wait(lab, "node2 promoted", lambda: _primary(lab) is node2, 60)
-                figures.append(("promotion", _wait(
-                    lab, "replica VIP on node3, the remaining standby",
-                    lambda: _holder(lab) == ["node3"], 60)))
+                promoted = time.monotonic()
+                seen: dict[str, float] = {}
+
+                def moved() -> bool:  # and when node3 first streamed from node2 (repmgr's part)
+                    now = time.monotonic()
+                    if "follow" not in seen and lab.streaming_count(node2) >= 1:
+                        seen["follow"] = now
+                    return _holder(lab) == ["node3"]
+
+                _wait(lab, "replica VIP on node3, the remaining standby", moved, 60)
+                figures.append(("promotion", time.monotonic() - promoted))
+                followed = seen.get("follow", time.monotonic())
+                figures.append(("of which after node3 streamed from node2",
+                                time.monotonic() - followed))
                 _wait(lab, "primary VIP on node2", lambda: lab.vip_holders() == ["node2"], 30)
                 time.sleep(2)
             reader.assert_always_in_recovery()
