@@ -3,6 +3,7 @@ and IPv6 addresses; an unregistered replica_vip.prefer name is refused (exit 2).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from repmgr_vip.app.status import NodeStatus, address_rows, conflicts, render
 from repmgr_vip.cli.main import main
 from repmgr_vip.config.schema import load_config
 from repmgr_vip.core.errors import ExitCode
-from repmgr_vip.core.model import NodeRecord
+from repmgr_vip.core.model import NodeRecord, NodeView
 
 VIP4, VIP6 = "192.0.2.115/24", "2001:db8::115/64"
 REP4, REP6 = "192.0.2.116/24", "2001:db8::116/64"
@@ -143,3 +144,81 @@ def test_release_replica_asks_eligibility_only_when_held(
     assert replica.release_unless_eligible(config)[0] is False and removed == []
     monkeypatch.setattr(replica, "want", lambda *_a, **_k: False)
     assert replica.release_unless_eligible(config)[0] is True and removed == [True]
+
+
+class _Source:
+    """A ClusterSource as the daemon's: this node's own record first, then the others."""
+
+    def __init__(self, me: int, primary: int, rows: list[replica.Replication]) -> None:
+        self.me, self.primary, self.rows = me, primary, rows
+        names = {1: "pg-a", 2: "pg-b", 3: "pg-c"}
+        records = [NodeRecord(i, names[i], "primary" if i == primary else "standby", True,
+                              f"host=192.0.2.{10 + i}", 1) for i in names]
+        self.records = [r for r in records if r.node_id == me] + [
+            r for r in records if r.node_id != me]
+
+    def local(self) -> NodeView:
+        return self.views(self.records)[self.me]
+
+    def nodes(self) -> list[NodeRecord]:
+        return self.records
+
+    def views(self, nodes: Any) -> dict[int, NodeView]:
+        return {r.node_id: NodeView(r.node_id, True, r.node_id != self.primary, 1)
+                for r in nodes}
+
+    def replication(self, primary: NodeRecord) -> list[replica.Replication]:
+        assert primary.node_id == self.primary
+        return self.rows
+
+
+def test_every_node_agrees_on_the_holder_whatever_order_its_node_list_has(
+        tmp_path: Path, repmgr_conf: Path) -> None:
+    """The stable rule is the node id, not the order a daemon happens to list the nodes in
+    (its own record first): else two standbys would each think they come first."""
+    config = load_config(_config(tmp_path, repmgr_conf))
+    rows = [replica.Replication("pg-b", "streaming", 0), replica.Replication("pg-c",
+                                                                             "streaming", 0)]
+    wants = {}
+    for me, name in ((2, "pg-b"), (3, "pg-c")):
+        mine = dataclasses.replace(config, repmgr=dataclasses.replace(
+            config.repmgr, node_id=me, node_name=name))
+        wants[name] = replica.want(mine, _Source(me, 1, rows), holds=False)
+    assert wants == {"pg-b": True, "pg-c": False}
+
+
+def test_keeper_fences_after_two_refused_periods_and_not_more_often_than_every_10_s(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address answers elsewhere while this node should hold it (the holder's daemon is
+    dead): after FENCE_AFTER periods the fencing round runs, once per FENCE_EVERY."""
+    config = load_config(_config(tmp_path, repmgr_conf))
+    from repmgr_vip.app.fencing import FenceReport
+
+    fenced: list[list[str]] = []
+
+    def fence(_config: Any, _network: Any, nodes: Any, **_ports: Any) -> FenceReport:
+        fenced.append([n.node_name for n in nodes])
+        return FenceReport()
+
+    monkeypatch.setattr(replica, "fence_replica", fence)
+
+    class Net:
+        def holds(self) -> bool:
+            return False
+
+        def probe(self) -> Any:
+            from repmgr_vip.core.model import ProbeResult
+            return ProbeResult(("02:00:00:00:00:0c",))
+
+        def interface_state(self) -> Any:
+            raise AssertionError("no metrics here")
+
+    rows = [replica.Replication("pg-b", "streaming", 0)]
+    keeper = replica.ReplicaKeeper(config, Net(), 1.0, _Source(2, 1, rows))  # type: ignore[arg-type]
+    for _ in range(replica.FENCE_AFTER - 1):
+        keeper.tick()
+    assert fenced == []
+    keeper.tick()
+    assert fenced == [["pg-a", "pg-c"]]  # every other node: the holder is not known
+    keeper.tick()
+    assert len(fenced) == 1  # not again within FENCE_EVERY
