@@ -103,7 +103,12 @@ def test_daemon_refuses_a_prefer_name_that_is_not_registered(
     monkeypatch.setattr(cluster, "registered_nodes",
                         lambda *_a, **_k: _nodes("pg-a", "pg-b", "pg-c"))
     started: list[Any] = []
-    monkeypatch.setattr("repmgr_vip.app.daemon.Daemon.run", lambda self: started.append(self) or 0)
+
+    def run(self: Any) -> int:
+        started.append(self)
+        return 0
+
+    monkeypatch.setattr("repmgr_vip.app.daemon.Daemon.run", run)
     assert main(["-c", str(path), "daemon"]) == ExitCode.USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "replica_vip.prefer" in err[0] and "pg-x" in err[0], err
