@@ -168,6 +168,9 @@ class _Source:
     def nodes(self) -> list[NodeRecord]:
         return self.records
 
+    def all_nodes(self) -> list[NodeRecord]:
+        return self.records
+
     def views(self, nodes: Any) -> dict[int, NodeView]:
         return {r.node_id: NodeView(r.node_id, True, r.node_id != self.primary, 1)
                 for r in nodes}
@@ -227,3 +230,10 @@ def test_keeper_fences_after_two_refused_periods_and_not_more_often_than_every_1
     assert fenced == [["pg-a", "pg-c"]]  # every other node: the holder is not known
     keeper.tick()
     assert len(fenced) == 1  # not again within FENCE_EVERY
+
+
+def test_repmgr_conf_names_every_address(tmp_path: Path, repmgr_conf: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(_config(tmp_path, repmgr_conf)), "repmgr-conf"]) == ExitCode.OK
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
+    assert any(all(a in line for a in (VIP4, VIP6, REP4, REP6)) for line in header), header

@@ -310,8 +310,10 @@ def repmgr_conf_lines(config: Config) -> str:
         return "'" + command.replace("'", "''") + "'"
 
     events = ",".join(sorted(HANDLED_EVENTS))
+    replica = f"; replica VIP {config.replica.vip.cidr}" if config.replica else ""
     return "\n".join([
         "# repmgr-vip: add to repmgr.conf on this node, then restart repmgrd.",
+        f"# addresses: VIP {config.vip.cidr}{replica}",
         "# event_notifications lists the events repmgr-vip acts on; keep any of your own.",
         f"promote_command={value('promote')}",
         f"follow_command={value('follow', '%n')}",

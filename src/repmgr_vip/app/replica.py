@@ -112,6 +112,7 @@ class ClusterSource(Protocol):
 
     def local(self) -> cluster.NodeView: ...
     def nodes(self) -> list[NodeRecord]: ...  # active records, this node included
+    def all_nodes(self) -> list[NodeRecord]: ...  # every registered node, read now (fencing)
     def views(self, nodes: Sequence[NodeRecord]) -> dict[int, cluster.NodeView]: ...
     def replication(self, primary: NodeRecord) -> list[Replication]: ...
 
@@ -127,6 +128,9 @@ class DirectSource:
 
     def nodes(self) -> list[NodeRecord]:
         return [r for r in cluster.registered_nodes(self.config, QUERY_TIMEOUT) if r.active]
+
+    def all_nodes(self) -> list[NodeRecord]:
+        return cluster.registered_nodes(self.config, QUERY_TIMEOUT)
 
     def views(self, nodes: Sequence[NodeRecord]) -> dict[int, cluster.NodeView]:
         return cluster.query_views(nodes, QUERY_TIMEOUT)
@@ -169,6 +173,11 @@ class DaemonSource:
     def nodes(self) -> list[NodeRecord]:
         own = self._own_record()
         return [*([own] if own is not None and own.active else []), *self.daemon.records]
+
+    def all_nodes(self) -> list[NodeRecord]:
+        """Read now on the kept local connection, inactive nodes too: a node that repmgr
+        marked inactive (its PostgreSQL is down) can still hold the address."""
+        return pgsession.registered_nodes(self.daemon.local_session, self.daemon.config)
 
     def views(self, nodes: Sequence[NodeRecord]) -> dict[int, cluster.NodeView]:
         me = self.daemon.config.repmgr.node_id
@@ -337,9 +346,16 @@ class ReplicaKeeper(threading.Thread):
             return
         self.last_fence = now
         me = self.config.repmgr.node_id
-        others = [r for r in self.source.nodes() if r.node_id != me]
+        try:
+            nodes = self.source.all_nodes()
+        except VipError as exc:
+            LOG.warning("replica VIP fencing with the cached node list: %s", exc)
+            nodes = cluster.cached_nodes(self.config)
+        others = [r for r in nodes if r.node_id != me]
         if not others:
             return
+        LOG.warning("replica VIP fencing: asking %s to release it unless eligible",
+                    ", ".join(r.node_name for r in others))
         report = fence_replica(self.config, self.network, others)
         LOG.warning("replica VIP fencing: %s", report.summary())
 
