@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from lab import Lab, Node, VipSampler
+from lab import VIP, Lab, Node, VipSampler
 from tests.integration.test_quiet import JITTER, _new_sessions
-from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon
+from tests.integration.vipconf import hooked_cluster, metrics, start_daemon, stop_daemon, vip
 
 pytestmark = pytest.mark.lab
 
@@ -170,7 +170,7 @@ def test_replica_vip_dual_stack_kept_connections_and_fencing_a_dead_daemon(
     for node in lab.nodes:
         lab.set_repmgr_conf(node, "connection_check_type", "query", quote=False)
     hooked_cluster(lab, f'[replica_vip]\naddress = ["{REPLICA}", "{REPLICA6}"]\n')
-    node2 = lab.node("node2")
+    node2, node3 = lab.node("node2"), lab.node("node3")
     lab.wait_for(lambda: lab.vip_holders() == ["node1"], 30, what="VIP on node1")
     time.sleep(2.0)
     lab_only = _new_sessions(lab, WINDOW)
@@ -198,6 +198,16 @@ def test_replica_vip_dual_stack_kept_connections_and_fencing_a_dead_daemon(
             print(f"replica VIP moved off a node with a dead daemon in {moved:.2f} s")
             time.sleep(2.0)
             assert _holder(lab) == ["node3"] and _holder(lab, REPLICA6_IP) == ["node3"]
+            # what users see: a status row per address with its holder, metrics per address
+            status = vip(lab, lab.node("node1"), "status")
+            rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()
+                    if line.strip()}
+            assert rows[REPLICA] == ["replica", "node3"], status.stdout
+            assert rows[REPLICA6] == ["replica", "node3"], status.stdout
+            assert rows[VIP] == ["primary", "node1"], status.stdout
+            held = metrics(lab, node3)
+            assert f'repmgr_vip_replica_address_held{{address="{REPLICA6}"}} 1.0' in held
+            assert "repmgr_vip_replica_held 1.0" in held
         four.assert_never_two()
         six.assert_never_two()
         assert lab.vip_holders() == ["node1"]
