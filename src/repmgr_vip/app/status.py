@@ -31,10 +31,9 @@ def local_status(config: Config) -> dict[str, Any]:
         if isinstance(data, dict):
             last = data
     replica = config.replica.vip if config.replica is not None else None
-    if replica is not None and replica.interface != config.vip.interface:
+    replica_state = state
+    if replica is not None:  # its own read: another interface, or IPv6 beside an IPv4-only VIP
         replica_state = VipNetwork(dataclasses.replace(config, vip=replica)).interface_state()
-    else:
-        replica_state = state
     return {
         "node_id": config.repmgr.node_id,
         "holds_vip": state.holds_all(config.vip.cidrs),
