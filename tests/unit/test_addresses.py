@@ -237,3 +237,42 @@ def test_repmgr_conf_names_every_address(tmp_path: Path, repmgr_conf: Path,
     assert main(["-c", str(_config(tmp_path, repmgr_conf)), "repmgr-conf"]) == ExitCode.OK
     header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
     assert any(all(a in line for a in (VIP4, VIP6, REP4, REP6)) for line in header), header
+
+
+def test_keeper_defers_when_an_eligible_standby_keeps_it(
+        tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prefer` names this node but another eligible standby holds the replica VIP: that one
+    keeps it (exit 3 over SSH), and this node stops probing and fencing for a while instead
+    of asking every node over SSH every 10 s."""
+    from repmgr_vip.app.fencing import FenceReport
+
+    config = load_config(_config(tmp_path, repmgr_conf, 'prefer = ["pg-b"]'))
+    rounds: list[int] = []
+    probes: list[int] = []
+
+    def fence(_config: Any, _network: Any, _nodes: Any, **ports: Any) -> FenceReport:
+        rounds.append(1)
+        ports["remote"].kept.add("pg-c")
+        return FenceReport()
+
+    monkeypatch.setattr(replica, "fence_replica", fence)
+
+    class Net:
+        def holds(self) -> bool:
+            return False
+
+        def probe(self) -> Any:
+            from repmgr_vip.core.model import ProbeResult
+            probes.append(1)
+            return ProbeResult(("02:00:00:00:00:0c",))
+
+    rows = [replica.Replication("pg-b", "streaming", 0),
+            replica.Replication("pg-c", "streaming", 0)]
+    keeper = replica.ReplicaKeeper(config, Net(), 1.0, _Source(2, 1, rows))  # type: ignore[arg-type]
+    for _ in range(replica.FENCE_AFTER + 5):
+        keeper.tick()
+    assert len(rounds) == 1 and len(probes) == replica.FENCE_AFTER
+    monkeypatch.setattr(replica.time, "monotonic",
+                        lambda: keeper.deferred_until + 1)  # the deferral is over: try again
+    keeper.tick()
+    assert len(probes) == replica.FENCE_AFTER + 1

@@ -37,9 +37,9 @@ from repmgr_vip.app import claim
 from repmgr_vip.app.fencing import FenceReport, Fencing
 from repmgr_vip.config import statepaths
 from repmgr_vip.config.schema import Config, ReplicaSettings
-from repmgr_vip.core.errors import CommandFailed, ConfigError, VipError
+from repmgr_vip.core.errors import CommandFailed, ConfigError, ExitCode, VipError
 from repmgr_vip.core.model import NodeRecord
-from repmgr_vip.core.ports import ReleaseSession
+from repmgr_vip.core.ports import ReleaseResult, ReleaseSession
 
 if TYPE_CHECKING:
     from repmgr_vip.app.daemon import Daemon
@@ -49,6 +49,7 @@ QUERY_TIMEOUT = 2.0
 LOCK_WAIT = 0.5
 FENCE_AFTER = 2  # periods the address may answer elsewhere before this node fences it
 FENCE_EVERY = 10.0  # seconds between two fencing rounds for the replica VIP
+DEFER_AFTER_KEPT = 30.0  # an eligible standby kept it: no claim (nor SSH round) for so long
 SELF_TYPE_EVERY = 30.0
 REPLICATION_QUERY = """
 SELECT application_name, state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
@@ -227,15 +228,36 @@ def want(config: Config, source: ClusterSource, holds: bool) -> bool | None:
     return should_hold(config.replica, me, primary.node_name, standbys, rows, holds)
 
 
+class _Noted:
+    """A release session that tells its owner which node kept the address (exit 3)."""
+
+    def __init__(self, session: ReleaseSession, node: str, kept: set[str]) -> None:
+        self.session, self.node, self.kept = session, node, kept
+
+    def finished(self) -> bool:
+        return self.session.finished()
+
+    def result(self) -> ReleaseResult:
+        result = self.session.result()
+        if result.returncode == ExitCode.REFUSED:
+            self.kept.add(self.node)
+        return result
+
+    def kill(self) -> None:
+        self.session.kill()
+
+
 class SshReplicaRelease:
-    """fencing's RemoteRelease for the replica VIP: `release --replica --unless-eligible`."""
+    """fencing's RemoteRelease for the replica VIP: `release --replica --unless-eligible`;
+    `kept` names the nodes that kept it because they are still eligible standbys."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.kept: set[str] = set()
 
     def start_release(self, node: NodeRecord) -> ReleaseSession:
         argv = remote_vip_command(self.config, node.node_name, node.node_id, *RELEASE_ARGS)
-        return start_remote(self.config, node.host, argv)
+        return _Noted(start_remote(self.config, node.host, argv), node.node_name, self.kept)
 
 
 def fence_replica(config: Config, network: VipNetwork,
@@ -267,6 +289,7 @@ class ReplicaKeeper(threading.Thread):
         self.last_note = ""
         self.refused = 0  # consecutive periods it answered elsewhere while we wanted it
         self.last_fence = -FENCE_EVERY
+        self.deferred_until = 0.0  # an eligible standby holds it (stickiness across nodes)
         self.metrics = metrics
 
     def run(self) -> None:
@@ -317,6 +340,8 @@ class ReplicaKeeper(threading.Thread):
             return
         if not wanted:
             self.refused = 0
+        elif not held and time.monotonic() < self.deferred_until:
+            return  # an eligible standby said it keeps it: no claim, no SSH storm
         if wanted == held:
             return
         try:
@@ -356,8 +381,14 @@ class ReplicaKeeper(threading.Thread):
             return
         LOG.warning("replica VIP fencing: asking %s to release it unless eligible",
                     ", ".join(r.node_name for r in others))
-        report = fence_replica(self.config, self.network, others)
+        remote = SshReplicaRelease(self.config)
+        report = fence_replica(self.config, self.network, others, remote=remote)
         LOG.warning("replica VIP fencing: %s", report.summary())
+        if remote.kept:
+            self.deferred_until = time.monotonic() + DEFER_AFTER_KEPT
+            self.refused = 0
+            LOG.warning("replica VIP: %s keeps it as an eligible standby; not claiming it for "
+                        "%g s", ", ".join(sorted(remote.kept)), DEFER_AFTER_KEPT)
 
 
 def unknown_prefer(config: Config, names: Sequence[str]) -> str | None:
