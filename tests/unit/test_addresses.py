@@ -242,8 +242,8 @@ def test_repmgr_conf_names_every_address(tmp_path: Path, repmgr_conf: Path,
 def test_keeper_defers_when_an_eligible_standby_keeps_it(
         tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`prefer` names this node but another eligible standby holds the replica VIP: that one
-    keeps it (exit 3 over SSH), and this node stops probing and fencing for a while instead
-    of asking every node over SSH every 10 s."""
+    keeps it (exit 3 over SSH), and this node stops fencing for a while instead of asking
+    every node over SSH every 10 s; it still probes, and takes the address once it is free."""
     from repmgr_vip.app.fencing import FenceReport
 
     config = load_config(_config(tmp_path, repmgr_conf, 'prefer = ["pg-b"]'))
@@ -269,10 +269,14 @@ def test_keeper_defers_when_an_eligible_standby_keeps_it(
     rows = [replica.Replication("pg-b", "streaming", 0),
             replica.Replication("pg-c", "streaming", 0)]
     keeper = replica.ReplicaKeeper(config, Net(), 1.0, _Source(2, 1, rows))  # type: ignore[arg-type]
-    for _ in range(replica.FENCE_AFTER + 5):
+    for _ in range(replica.FENCE_AFTER + 3):
         keeper.tick()
-    assert len(rounds) == 1 and len(probes) == replica.FENCE_AFTER
-    monkeypatch.setattr(replica.time, "monotonic",
-                        lambda: keeper.deferred_until + 1)  # the deferral is over: try again
+    assert len(rounds) == 1
+    assert len(probes) == replica.FENCE_AFTER + 3  # it keeps probing every period
+    later = keeper.last_fence + replica.FENCE_EVERY + 1  # a plain loop would fence again
+    monkeypatch.setattr(replica.time, "monotonic", lambda: later)
     keeper.tick()
-    assert len(probes) == replica.FENCE_AFTER + 1
+    assert len(rounds) == 1  # deferred: the eligible holder said it keeps it
+    monkeypatch.setattr(replica.time, "monotonic", lambda: keeper.deferred_until + 1)
+    keeper.tick()
+    assert len(rounds) == 2  # the deferral is over

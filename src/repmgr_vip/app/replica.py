@@ -49,7 +49,7 @@ QUERY_TIMEOUT = 2.0
 LOCK_WAIT = 0.5
 FENCE_AFTER = 2  # periods the address may answer elsewhere before this node fences it
 FENCE_EVERY = 10.0  # seconds between two fencing rounds for the replica VIP
-DEFER_AFTER_KEPT = 30.0  # an eligible standby kept it: no claim (nor SSH round) for so long
+DEFER_AFTER_KEPT = 30.0  # an eligible standby kept it: no SSH round for so long
 SELF_TYPE_EVERY = 30.0
 REPLICATION_QUERY = """
 SELECT application_name, state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
@@ -340,8 +340,6 @@ class ReplicaKeeper(threading.Thread):
             return
         if not wanted:
             self.refused = 0
-        elif not held and time.monotonic() < self.deferred_until:
-            return  # an eligible standby said it keeps it: no claim, no SSH storm
         if wanted == held:
             return
         try:
@@ -367,8 +365,9 @@ class ReplicaKeeper(threading.Thread):
         """The holder did not give it up by itself (its daemon is dead, or it is cut off):
         ask every other node over SSH, as the primary VIP's fencing does."""
         now = time.monotonic()
-        if now - self.last_fence < FENCE_EVERY:
-            return
+        if now - self.last_fence < FENCE_EVERY or now < self.deferred_until:
+            return  # (deferred: an eligible standby said it keeps it; the probe still runs,
+            # so the address is taken as soon as that standby gives it up)
         self.last_fence = now
         me = self.config.repmgr.node_id
         try:
@@ -387,8 +386,9 @@ class ReplicaKeeper(threading.Thread):
         if remote.kept:
             self.deferred_until = time.monotonic() + DEFER_AFTER_KEPT
             self.refused = 0
-            LOG.warning("replica VIP: %s keeps it as an eligible standby; not claiming it for "
-                        "%g s", ", ".join(sorted(remote.kept)), DEFER_AFTER_KEPT)
+            LOG.warning("replica VIP: %s keeps it as an eligible standby; no fencing for %g s "
+                        "(taken as soon as it is free)", ", ".join(sorted(remote.kept)),
+                        DEFER_AFTER_KEPT)
 
 
 def unknown_prefer(config: Config, names: Sequence[str]) -> str | None:
