@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from repmgr_vip.adapters.log import LOG
+
 PROTOCOL = 1
 CONNECT_BOUND = 0.2  # connect + the daemon's greeting; a daemon that cannot do this is hung
 REQUEST_WAIT = 2.0  # how long the daemon waits for the request line after its greeting
@@ -290,8 +292,8 @@ class ControlServer(threading.Thread):
         try:
             self.handler(request, conv, peer)
         except Exception as exc:  # a bug here must not leave the hook waiting: it acts itself
+            LOG.exception("control: %s failed", request.get("op"))
             conv.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            raise
 
     def _remember(self, rid: str) -> tuple[_Served, bool]:
         with self._lock:
