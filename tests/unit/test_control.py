@@ -136,7 +136,7 @@ def test_a_daemon_that_greets_but_never_replies_costs_the_step_deadline(
     assert not node.holds
     [entry] = node.entries("fence-self")
     assert entry["inputs"]["via"] == "hook"
-    assert "no reply" in entry["inputs"]["daemon"]
+    assert "gave no reply" in entry["inputs"]["daemon"]
 
 
 def test_a_failing_daemon_step_makes_the_hook_do_it(node: Node) -> None:

@@ -444,8 +444,8 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
             promotion.close()
 
 
-def _start_promote(config: Config, started: float | None, via: str,
-                   daemon: str = "") -> RepmgrRun:
+def _start_promote(config: Config, started: float | None, via: str, daemon: str = "",
+                   **steps: float) -> RepmgrRun:
     """Starts `repmgr standby promote`; journals how long this hook took to get here
     (`via`: who fenced, the hook or the daemon)."""
     from repmgr_vip.adapters import repmgr
@@ -455,7 +455,9 @@ def _start_promote(config: Config, started: float | None, via: str,
     hook_ms = round((now - started) * 1000) if started is not None else None
     LOG.info("promote: repmgr standby promote started %s ms after this hook started "
              "(fenced by the %s)", hook_ms, via)
-    extra = {"daemon": daemon} if daemon else {}
+    extra: dict[str, Any] = {"daemon": daemon} if daemon else {}
+    if started is not None:  # the daemon path's milestones: asked it, got its verdict
+        extra.update({f"{name}_ms": round((at - started) * 1000) for name, at in steps.items()})
     journal.record(config.state_dir, config.repmgr.node_name, "promote", "repmgr-promote",
                    "repmgr standby promote started", via=via, process_start=started,
                    repmgr_started=round(now, 4), hook_ms=hook_ms, **extra)
@@ -468,6 +470,7 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
     The conversation: {"op": "promote"} -> the verdict; the hook runs repmgr while the daemon
     adds the VIP once PostgreSQL leaves recovery; {"op": "promoted", "status"} -> done.
     """
+    asked = time.time()
     try:
         conv = control.connect(statepaths.control_socket(config.state_dir))
     except control.Unavailable as exc:
@@ -483,7 +486,7 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
         _raise_if_failed(verdict)
         if "exit" in verdict:  # refused; the daemon journaled why
             return int(verdict["exit"]), ""
-        run = _start_promote(config, started, "daemon")
+        run = _start_promote(config, started, "daemon", asked=asked, verdict=time.time())
         status = run.finish()
         try:
             conv.ask({"op": "promoted", "status": status}, AFTER_PROMOTE_WAIT)
