@@ -20,6 +20,7 @@ import pytest
 from bench.sshwarm import masters
 from lab import Lab, VipSampler
 from tests.integration.vipconf import (
+    config_path,
     hooked_cluster,
     journal_entries,
     start_daemon,
@@ -30,7 +31,10 @@ from tests.integration.vipconf import (
 pytestmark = pytest.mark.lab
 
 FAILOVER_TIMEOUT = 60.0
-MODES = ("daemons-up", "daemons-down", "new-primary-daemon-stopped")
+# "lan-window": daemons up and [vip] probe_timeout = 0.02, an ARP window fitted to a LAN
+# (answers come within a millisecond), so the fencing round is no longer the ARP window
+MODES = ("daemons-up", "daemons-down", "new-primary-daemon-stopped", "lan-window")
+LAN_PROBE_TIMEOUT = "0.02"
 
 
 class Daemons:
@@ -71,6 +75,14 @@ def three(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
     yield lab
 
 
+def _set_probe_window(lab: Lab, seconds: str) -> None:
+    """[vip] probe_timeout on every node (read afresh by every hook and daemon start)."""
+    for node in lab.nodes:
+        path = config_path(node)
+        path.write_text(path.read_text().replace("[vip]\n", f"[vip]\nprobe_timeout = {seconds}\n",
+                                                 1))
+
+
 def _only(entries: list[Mapping[str, Any]], what: str) -> Mapping[str, Any]:
     assert len(entries) == 1, (what, entries)
     return entries[0]
@@ -80,6 +92,8 @@ def _only(entries: list[Mapping[str, Any]], what: str) -> Mapping[str, Any]:
 def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> None:
     lab = three
     node1, node2, _ = lab.nodes
+    if mode == "lan-window":
+        _set_probe_window(lab, LAN_PROBE_TIMEOUT)
     daemons = Daemons(lab, up=mode != "daemons-down")
     try:
         if mode == "new-primary-daemon-stopped":
@@ -101,7 +115,7 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
                                      outcome="held"), "the VIP added once")["inputs"]
     verdict = _only([e for e in journal_entries(node2, source="promote")
                      if "fencing_ms" in e.get("inputs", {})], "one fencing verdict")["inputs"]
-    expected = "daemon" if mode == "daemons-up" else "hook"
+    expected = "daemon" if mode in ("daemons-up", "lan-window") else "hook"
     assert started["via"] == acquired["via"] == verdict["via"] == expected, (started, acquired)
     if mode == "daemons-down":
         assert started["daemon"] == "not running"

@@ -476,11 +476,15 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
     except control.Unavailable as exc:
         return None, _fallback_note("promote", exc.reason)
     with conv:
-        try:
-            verdict = conv.ask({"op": "promote", "id": _request_id()},
-                               step_wait(config, fencing=True))
-        except control.Unavailable as exc:
-            return None, _fallback_note("promote", exc.reason)
+        if not conv.send({"op": "promote", "id": _request_id()}):
+            return None, _fallback_note("promote", "closed the connection")
+        from repmgr_vip.adapters import repmgr  # noqa: F401 - loads while the daemon fences
+
+        wait = step_wait(config, fencing=True)
+        verdict = conv.receive(wait)
+        if verdict is None:
+            why = "closed the connection" if conv.closed else f"gave no reply within {wait:g} s"
+            return None, _fallback_note("promote", why)
         if not verdict.get("ok"):
             return None, _fallback_note("promote", f"failed: {verdict.get('error', '?')}")
         _raise_if_failed(verdict)
