@@ -42,6 +42,7 @@ LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
 PROMOTION_POLL = 0.05
 PROMOTION_WATCH = 90.0  # the daemon watches for PostgreSQL leaving recovery at most this long
+HOOK_GONE_WATCH = 10.0  # ... but only this long once the hook is gone (killed)
 AFTER_PROMOTE_WAIT = 60.0  # the daemon's VIP step once repmgr returned (a proof, an add)
 PRIMARY_EVENTS = frozenset({"standby_promote", "standby_switchover", "repmgrd_failover_promote"})
 STANDBY_EVENTS = frozenset({"node_rejoin", "standby_follow", "repmgrd_failover_follow"})
@@ -538,10 +539,12 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> 
             deadline = time.monotonic() + PROMOTION_WATCH
 
             def running() -> bool:
-                nonlocal status
+                nonlocal status, deadline
                 message = conv.receive(0.0)
                 if message is not None and message.get("op") == "promoted":
                     status = _int(message.get("status"), 1)
+                if conv.closed:  # the hook was killed: its repmgr may still be promoting
+                    deadline = min(deadline, time.monotonic() + HOOK_GONE_WATCH)
                 return status is None and time.monotonic() < deadline
 
             promotion.watch(running)
