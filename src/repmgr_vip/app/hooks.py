@@ -124,8 +124,9 @@ def ask_daemon(config: Config, op: str, timeout: float,
 
 
 def _fallback_note(op: str, reason: str) -> str:
-    level = 20 if reason == "not running" else 30  # INFO for a hooks-only install
-    LOG.log(level, "%s: daemon %s; doing the VIP step here", op, reason)
+    """Logs why the hook acts itself (quietly for a hooks-only install); returns the why."""
+    log = LOG.info if reason == "not running" else LOG.warning
+    log("%s: daemon %s; doing the VIP step here", op, reason)
     return reason
 
 
@@ -133,7 +134,9 @@ def _raise_if_failed(reply: Mapping[str, Any]) -> None:
     """The daemon's step raised what the hook's own would have: the same error, same code."""
     if "raise" in reply:
         error = CommandFailed(str(reply["raise"]))
-        error.exit_code = ExitCode(int(reply.get("code", ExitCode.FAILED)))
+        code = reply.get("code")
+        codes = {int(c) for c in ExitCode}
+        error.exit_code = ExitCode(code) if code in codes else ExitCode.FAILED
         raise error
 
 
@@ -490,7 +493,7 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
             return None, _fallback_note("promote", f"failed: {verdict.get('error', '?')}")
         _raise_if_failed(verdict)
         if "exit" in verdict:  # refused; the daemon journaled why
-            return int(verdict["exit"]), ""
+            return _int(verdict["exit"], ExitCode.REFUSED), ""
         run = _start_promote(config, started, "daemon", asked=asked, verdict=time.time())
         status = run.finish()
         try:
