@@ -123,8 +123,8 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
         assert "no greeting" in started["daemon"], started
     steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
     print(f"\nfast path [{mode}]: repmgr standby promote started {started['hook_ms']} ms after "
-          f"the promote hook started ({steps}; fencing {verdict['fencing_ms']} ms, by the "
-          f"{expected})")
+          f"the promote hook started ({steps}; lock {verdict['lock_ms']} ms, fencing "
+          f"{verdict['fencing_ms']} ms, by the {expected})")
 
 
 def test_switchover_with_daemons_moves_the_vip_through_them(three: Lab) -> None:

@@ -279,9 +279,10 @@ class Promotion:
     returned. close() ends the fencing round (its ARP prober) in every case.
     """
 
-    def __init__(self, config: Config, hands: Hands) -> None:
+    def __init__(self, config: Config, hands: Hands, lock_waited: float = 0.0) -> None:
         self.config = config
         self.hands = hands
+        self.lock_waited = lock_waited  # for the journal: time spent waiting for the lock
         self.fencing: Fencing | None = None
         self.verdict: PromotionVerdict | None = None
         self.want_vip = False
@@ -318,7 +319,8 @@ class Promotion:
         _journal(config, self.hands, "promote", decision.action.value, decision.reason,
                  alarm=decision.alarm, answered_by=list(report.answered_by),
                  released=report.released, unconfirmed=report.unconfirmed,
-                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000))
+                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000),
+                 lock_ms=round(self.lock_waited * 1000))
         if decision.action is Action.REFUSE:
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
@@ -433,8 +435,9 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
     if status is not None:
         return status
     hands = _own(config, own, why)
+    asked = time.monotonic()
     with hands.lock(LOCK_TIMEOUT):
-        promotion = Promotion(config, hands)
+        promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
         try:
             refused = promotion.fence()
             if refused is not None:
@@ -526,8 +529,9 @@ def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) 
 def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> None:
     """The daemon's side of promote: fence, hand the verdict over, and while the hook runs
     repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock."""
+    asked = time.monotonic()
     with hands.lock(LOCK_TIMEOUT):
-        promotion = Promotion(config, hands)
+        promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
         try:
             refused = promotion.fence()
             if refused is not None:
