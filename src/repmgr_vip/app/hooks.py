@@ -295,6 +295,8 @@ class Promotion:
         the promotion starts at once and the ARP proof runs alongside it; the VIP is still
         added only after that proof, so a host outside the cluster answering keeps it off.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         from repmgr_vip.adapters import cluster
         from repmgr_vip.app import claim
         from repmgr_vip.app.fencing import Fencing
@@ -305,14 +307,17 @@ class Promotion:
         with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
             release_here(config)
         # start releasing at once with the node list cached on disk, then correct it from
-        # repmgr.nodes: a failover should not wait for the PostgreSQL driver to load
+        # repmgr.nodes, read meanwhile: a failover should not wait for the PostgreSQL driver
+        # to load, nor for the query
         cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
-        self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
-        try:
-            self.fencing.expect(_other_nodes(config))
-        except VipError as exc:
-            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
-            return ExitCode.REFUSED
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-list") as pool:
+            fresh = pool.submit(_other_nodes, config)
+            self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
+            try:
+                self.fencing.expect(fresh.result())
+            except VipError as exc:
+                LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+                return ExitCode.REFUSED
         verdict = claim.promotion_verdict(self.fencing, config.fencing.when_vip_not_free)
         report, decision = verdict.report, verdict.decision
         LOG.info("promote: fencing: %s", report.summary())
