@@ -45,6 +45,12 @@ class FileState:
 
         return marker_age(statefiles.self_fence_marker(self.config.state_dir))
 
+    def write_marker(self, reason: str) -> None:
+        from repmgr_vip.daemon import marker_text
+
+        statefiles.write_atomic(statefiles.self_fence_marker(self.config.state_dir),
+                                marker_text(reason))
+
     def clear_marker(self) -> None:
         statefiles.remove(statefiles.self_fence_marker(self.config.state_dir))
 
