@@ -28,9 +28,12 @@ install:
 	@$(PY) -m pip install -q '.[test]'
 	@$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
 
+# ruff, mypy strict, and the layers (pyproject.toml [tool.importlinter]: cli -> app ->
+# adapters -> config -> core, arrows pointing down only).
 lint:
-	$(VENV)/bin/ruff check src tests demo
+	$(VENV)/bin/ruff check src tests demo bench lab
 	$(VENV)/bin/mypy
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 
 unit:
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

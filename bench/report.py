@@ -73,8 +73,8 @@ NOTES = {
     9: "Wall time of `repmgr standby switchover --siblings-follow` as run by the bench.",
     10: "bench/startup.py inside a lab node as postgres: median of 10 runs of "
         "`repmgr-vip --help`; `python -X importtime` (sum of top-level cumulative times) of "
-        "`import repmgr_vip.cli, repmgr_vip.hooks`, and of `import psycopg`, which the hook "
-        "loads to read the node list.",
+        "`import repmgr_vip.cli.main, repmgr_vip.app.hooks`, and of `import psycopg`, which "
+        "the hook loads to read the node list.",
     11: "`repmgr-vip daemon` on every node of a quiet cluster with the default config: VmRSS "
         "from /proc/PID/status at the end; CPU = utime+stime of the daemon and the helper "
         "processes it waited for, over the measuring window, scaled to one hour. Median over "

@@ -36,19 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repmgr_vip.cluster import NodeRecord
-from repmgr_vip.config import Config, load_config
-from repmgr_vip.decide import Peer
-from repmgr_vip.errors import CommandFailed
-from repmgr_vip.lease import lease_seconds
-from repmgr_vip.lock import LockBusy
-from repmgr_vip.model import InterfaceState, NodeView, ProbeResult
-from repmgr_vip.ports import VipAddress
+from repmgr_vip.adapters.lock import LockBusy
+from repmgr_vip.app.lease import lease_seconds
+from repmgr_vip.config.schema import Config, load_config
+from repmgr_vip.core.decide import Peer
+from repmgr_vip.core.errors import CommandFailed
+from repmgr_vip.core.model import InterfaceState, NodeRecord, NodeView, ProbeResult
+from repmgr_vip.core.ports import VipAddress
 
 if TYPE_CHECKING:
-    from repmgr_vip.daemon import Daemon
-    from repmgr_vip.fencing import Fencing
-    from repmgr_vip.hooks import HookPorts
+    from repmgr_vip.app.daemon import Daemon
+    from repmgr_vip.app.fencing import Fencing
+    from repmgr_vip.app.hooks import HookPorts
 
 SSH_LATENCY = 0.05  # a release over ssh on a healthy host
 ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
@@ -252,8 +251,8 @@ class FakeCluster:
 
     def daemon(self, name: str, config: Config) -> Daemon:
         """The real Daemon of one node, wired to this world."""
-        from repmgr_vip.daemon import Daemon
-        from repmgr_vip.lease import LeaseKeeper
+        from repmgr_vip.app.daemon import Daemon
+        from repmgr_vip.app.lease import LeaseKeeper
 
         address, files = self.address(name, config), FakeFiles(self, name)
         lease = LeaseKeeper(config, address, None, self.clock.monotonic,
@@ -265,7 +264,7 @@ class FakeCluster:
 
     def hook_ports(self, name: str, config: Config) -> HookPorts:
         """What the real hooks (hooks.promote, fence_self, handle_event) act through."""
-        from repmgr_vip.hooks import HookPorts
+        from repmgr_vip.app.hooks import HookPorts
 
         return HookPorts(self.address(name, config), FakeFiles(self, name),
                          FakeNode(self, name, config.fencing.release_retry_for > 0),
@@ -275,7 +274,7 @@ class FakeCluster:
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
         """A real fencing round started by `name` (as promote starts it)."""
-        from repmgr_vip.fencing import Fencing
+        from repmgr_vip.app.fencing import Fencing
 
         return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
                        clock=self.clock, fence_runner=self.fence_runner(name),

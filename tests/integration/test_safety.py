@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import statefiles
+from repmgr_vip.config import statepaths
 from tests.integration.vipconf import (
     REPMGR_VIP,
     config_path,
@@ -34,7 +34,7 @@ from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run
 
 pytestmark = pytest.mark.lab
 
-STATE_FILE = statefiles.DAEMON_STATE
+STATE_FILE = statepaths.DAEMON_STATE
 PERIOD = 1.0  # [daemon] interval, the default
 
 

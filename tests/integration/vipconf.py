@@ -157,6 +157,6 @@ def metrics(lab: Lab, node: Node) -> str:
 def journal_entries(node: Node, **match: object) -> list[Mapping[str, Any]]:
     """The node's decision journal entries whose fields equal `match` (what tests assert on,
     rather than log wording)."""
-    from repmgr_vip import journal
+    from repmgr_vip.adapters import journal
 
     return [e for e in journal.read(node.dir) if all(e.get(k) == v for k, v in match.items())]

@@ -25,11 +25,19 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from repmgr_vip import daemon, hooks
-from repmgr_vip.decide import SPLIT_BRAIN, Action, Decision, Memory, Policy, Snapshot, decide_cycle
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.lease import wait_budget
-from repmgr_vip.log import LOG
+from repmgr_vip.adapters.log import LOG
+from repmgr_vip.app import daemon, hooks
+from repmgr_vip.app.lease import wait_budget
+from repmgr_vip.core.decide import (
+    SPLIT_BRAIN,
+    Action,
+    Decision,
+    Memory,
+    Policy,
+    Snapshot,
+    decide_cycle,
+)
+from repmgr_vip.core.errors import ExitCode
 from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
 
 NAMES = ("pg1", "pg2", "pg3")
