@@ -29,6 +29,7 @@ real daemon's watchers may lag a period behind. `world.events` lists what happen
 from __future__ import annotations
 
 import errno
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.lock import LockBusy
+from repmgr_vip.adapters.log import LOG
 from repmgr_vip.app.lease import lease_seconds
 from repmgr_vip.config.schema import Config, load_config
 from repmgr_vip.core.decide import Peer
@@ -607,6 +609,17 @@ class FakeNode:
 
     def checkpoint(self) -> None:
         pass
+
+
+@contextmanager
+def quiet_log() -> Iterator[None]:
+    """Thousands of simulated cycles: log only what would fail a test."""
+    level = LOG.level
+    LOG.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        LOG.setLevel(level)
 
 
 REPMGR_CONF = """\

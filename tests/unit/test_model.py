@@ -14,7 +14,6 @@ means the situation has lasted K daemon periods of fake time without being resol
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from itertools import combinations
@@ -25,7 +24,6 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from repmgr_vip.adapters.log import LOG
 from repmgr_vip.app import daemon, hooks
 from repmgr_vip.app.lease import wait_budget
 from repmgr_vip.core.decide import (
@@ -38,7 +36,7 @@ from repmgr_vip.core.decide import (
     decide_cycle,
 )
 from repmgr_vip.core.errors import ExitCode
-from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
+from repmgr_vip.testing import FakeClock, FakeCluster, quiet_log, write_configs
 
 NAMES = ("pg1", "pg2", "pg3")
 FOREIGN = ("02:de:ad:be:ef:01", "02:de:ad:be:ef:02")
@@ -339,12 +337,9 @@ def test_cluster_model(model: type[ClusterModel]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_log() -> Iterator[None]:
-    """Thousands of cycles: log only what would fail a test."""
-    level = LOG.level
-    LOG.setLevel(logging.CRITICAL)
-    yield
-    LOG.setLevel(level)
+def _quiet() -> Iterator[None]:
+    with quiet_log():
+        yield
 
 
 def d64c739_decide_cycle(snapshot: Snapshot, memory: Memory,

@@ -6,30 +6,26 @@ clock: each test takes milliseconds. `world.events` is what happened on the segm
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from repmgr_vip.adapters.log import LOG
 from repmgr_vip.app import hooks
 from repmgr_vip.app.lease import wait_budget
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.decide import CONFLICT
 from repmgr_vip.core.errors import ExitCode
-from repmgr_vip.testing import ARP_SILENCE, FakeClock, FakeCluster, write_configs
+from repmgr_vip.testing import ARP_SILENCE, FakeClock, FakeCluster, quiet_log, write_configs
 
 NAMES = ("pg1", "pg2", "pg3")
 FOREIGN = "02:de:ad:be:ef:01"
 
 
 @pytest.fixture(autouse=True)
-def _quiet_log() -> Iterator[None]:
-    level = LOG.level
-    LOG.setLevel(logging.CRITICAL)
-    yield
-    LOG.setLevel(level)
+def _quiet() -> Iterator[None]:
+    with quiet_log():
+        yield
 
 
 def _world(tmp_path: Path, lease: float = 0) -> tuple[FakeCluster, dict[str, Config]]:
