@@ -127,6 +127,7 @@ class FakeCluster:
         self.fenced: list[str] = []
         self.round_started: dict[str, float] = {}  # fencer -> its latest round's start
         self.same_timeline = False  # the next promotion lands on the newest primary's timeline
+        self.view_lag = 0.0  # how old a daemon's view of a peer may be (0: the truth)
         self.retriers: list[FakeRetrier] = []
         self.events: list[tuple[float, str, str]] = []  # (time, host, what), in order
         clock.hooks.append(self.tick)
@@ -440,11 +441,13 @@ class FakeRemote:
 
 
 class FakeViews:
-    """The NodeViews port: each node's own answer, through the links of the moment."""
+    """The NodeViews port: each node's own answer, through the links of the moment, or as
+    last polled when `world.view_lag` > 0 (the real daemon's watchers poll once a period)."""
 
     def __init__(self, world: FakeCluster, name: str) -> None:
         self.world = world
         self.name = name
+        self.polled: dict[str, tuple[float, NodeView]] = {}
 
     def local(self) -> NodeView:
         return self.world.sql(self.name, self.name)
@@ -456,9 +459,16 @@ class FakeViews:
         pass
 
     def peers(self) -> tuple[Peer, ...]:
-        return tuple(Peer(r.node_id, r.node_name, r.node_type,
-                          self.world.sql(self.name, r.node_name))
+        return tuple(Peer(r.node_id, r.node_name, r.node_type, self._view(r.node_name))
                      for r in self.world.records(but=self.name))
+
+    def _view(self, peer: str) -> NodeView:
+        now = self.world.clock.now
+        at, view = self.polled.get(peer, (-math.inf, NodeView(0, False)))
+        if now - at >= self.world.view_lag:
+            at, view = now, self.world.sql(self.name, peer)
+            self.polled[peer] = (at, view)
+        return view
 
     def nodes(self) -> list[NodeRecord]:
         return self.world.records(but=self.name)

@@ -13,6 +13,7 @@ means the situation has lasted K daemon periods of fake time without being resol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,8 +23,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
+from repmgr_vip.adapters.lock import LockBusy
 from repmgr_vip.app import daemon, hooks
 from repmgr_vip.app.lease import wait_budget
 from repmgr_vip.core.decide import (
@@ -162,17 +170,43 @@ class ClusterModel(RuleBasedStateMachine):
         return [h.name for h in self.world.hosts.values()
                 if h.role == role and h.user_space and h.running]
 
-    @rule(pick=st.integers(0, len(NAMES) - 1), same_timeline=st.booleans())
-    def promote(self, pick: int, same_timeline: bool) -> None:
+    @initialize(lag=st.sampled_from([0.0, INTERVAL]))
+    def views_lag(self, lag: float) -> None:
+        """The daemons see their peers as they are now, or as polled up to a period ago (the
+        real daemon's watcher threads)."""
+        self.world.view_lag = lag
+
+    @rule(pick=st.integers(0, len(NAMES) - 1), same_timeline=st.booleans(),
+          racing=st.booleans())
+    def promote(self, pick: int, same_timeline: bool, racing: bool = False) -> None:
         """repmgrd runs promote_command (the real hooks.promote) on a running standby;
         same_timeline: a double promotion (two standbys promoted from one timeline end up
-        primary on the same new one)."""
+        primary on the same new one); racing: the other standby's promote_command starts
+        0.1 s later, while the first one fences (each side of a partition elected itself)."""
         standbys = self._running("standby")
         if not standbys:
             return
         name = standbys[pick % len(standbys)]
         self.world.same_timeline = same_timeline
-        status = hooks.promote(self.configs[name], self._hook(name))
+        rivals = [s for s in standbys if s != name] if racing else []
+        start_at = self.clock.now + 0.1
+
+        def start_rival() -> None:
+            if self.clock.now < start_at or start_rival not in self.clock.hooks:
+                return
+            self.clock.hooks.remove(start_rival)
+            rival = rivals[0]
+            if self._serves(rival) and self.world.hosts[rival].role == "standby":
+                with contextlib.suppress(LockBusy):  # its daemon is acting: repmgr retries
+                    hooks.promote(self.configs[rival], self._hook(rival))
+
+        if rivals:
+            self.clock.hooks.append(start_rival)
+        try:
+            status = hooks.promote(self.configs[name], self._hook(name))
+        finally:
+            if start_rival in self.clock.hooks:
+                self.clock.hooks.remove(start_rival)
         assert status in (ExitCode.OK, ExitCode.FAILED, ExitCode.REFUSED)
 
     @rule(pick=st.integers(0, len(NAMES) - 1))
