@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 SSH_LATENCY = 0.05  # a release over ssh on a healthy host
 ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
+PROBE_ROUND = 0.05  # an answered probe, and the prober's pause before the next (IN_USE_RETRY)
 TICK = 0.25  # FakeClock.sleep advances at most this much between runs of its hooks
 PROMOTION_TIME = 0.5  # `repmgr standby promote` until PostgreSQL leaves recovery
 REPMGR_NOTICES = 0.5  # ... until repmgr notices and exits (promote_check_interval)
@@ -89,6 +90,7 @@ class Host:
     role: str = "standby"  # primary | standby (of the cluster's data)
     timeline: int = 1
     running: bool = True  # PostgreSQL
+    pg_frozen: bool = False  # PostgreSQL stopped (SIGSTOP): queries time out, not refused
     frozen: bool = False  # user space stopped: ARP answers, SSH and SQL do not
     off: bool = False  # powered off by fence_command
     vip: bool = False  # the VIP is on its interface
@@ -164,7 +166,10 @@ class FakeCluster:
 
     def talks(self, a: str, b: str) -> bool:
         """Packets go both ways between a and b (what ARP, SSH and SQL all need)."""
-        return a == b or ((a, b) not in self.blocked and (b, a) not in self.blocked)
+        if a == b:
+            return True
+        return (self.hosts[a].interface_up and self.hosts[b].interface_up
+                and (a, b) not in self.blocked and (b, a) not in self.blocked)
 
     def arp_answers(self, asker: str) -> tuple[str, ...]:
         """Who answers `asker`'s ARP probe for the VIP: a kernel answers even when frozen."""
@@ -210,7 +215,7 @@ class FakeCluster:
         host = self.hosts[target]
         if not self.talks(asker, target) or host.off:
             return NodeView(host.node_id, False, error="timeout expired")
-        if host.frozen:
+        if host.frozen or (host.pg_frozen and host.running):
             return NodeView(host.node_id, False, error="no answer (frozen)")
         if not host.running:
             return NodeView(host.node_id, False, error="connection refused")
@@ -369,8 +374,11 @@ class FakeProber:
         return None
 
     def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
+        # an answer counts only from a probe started at `since` or later: one round trip
+        if self.clock.now < since + PROBE_ROUND:
+            self.clock.sleep(since + PROBE_ROUND - self.clock.now)
         answered = self.address.probe().answered_by
-        if answered and self.clock.now >= since:
+        if answered:
             return answered
         end = max(since, self.started + ARP_SILENCE)
         if self.clock.now < end:
