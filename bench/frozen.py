@@ -18,8 +18,8 @@ from typing import Any
 from bench.hooklog import PG_LINE, fencing_seconds, first, read_log
 from bench.scenario import SETTLE, WRITER_INTERVAL, Say, ScenarioError, _wait
 from demo.timeline import Timeline
+from lab import VIP, Lab, Node
 from tests.integration.test_lease import LeasedCluster
-from tests.lab.lab import VIP, Lab, Node
 
 FENCING = "[fencing]\nssh_connect_timeout = 1\nssh_command_timeout = 2\n"
 

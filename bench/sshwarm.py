@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.hooklog import fencing_seconds, first, read_log
+from lab import Lab, Node
 from tests.integration.vipconf import PYTHON, config_path, hooked_cluster
-from tests.lab.lab import Lab, Node
 
 PROBE = r"""
 import json, sys, time

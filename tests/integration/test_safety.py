@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
 from repmgr_vip.config import statepaths
 from tests.integration.vipconf import (
     REPMGR_VIP,
@@ -30,7 +31,6 @@ from tests.integration.vipconf import (
     vip,
     wait_until,
 )
-from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
 
 pytestmark = pytest.mark.lab
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.lab.lab import INTERFACE, VIP, Lab, Node
+from lab import INTERFACE, VIP, Lab, Node
 
 # What the lab runs: RV_UNDER_TEST (`make test` sets /usr/bin/repmgr-vip, the installed Debian
 # package), else the venv's console script (pytest runs from the same venv the hooks use).

@@ -16,8 +16,8 @@ import pytest
 from repmgr_vip.adapters import cluster, journal
 from repmgr_vip.adapters.network import ProbeResult
 from repmgr_vip.adapters.remote import RemoteResult
-from repmgr_vip.app import fencing
 from repmgr_vip.adapters.statefiles import marker_age, marker_text
+from repmgr_vip.app import fencing
 from repmgr_vip.app.daemon import SingleFlight
 from repmgr_vip.app.fencing import Fencing, fence_command_argv
 from repmgr_vip.config.schema import load_config

@@ -5,8 +5,8 @@ Ctrl-C, SIGTERM from CI, interpreter exit), and lab tests must skip with a
 clear reason on machines that cannot run them, except where the lab is
 required (CI=true or RVLAB_REQUIRE=1): there a missing prerequisite fails.
 
-Enable with `pytest_plugins = ["tests.lab.pytest_plugin"]` in tests/conftest.py
-or `-p tests.lab.pytest_plugin`. A module can choose its lab's shape with
+Enable with `pytest_plugins = ["lab.pytest_plugin"]` in tests/conftest.py
+or `-p lab.pytest_plugin`. A module can choose its lab's shape with
 `pytestmark = pytest.mark.lab_config(nodes=2, witness=True)`.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.lab import Lab, missing_prerequisites
+from lab import Lab, missing_prerequisites
 
 LAB_FIXTURES = ("lab", "lab_factory")
 _LIVE: dict[int, Lab] = {}

@@ -1,8 +1,8 @@
 """Command line for the lab: build a cluster to poke at by hand, or clean up a crashed run.
 
-python3 -m tests.lab up [--nodes N] [--witness] [--prefix P] [--no-cluster]
-python3 -m tests.lab down --prefix P [--prefix Q ...]
-python3 -m tests.lab list
+python3 -m lab up [--nodes N] [--witness] [--prefix P] [--no-cluster]
+python3 -m lab down --prefix P [--prefix Q ...]
+python3 -m lab list
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from tests.lab.lab import Lab, LabError, cleanup, list_runs, workdir_for
+from lab import Lab, LabError, cleanup, list_runs, workdir_for
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         f"  ip netns exec {first.netns} runuser -u postgres -- "
         f"/usr/lib/postgresql/15/bin/repmgr -f {first.repmgr_conf} cluster show"
     )
-    print(f"  python3 -m tests.lab down --prefix {lab.prefix}")
+    print(f"  python3 -m lab down --prefix {lab.prefix}")
     return 0
 
 
@@ -72,7 +72,7 @@ def _cmd_list(_args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and dispatch."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m tests.lab",
+        prog="python3 -m lab",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
