@@ -12,7 +12,7 @@ Like httpx's MockTransport, these ship with the package so that the real `Daemon
     world.cut("pg1", "pg2")            # pg1 -> pg2 only; cut(..., both=True) for both ways
     world.freeze("pg1")                # ARP still answers, SSH and SQL do not
     clock.sleep(1.0)                   # every hook in clock.hooks runs (daemon cycles)
-    hooks.promote(configs["pg2"], world.hook_ports("pg2", configs["pg2"]))  # the real hook
+    hooks.promote(configs["pg2"], own=world.hook_ports("pg2", configs["pg2"]))  # real hook
 
 What the world models: nodes with a role and a timeline; links cut one way or both (a link
 carries ARP, SSH and SQL alike: each needs both directions); frozen hosts (the kernel answers
@@ -49,7 +49,7 @@ from repmgr_vip.core.ports import VipAddress
 if TYPE_CHECKING:
     from repmgr_vip.app.daemon import Daemon
     from repmgr_vip.app.fencing import Fencing
-    from repmgr_vip.app.hooks import HookPorts
+    from repmgr_vip.app.hooks import Hands
 
 SSH_LATENCY = 0.05  # a release over ssh on a healthy host
 ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
@@ -270,15 +270,17 @@ class FakeCluster:
                       remote=FakeRemote(self, name), fence_runner=self.fence_runner(name),
                       prober=self.prober)
 
-    def hook_ports(self, name: str, config: Config) -> HookPorts:
-        """What the real hooks (hooks.promote, fence_self, handle_event) act through."""
-        from repmgr_vip.app.hooks import HookPorts
+    def hook_ports(self, name: str, config: Config) -> Hands:
+        """What the real hooks act with (`hooks.promote(config, own=...)`, fence_self,
+        handle_event), as when no daemon answers on the node's control socket."""
+        from repmgr_vip.app.hooks import Hands
 
-        return HookPorts(self.address(name, config), FakeFiles(self, name),
-                         FakeNode(self, name, config.fencing.release_retry_for > 0),
-                         clock=self.clock, fencing={"remote": FakeRemote(self, name),
-                                                    "fence_runner": self.fence_runner(name),
-                                                    "prober": self.prober})
+        files = FakeFiles(self, name)
+        return Hands(self.address(name, config), files.lock, "hook",
+                     fencing={"remote": FakeRemote(self, name), "clock": self.clock,
+                              "fence_runner": self.fence_runner(name), "prober": self.prober},
+                     node=FakeNode(self, name, config.fencing.release_retry_for > 0),
+                     files=files, clock=self.clock)
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
         """A real fencing round started by `name` (as promote starts it)."""

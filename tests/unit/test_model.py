@@ -184,7 +184,7 @@ class ClusterModel(RuleBasedStateMachine):
 
     # --- repmgr ---------------------------------------------------------------------------
 
-    def _hook(self, name: str) -> hooks.HookPorts:
+    def _hook(self, name: str) -> hooks.Hands:
         return self.world.hook_ports(name, self.configs[name])
 
     def _running(self, role: str) -> list[str]:
@@ -220,12 +220,12 @@ class ClusterModel(RuleBasedStateMachine):
             rival = rivals[0]
             if self._serves(rival) and self.world.hosts[rival].role == "standby":
                 with contextlib.suppress(LockBusy):  # its daemon is acting: repmgr retries
-                    hooks.promote(self.configs[rival], self._hook(rival))
+                    hooks.promote(self.configs[rival], own=self._hook(rival))
 
         if rivals:
             self.clock.hooks.append(start_rival)
         try:
-            status = hooks.promote(self.configs[name], self._hook(name))
+            status = hooks.promote(self.configs[name], own=self._hook(name))
         finally:
             if start_rival in self.clock.hooks:
                 self.clock.hooks.remove(start_rival)
@@ -257,7 +257,7 @@ class ClusterModel(RuleBasedStateMachine):
             if self.world.hosts[name].user_space:
                 node_id = self.world.hosts[name].node_id
                 hooks.handle_event(self.configs[name], hooks.Event(node_id, event, True, None),
-                                   self._hook(name))
+                                   own=self._hook(name))
 
     @rule(name=names)
     def fence_self(self, name: str) -> None:
@@ -267,7 +267,7 @@ class ClusterModel(RuleBasedStateMachine):
         host = self.world.hosts[name]
         if host.role != "primary" or not host.user_space:
             return
-        hooks.fence_self(self.configs[name], self._hook(name))
+        hooks.fence_self(self.configs[name], own=self._hook(name))
         assert not host.vip, "fence-self left the VIP on (README rule 5)"
 
     def check(self, _step: None = None) -> None:

@@ -39,7 +39,7 @@ def _world(tmp_path: Path, lease: float = 0) -> tuple[FakeCluster, dict[str, Con
 
 
 def _promote(world: FakeCluster, configs: dict[str, Config], name: str = "pg2") -> int:
-    return hooks.promote(configs[name], world.hook_ports(name, configs[name]))
+    return hooks.promote(configs[name], own=world.hook_ports(name, configs[name]))
 
 
 def _at(world: FakeCluster, host: str, what: str) -> int:
@@ -177,7 +177,7 @@ def test_fence_self_removes_the_vip_first_even_on_a_full_disk(
         tmp_path: Path, disk_full: bool) -> None:
     world, configs = _world(tmp_path)
     world.hosts["pg1"].disk_full = disk_full
-    hooks.fence_self(configs["pg1"], world.hook_ports("pg1", configs["pg1"]))
+    hooks.fence_self(configs["pg1"], own=world.hook_ports("pg1", configs["pg1"]))
     assert not world.hosts["pg1"].vip
     assert (world.hosts["pg1"].marker_at is None) == disk_full
 
@@ -185,7 +185,7 @@ def test_fence_self_removes_the_vip_first_even_on_a_full_disk(
 def test_the_daemon_keeps_the_vip_off_after_fence_self_for_the_hold(tmp_path: Path) -> None:
     world, configs = _world(tmp_path)
     daemon = world.daemon("pg1", configs["pg1"])
-    hooks.fence_self(configs["pg1"], world.hook_ports("pg1", configs["pg1"]))
+    hooks.fence_self(configs["pg1"], own=world.hook_ports("pg1", configs["pg1"]))
     fenced_at = world.clock.now
     while world.clock.now - fenced_at < 4.5:
         daemon.cycle()
@@ -225,7 +225,7 @@ def test_the_daemon_acts_only_when_the_hook_has_released_the_lock(tmp_path: Path
     world, configs = _world(tmp_path)
     world.address("pg2", configs["pg2"]).add()
     daemon = world.daemon("pg2", configs["pg2"])
-    with world.hook_ports("pg2", configs["pg2"]).files.lock(1.0):
+    with world.hook_ports("pg2", configs["pg2"]).lock(1.0):
         daemon.cycle()
         assert world.hosts["pg2"].vip  # a hook holds the node's lock: no action now
     world.clock.sleep(1.0)
