@@ -457,6 +457,20 @@ def replay_reacquired_during_promotion(model: ClusterModel) -> None:
     assert not any(h.vip for h in model.world.hosts.values())  # rule 1: neither holds it
 
 
+@seed(LeasedClusterModel)
+def replay_lease_wait_over_a_foreign_mac(model: ClusterModel) -> None:
+    """What once hung the model: with vip.lease, promote waits out the lease of a node cut
+    off (its SSH fails within 3 s) whose fence_command fails, while a host outside the
+    cluster keeps answering; the wait must end at its budget (lease + 2 s) and the
+    promotion be refused."""
+    model.check(model.outside(FOREIGN[0], True, "fail"))
+    model.check(model.network("partition", "pg1", "pg1"))
+    started = model.clock.now
+    model.check(model.promote(0, same_timeline=False))
+    assert all(h.role == "standby" for h in model.world.hosts.values() if h.name != "pg1")
+    assert model.clock.now - started < 60.0  # ssh timeout, fence, lease budget, probes
+
+
 @pytest.mark.parametrize(("model", "replay"), SEEDS,
                          ids=[replay.__name__ for _, replay in SEEDS])
 def test_kept_seeds_hold_every_invariant(model: type[ClusterModel], replay: Replay) -> None:
