@@ -12,18 +12,25 @@ Like httpx's MockTransport, these ship with the package so that the real `Daemon
     world.cut("pg1", "pg2")            # pg1 -> pg2 only; cut(..., both=True) for both ways
     world.freeze("pg1")                # ARP still answers, SSH and SQL do not
     clock.sleep(1.0)                   # every hook in clock.hooks runs (daemon cycles)
+    hooks.promote(configs["pg2"], own=world.hook_ports("pg2", configs["pg2"]))  # real hook
 
 What the world models: nodes with a role and a timeline; links cut one way or both (a link
 carries ARP, SSH and SQL alike: each needs both directions); frozen hosts (the kernel answers
 ARP for an address it holds, user space does nothing); hosts powered off by fence_command;
 foreign MACs answering for the VIP; fence_command that succeeds, fails or hangs; a full state
-directory (writes fail, removals work). Peer views are the truth of the moment: the real
-daemon's watchers may lag a period behind.
+directory (writes fail, removals work); repmgr promoting a node (onto a new timeline, or onto
+the newest one: a double promotion); the release retrier promote leaves behind; the VIP as a
+kernel lease (vip.lease: the kernel removes it unless renewed, even on a frozen host; renewing
+a missing address re-creates it, as IPv4 does). Peer views are the truth of the moment: the
+real daemon's watchers may lag a period behind. `world.events` lists what happened, in order
+(time, host, what), for tests of ordering.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -31,18 +38,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.lock import LockBusy
+from repmgr_vip.adapters.log import LOG
+from repmgr_vip.app.lease import lease_seconds
 from repmgr_vip.config.schema import Config, load_config
 from repmgr_vip.core.decide import Peer
+from repmgr_vip.core.errors import CommandFailed
 from repmgr_vip.core.model import InterfaceState, NodeRecord, NodeView, ProbeResult
 from repmgr_vip.core.ports import VipAddress
 
 if TYPE_CHECKING:
     from repmgr_vip.app.daemon import Daemon
     from repmgr_vip.app.fencing import Fencing
+    from repmgr_vip.app.hooks import Hands
 
 SSH_LATENCY = 0.05  # a release over ssh on a healthy host
 ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
+PROBE_ROUND = 0.05  # an answered probe, and the prober's pause before the next (IN_USE_RETRY)
 TICK = 0.25  # FakeClock.sleep advances at most this much between runs of its hooks
+PROMOTION_TIME = 0.5  # `repmgr standby promote` until PostgreSQL leaves recovery
+REPMGR_NOTICES = 0.5  # ... until repmgr notices and exits (promote_check_interval)
+RETRY_SPACING = 1.0  # the release retrier's attempts, at most this far apart
 
 
 class FakeClock:
@@ -75,9 +90,11 @@ class Host:
     role: str = "standby"  # primary | standby (of the cluster's data)
     timeline: int = 1
     running: bool = True  # PostgreSQL
+    pg_frozen: bool = False  # PostgreSQL stopped (SIGSTOP): queries time out, not refused
     frozen: bool = False  # user space stopped: ARP answers, SSH and SQL do not
     off: bool = False  # powered off by fence_command
     vip: bool = False  # the VIP is on its interface
+    vip_expires: float | None = None  # vip.lease: when the kernel removes it (None: never)
     interface_up: bool = True
     disk_full: bool = False
     node_type: str = "standby"  # as registered in repmgr.nodes
@@ -111,6 +128,24 @@ class FakeCluster:
         self.violations: list[str] = []  # broken rules seen by the fakes themselves
         self.fenced: list[str] = []
         self.round_started: dict[str, float] = {}  # fencer -> its latest round's start
+        self.same_timeline = False  # the next promotion lands on the newest primary's timeline
+        self.view_lag = 0.0  # how old a daemon's view of a peer may be (0: the truth)
+        self.retriers: list[FakeRetrier] = []
+        self.events: list[tuple[float, str, str]] = []  # (time, host, what), in order
+        clock.hooks.append(self.tick)
+
+    def event(self, host: str, what: str) -> None:
+        self.events.append((self.clock.now, host, what))
+
+    def tick(self) -> None:
+        """What runs without any daemon: kernels expire leased addresses, retriers retry."""
+        for host in self.hosts.values():
+            if host.vip and host.vip_expires is not None and self.clock.now >= host.vip_expires:
+                host.vip = False
+                self.event(host.name, "lease expired")
+        for retrier in self.retriers:
+            retrier.tick()
+        self.retriers = [r for r in self.retriers if r.pending]
 
     # --- the segment --------------------------------------------------------------------
 
@@ -131,7 +166,10 @@ class FakeCluster:
 
     def talks(self, a: str, b: str) -> bool:
         """Packets go both ways between a and b (what ARP, SSH and SQL all need)."""
-        return a == b or ((a, b) not in self.blocked and (b, a) not in self.blocked)
+        if a == b:
+            return True
+        return (self.hosts[a].interface_up and self.hosts[b].interface_up
+                and (a, b) not in self.blocked and (b, a) not in self.blocked)
 
     def arp_answers(self, asker: str) -> tuple[str, ...]:
         """Who answers `asker`'s ARP probe for the VIP: a kernel answers even when frozen."""
@@ -153,7 +191,22 @@ class FakeCluster:
         host = self.hosts[name]
         host.role, host.node_type = "primary", "primary"
         host.timeline = timeline if timeline is not None else self.max_timeline() + 1
+        self.event(name, f"promoted tl {host.timeline}")
         return host.timeline
+
+    def finish_promotion(self, name: str) -> int:
+        """PostgreSQL on `name` leaves recovery (repmgr's exit status): onto a new timeline, or
+        onto the newest primary's one if `same_timeline`; the standbys it reaches follow."""
+        host = self.hosts[name]
+        if not host.running or host.off or host.role != "standby":
+            return 1
+        primaries = [h.timeline for h in self.hosts.values() if h.role == "primary"]
+        timeline = self.promote(name, max(primaries) if self.same_timeline and primaries
+                                else None)
+        for other in self.hosts.values():  # repmgrd makes the standbys follow
+            if other.role == "standby" and self.talks(name, other.name):
+                other.timeline = timeline
+        return 0
 
     def max_timeline(self) -> int:
         return max(h.timeline for h in self.hosts.values())
@@ -162,7 +215,7 @@ class FakeCluster:
         host = self.hosts[target]
         if not self.talks(asker, target) or host.off:
             return NodeView(host.node_id, False, error="timeout expired")
-        if host.frozen:
+        if host.frozen or (host.pg_frozen and host.running):
             return NodeView(host.node_id, False, error="no answer (frozen)")
         if not host.running:
             return NodeView(host.node_id, False, error="connection refused")
@@ -191,6 +244,7 @@ class FakeCluster:
                 return False
             host.off, host.running, host.vip = True, False, False
             self.fenced.append(host.name)
+            self.event(host.name, f"fenced by {fencer}")
             return True
 
         return run
@@ -198,7 +252,7 @@ class FakeCluster:
     # --- ports for one node -------------------------------------------------------------
 
     def address(self, name: str, config: Config) -> FakeAddress:
-        return FakeAddress(self, name, config.vip.cidr)
+        return FakeAddress(self, name, config.vip.cidr, lease_seconds(config))
 
     def prober(self, address: VipAddress) -> FakeProber:
         return FakeProber(address, self.clock)
@@ -206,11 +260,27 @@ class FakeCluster:
     def daemon(self, name: str, config: Config) -> Daemon:
         """The real Daemon of one node, wired to this world."""
         from repmgr_vip.app.daemon import Daemon
+        from repmgr_vip.app.lease import LeaseKeeper
 
-        return Daemon(config, network=self.address(name, config), views=FakeViews(self, name),
-                      clock=self.clock, files=FakeFiles(self, name),
+        address, files = self.address(name, config), FakeFiles(self, name)
+        lease = LeaseKeeper(config, address, None, self.clock.monotonic,
+                            lifetime=address.lifetime, lock=files.lock) if address.lease else None
+        return Daemon(config, network=address, views=FakeViews(self, name),
+                      clock=self.clock, files=files, lease=lease,
                       remote=FakeRemote(self, name), fence_runner=self.fence_runner(name),
                       prober=self.prober)
+
+    def hook_ports(self, name: str, config: Config) -> Hands:
+        """What the real hooks act with (`hooks.promote(config, own=...)`, fence_self,
+        handle_event), as when no daemon answers on the node's control socket."""
+        from repmgr_vip.app.hooks import Hands
+
+        files = FakeFiles(self, name)
+        return Hands(self.address(name, config), files.lock, "hook",
+                     fencing={"remote": FakeRemote(self, name), "clock": self.clock,
+                              "fence_runner": self.fence_runner(name), "prober": self.prober},
+                     node=FakeNode(self, name, config.fencing.release_retry_for > 0),
+                     files=files, clock=self.clock)
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
         """A real fencing round started by `name` (as promote starts it)."""
@@ -226,10 +296,11 @@ class FakeAddress:
 
     mode = "fake"
 
-    def __init__(self, world: FakeCluster, name: str, cidr: str) -> None:
+    def __init__(self, world: FakeCluster, name: str, cidr: str, lease: int = 0) -> None:
         self.world = world
         self.host = world.hosts[name]
         self.cidr = cidr
+        self.lease = lease  # seconds; 0: a permanent address
 
     def interface_state(self) -> InterfaceState:
         h = self.host
@@ -244,13 +315,34 @@ class FakeAddress:
         if self.world.foreign:  # README rule 2: a host outside the cluster holds it
             self.world.violations.append(f"{self.host.name} added the VIP while "
                                          f"{', '.join(sorted(self.world.foreign))} answers for it")
-        self.host.vip = True
-        self.host.added_at = self.world.clock.now
+        self._create()
         return True
+
+    def _create(self) -> None:
+        now = self.world.clock.now
+        self.host.vip, self.host.added_at = True, now
+        self.host.vip_expires = now + self.lease if self.lease else None
+        self.world.event(self.host.name, "add")
 
     def remove(self) -> bool:
         held, self.host.vip = self.host.vip, False
+        if held:
+            self.world.event(self.host.name, "remove")
         return held
+
+    def lifetime(self) -> float | None:
+        """What `ip -j address` shows: seconds left (inf: permanent), None: not held."""
+        if not self.host.vip:
+            return None
+        expires = self.host.vip_expires
+        return math.inf if expires is None else max(0.0, expires - self.world.clock.now)
+
+    def renew(self) -> None:
+        """`ip address change ... valid_lft N`: on IPv4 it CREATES a missing address."""
+        if not self.host.vip:
+            self.world.violations.append(f"{self.host.name}: a lease renewal re-created the VIP")
+            self._create()
+        self.host.vip_expires = self.world.clock.now + self.lease if self.lease else None
 
     def announce(self) -> None:
         pass
@@ -284,8 +376,11 @@ class FakeProber:
         return None
 
     def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
+        # an answer counts only from a probe started at `since` or later: one round trip
+        if self.clock.now < since + PROBE_ROUND:
+            self.clock.sleep(since + PROBE_ROUND - self.clock.now)
         answered = self.address.probe().answered_by
-        if answered and self.clock.now >= since:
+        if answered:
             return answered
         end = max(since, self.started + ARP_SILENCE)
         if self.clock.now < end:
@@ -322,13 +417,15 @@ class FakeSession:
         elif host.off or not self.world.talks(self.origin, host.name):
             if now >= self.started + self.world.ssh_connect_timeout:
                 self.outcome = FakeResult(255, "ssh: connect to host: Connection timed out")
-        elif host.frozen or now < self.started + SSH_LATENCY:
-            return False  # a frozen host accepted the TCP connection and says nothing
+        elif host.frozen or now < self.started + SSH_LATENCY or host.lock_holder:
+            return False  # a frozen host says nothing; `release` waits for the node's lock
         else:
             was = host.vip
             host.vip = False
-            host.release_request_at = now  # as `repmgr-vip release` over ssh does
+            if not host.disk_full:  # as `repmgr-vip release` over ssh does (_hold_daemon_off)
+                host.release_request_at = now
             host.confirmed_to[self.origin] = now
+            self.world.event(host.name, f"released for {self.origin}")
             self.outcome = FakeResult(0, "released" if was else "not held")
         return self.outcome is not None
 
@@ -354,11 +451,13 @@ class FakeRemote:
 
 
 class FakeViews:
-    """The NodeViews port: each node's own answer, through the links of the moment."""
+    """The NodeViews port: each node's own answer, through the links of the moment, or as
+    last polled when `world.view_lag` > 0 (the real daemon's watchers poll once a period)."""
 
     def __init__(self, world: FakeCluster, name: str) -> None:
         self.world = world
         self.name = name
+        self.polled: dict[str, tuple[float, NodeView]] = {}
 
     def local(self) -> NodeView:
         return self.world.sql(self.name, self.name)
@@ -370,9 +469,16 @@ class FakeViews:
         pass
 
     def peers(self) -> tuple[Peer, ...]:
-        return tuple(Peer(r.node_id, r.node_name, r.node_type,
-                          self.world.sql(self.name, r.node_name))
+        return tuple(Peer(r.node_id, r.node_name, r.node_type, self._view(r.node_name))
                      for r in self.world.records(but=self.name))
+
+    def _view(self, peer: str) -> NodeView:
+        now = self.world.clock.now
+        at, view = self.polled.get(peer, (-math.inf, NodeView(0, False)))
+        if now - at >= self.world.view_lag:
+            at, view = now, self.world.sql(self.name, peer)
+            self.polled[peer] = (at, view)
+        return view
 
     def nodes(self) -> list[NodeRecord]:
         return self.world.records(but=self.name)
@@ -408,6 +514,11 @@ class FakeFiles:
         at = self.host.marker_at
         return None if at is None else self.world.clock.now - at
 
+    def write_marker(self, reason: str) -> None:
+        if self.host.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.host.marker_at = self.world.clock.now
+
     def clear_marker(self) -> None:
         self.host.marker_at = None
 
@@ -428,6 +539,109 @@ class FakeFiles:
         return list(self.host.journal[offset:]), len(self.host.journal)
 
 
+class FakePromoteRun:
+    """`repmgr standby promote` on the fake clock: PostgreSQL leaves recovery PROMOTION_TIME
+    after the start, repmgr notices REPMGR_NOTICES later and exits (1 if PostgreSQL was down)."""
+
+    def __init__(self, world: FakeCluster, name: str) -> None:
+        self.world = world
+        self.name = name
+        self.promote_at = world.clock.now + PROMOTION_TIME
+        self.promoted: int | None = None  # the promotion's outcome, once it happened
+
+    def poll(self) -> int | None:
+        now = self.world.clock.now
+        if self.promoted is None and now >= self.promote_at:
+            self.promoted = self.world.finish_promotion(self.name)
+        if self.promoted is None or now < self.promote_at + REPMGR_NOTICES:
+            return None
+        return self.promoted
+
+    def finish(self) -> int:
+        while (status := self.poll()) is None:
+            self.world.clock.sleep(0.05)
+        return status
+
+
+class FakeRetrier:
+    """release_retry.run_retrier: `release --unless-newer-than TL` over ssh on each node that
+    did not confirm, every RETRY_SPACING at most, until it confirms or is primary on a newer
+    timeline; stands down once its own node is no longer the primary of TL."""
+
+    def __init__(self, world: FakeCluster, origin: str, timeline: int,
+                 nodes: Sequence[str]) -> None:
+        self.world = world
+        self.origin = origin
+        self.timeline = timeline
+        self.pending = set(nodes)
+        self.next_at = world.clock.now
+
+    def tick(self) -> None:
+        world, home = self.world, self.world.hosts[self.origin]
+        if home.off:
+            self.pending.clear()
+        local = world.sql(self.origin, self.origin)
+        if local.reachable and (local.in_recovery or (local.timeline or 0) > self.timeline):
+            self.pending.clear()
+        if not home.user_space or world.clock.now < self.next_at:
+            return
+        self.next_at = world.clock.now + RETRY_SPACING
+        for name in sorted(self.pending):
+            host = world.hosts[name]
+            if (not host.user_space or host.lock_holder
+                    or not world.talks(self.origin, name)):
+                continue
+            self.pending.discard(name)
+            if host.role == "primary" and host.running and host.timeline > self.timeline:
+                continue  # newer: left alone (EXIT_STALE)
+            if host.vip:
+                host.vip = False
+                world.event(name, f"released for {self.origin}'s retrier")
+            if not host.disk_full:
+                host.release_request_at = world.clock.now
+
+
+class FakeNode:
+    """The LocalNode port of one host: its PostgreSQL, repmgr.nodes, repmgr, the retrier."""
+
+    def __init__(self, world: FakeCluster, name: str, retrier: bool = True) -> None:
+        self.world = world
+        self.name = name
+        self.retrier = retrier  # fencing.release_retry_for > 0
+
+    def view(self, timeout: float) -> NodeView:
+        return self.world.sql(self.name, self.name)
+
+    def others(self, cached: bool = False) -> list[NodeRecord]:
+        if not cached and not self.world.sql(self.name, self.name).reachable:
+            raise CommandFailed("cannot read repmgr.nodes: local PostgreSQL does not answer")
+        return self.world.records(but=self.name)
+
+    def start_promote(self) -> FakePromoteRun:
+        return FakePromoteRun(self.world, self.name)
+
+    def start_retrier(self, timeline: int, nodes: Sequence[str]) -> None:
+        if nodes and self.retrier:
+            self.world.retriers.append(FakeRetrier(self.world, self.name, timeline, nodes))
+
+    def release_replica(self) -> None:
+        pass
+
+    def checkpoint(self) -> None:
+        pass
+
+
+@contextmanager
+def quiet_log() -> Iterator[None]:
+    """Thousands of simulated cycles: log only what would fail a test."""
+    level = LOG.level
+    LOG.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        LOG.setLevel(level)
+
+
 REPMGR_CONF = """\
 node_id={node_id}
 node_name='{name}'
@@ -438,8 +652,10 @@ reconnect_interval=2
 """
 
 
-def write_configs(directory: Path, names: Sequence[str], extra: str = "") -> dict[str, Config]:
-    """One repmgr.conf and repmgr-vip.toml per node under `directory`, loaded."""
+def write_configs(directory: Path, names: Sequence[str], extra: str = "",
+                  lease: float = 0, fencing: str = "") -> dict[str, Config]:
+    """One repmgr.conf and repmgr-vip.toml per node under `directory`, loaded; `extra` goes
+    at the end (after [daemon]), `lease` is vip.lease, `fencing` more lines of [fencing]."""
     configs = {}
     for i, name in enumerate(names):
         base = directory / name
@@ -449,7 +665,8 @@ def write_configs(directory: Path, names: Sequence[str], extra: str = "") -> dic
         (base / "repmgr-vip.toml").write_text(
             f'repmgr_config = "{base / "repmgr.conf"}"\nstate_dir = "{base}"\n'
             '[vip]\naddress = "192.0.2.115/24"\ninterface = "lo"\n'
-            '[fencing]\nfence_command = "/bin/false {node_name}"\n'
-            '[daemon]\ninterval = 1.0\nmetrics_port = 0\n' + extra)
+            + (f'lease = {lease}\n' if lease else '')
+            + '[fencing]\nfence_command = "/bin/false {node_name}"\n' + fencing
+            + '[daemon]\ninterval = 1.0\nmetrics_port = 0\n' + extra)
         configs[name] = load_config(base / "repmgr-vip.toml", check_host=False)
     return configs

@@ -37,6 +37,9 @@ class RepmgrRun:
     def process(self) -> subprocess.Popen[bytes]:
         return self.started.process
 
+    def poll(self) -> int | None:
+        return self.process.poll()
+
     def finish(self) -> int:
         """Waits (no timeout: repmgr bounds its own waits), logs the output, returns the status."""
         code = self.started.wait()

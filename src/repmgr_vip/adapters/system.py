@@ -44,6 +44,10 @@ class FileState:
     def marker_age(self) -> float | None:
         return statefiles.marker_age(statepaths.self_fence_marker(self.config.state_dir))
 
+    def write_marker(self, reason: str) -> None:
+        statefiles.write_atomic(statepaths.self_fence_marker(self.config.state_dir),
+                                statefiles.marker_text(reason))
+
     def clear_marker(self) -> None:
         statefiles.remove(statepaths.self_fence_marker(self.config.state_dir))
 

@@ -18,7 +18,7 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from repmgr_vip.adapters.repmgr import RepmgrRun
     from repmgr_vip.app.claim import PromotionVerdict, Proof
     from repmgr_vip.app.fencing import Fencing
-    from repmgr_vip.core.model import NodeRecord
-    from repmgr_vip.core.ports import VipAddress
+    from repmgr_vip.core.model import NodeRecord, NodeView
+    from repmgr_vip.core.ports import Clock, LocalNode, PromoteRun, StateFiles, VipAddress
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
@@ -58,6 +58,57 @@ class Hands:
     via: str = "hook"  # who acts: "hook" or "daemon" (journaled with every entry)
     fencing: Mapping[str, Any] = field(default_factory=dict)  # Fencing's ports (remote, ...)
     daemon: str = ""  # hook only: why the daemon did not do it ("not running", ...)
+    # the rest of the host; None: the real one (the model passes repmgr_vip.testing fakes)
+    node: LocalNode | None = None  # local PostgreSQL, repmgr.nodes, repmgr, the retrier
+    files: StateFiles | None = None  # the journal and the fence-self marker
+    clock: Clock | None = None
+
+    def local(self, config: Config) -> LocalNode:
+        return self.node if self.node is not None else SystemNode(config)
+
+    def sleep(self, seconds: float) -> None:
+        (self.clock.sleep if self.clock is not None else time.sleep)(seconds)
+
+
+class SystemNode:
+    """The real LocalNode port: local PostgreSQL, repmgr.nodes, repmgr, the retrier."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def view(self, timeout: float) -> NodeView:
+        from repmgr_vip.adapters import cluster
+
+        return cluster.local_view(self.config, timeout)
+
+    def others(self, cached: bool = False) -> list[NodeRecord]:
+        from repmgr_vip.adapters import cluster
+
+        if not cached:
+            return _other_nodes(self.config)
+        me = self.config.repmgr.node_id
+        return [n for n in cluster.cached_nodes(self.config) if n.node_id != me]
+
+    def start_promote(self) -> RepmgrRun:
+        from repmgr_vip.adapters import repmgr
+
+        return repmgr.start_repmgr(self.config, "standby", "promote", "--log-to-file")
+
+    def start_retrier(self, timeline: int, nodes: Sequence[str]) -> None:
+        from repmgr_vip.app.release_retry import start_retrier
+
+        start_retrier(self.config, timeline, nodes)
+
+    def release_replica(self) -> None:
+        from repmgr_vip.app.replica import release_here
+
+        with contextlib.suppress(VipError):
+            release_here(self.config)
+
+    def checkpoint(self) -> None:
+        from repmgr_vip.adapters import cluster
+
+        cluster.checkpoint(self.config, timeout=30.0)
 
 
 def local_hands(config: Config, daemon: str = "") -> Hands:
@@ -88,6 +139,9 @@ def _journal(config: Config, hands: Hands, source: str, action: str, reason: str
     who: dict[str, str] = {"via": hands.via}
     if hands.daemon:
         who["daemon"] = hands.daemon
+    if hands.files is not None:
+        hands.files.journal(config.repmgr.node_name, source, action, reason, **kw, **who)
+        return
     journal.record(config.state_dir, config.repmgr.node_name, source, action, reason, **kw,
                    **who)
 
@@ -175,7 +229,6 @@ def fence_and_acquire(config: Config, hands: Hands, others: list[NodeRecord], ti
     """Release the VIP everywhere else, prove it free, then add and announce it here."""
     from repmgr_vip.app import claim
     from repmgr_vip.app.fencing import fence_others
-    from repmgr_vip.app.release_retry import start_retrier
     from repmgr_vip.core.decide import Action, after_fencing
 
     report = fence_others(config, hands.network, others, **hands.fencing)
@@ -191,7 +244,7 @@ def fence_and_acquire(config: Config, hands: Hands, others: list[NodeRecord], ti
     LOG.info("VIP %s %s and announced", config.vip.cidr, result.outcome)
     _journal(config, hands, source, "acquire", decision.reason, outcome="held",
              unconfirmed=report.unconfirmed)
-    start_retrier(config, timeline, report.unconfirmed)
+    hands.local(config).start_retrier(timeline, report.unconfirmed)
     return f"VIP {config.vip.cidr} held here"
 
 
@@ -297,21 +350,18 @@ class Promotion:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from repmgr_vip.adapters import cluster
         from repmgr_vip.app import claim
         from repmgr_vip.app.fencing import Fencing
-        from repmgr_vip.app.replica import release_here
         from repmgr_vip.core.decide import Action
 
-        config = self.config
-        with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
-            release_here(config)
+        config, node = self.config, self.hands.local(self.config)
+        node.release_replica()  # the replica VIP never stays on a primary
         # start releasing at once with the node list cached on disk, then correct it from
         # repmgr.nodes, read meanwhile: a failover should not wait for the PostgreSQL driver
         # to load, nor for the query
-        cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
+        cached = node.others(cached=True)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-list") as pool:
-            fresh = pool.submit(_other_nodes, config)
+            fresh = pool.submit(node.others)
             self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
             try:
                 self.fencing.expect(fresh.result())
@@ -341,18 +391,16 @@ class Promotion:
         """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling
         returns: `repmgr standby promote` checks once per promote_check_interval (1 s) and
         clients should not wait for that. `running`: repmgr has not returned yet."""
-        from repmgr_vip.adapters import cluster
-
         if not self.want_vip:
             return
         while running():
-            if cluster.local_view(self.config, timeout=1.0).is_primary:
+            if self.hands.local(self.config).view(1.0).is_primary:
                 LOG.info("promote: PostgreSQL left recovery")
                 self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
                 if self.outcome:  # at once: a cut-off node may come back any moment
                     self._after_vip_added()
                 return
-            time.sleep(PROMOTION_POLL)
+            self.hands.sleep(PROMOTION_POLL)
 
     def finish(self, status: int) -> int:
         """Once repmgr returned with `status`: the VIP if it is not there yet; the status."""
@@ -380,14 +428,11 @@ class Promotion:
         """pg_rewind reads the new timeline from the control file: write it now, not at the
         next scheduled checkpoint, so `repmgr node rejoin --force-rewind` works right after
         a failover. Runs after the VIP is up, so it costs clients nothing."""
-        from repmgr_vip.adapters import cluster
-
-        config = self.config
-        if not (config.fencing.checkpoint_after_promote
-                and cluster.local_view(config, 2.0).is_primary):
+        config, node = self.config, self.hands.local(self.config)
+        if not (config.fencing.checkpoint_after_promote and node.view(2.0).is_primary):
             return
         try:
-            cluster.checkpoint(config, timeout=30.0)
+            node.checkpoint()
             LOG.info("promote: CHECKPOINT done (the new timeline is in the control file)")
             _journal(config, self.hands, "promote", "checkpoint",
                      "the new timeline is in the control file", outcome="done")
@@ -420,13 +465,11 @@ class Promotion:
         return True
 
     def _after_vip_added(self) -> None:
-        from repmgr_vip.adapters import cluster
-        from repmgr_vip.app.release_retry import start_retrier
-
-        local = cluster.local_view(self.config, timeout=2.0)
+        node = self.hands.local(self.config)
+        local = node.view(2.0)
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
                  outcome="held", timeline=local.timeline, unconfirmed=self.unconfirmed)
-        start_retrier(self.config, local.timeline or 0, self.unconfirmed)
+        node.start_retrier(local.timeline or 0, self.unconfirmed)
 
 
 def promote(config: Config, *, own: Hands | None = None) -> int:
@@ -447,8 +490,8 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
             refused = promotion.fence()
             if refused is not None:
                 return refused
-            run = _start_promote(config, started, hands.via, hands.daemon)
-            promotion.watch(lambda: run.process.poll() is None)
+            run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
+            promotion.watch(lambda: run.poll() is None)
             status = promotion.finish(run.finish())
             promotion.checkpoint()
             return status
@@ -457,12 +500,10 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
 
 
 def _start_promote(config: Config, started: float | None, via: str, daemon: str = "",
-                   **steps: float) -> RepmgrRun:
+                   node: LocalNode | None = None, **steps: float) -> PromoteRun:
     """Starts `repmgr standby promote`; journals how long this hook took to get here
     (`via`: who fenced, the hook or the daemon)."""
-    from repmgr_vip.adapters import repmgr
-
-    run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
+    run = (node if node is not None else SystemNode(config)).start_promote()
     now = time.time()
     hook_ms = round((now - started) * 1000) if started is not None else None
     LOG.info("promote: repmgr standby promote started %s ms after this hook started "
@@ -618,7 +659,10 @@ def fence_self_step(config: Config, hands: Hands) -> str:
     with hands.lock(LOCK_TIMEOUT):
         removed = claim.release(hands.network)
         try:
-            write_atomic(marker, marker_text("child nodes disconnected"))
+            if hands.files is not None:
+                hands.files.write_marker("child nodes disconnected")
+            else:
+                write_atomic(marker, marker_text("child nodes disconnected"))
         except OSError as exc:
             LOG.error("self-fence marker %s not written (%s): a daemon may take the VIP back "
                       "once a majority answers", marker, exc.strerror)
@@ -658,7 +702,6 @@ class Event:
 def event_step(config: Config, hands: Hands, event: Event) -> str:
     """A handled, successful event's VIP step: release on a standby event, and on a primary
     event fence and take the VIP if this node is primary and does not hold it yet."""
-    from repmgr_vip.adapters import cluster
     from repmgr_vip.app import claim
 
     if event.name not in HANDLED_EVENTS:
@@ -669,7 +712,7 @@ def event_step(config: Config, hands: Hands, event: Event) -> str:
             _journal(config, hands, f"event {event.name}", "release",
                      "this node is a standby now", outcome="released" if removed else "not held")
             return f"event {event.name}: " + ("VIP released" if removed else "VIP not held")
-        local = cluster.local_view(config)
+        local = hands.local(config).view(3.0)
         if not local.is_primary:
             return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
         with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
@@ -678,7 +721,8 @@ def event_step(config: Config, hands: Hands, event: Event) -> str:
         if hands.network.holds():
             return f"event {event.name}: VIP already held here"
         return f"event {event.name}: " + fence_and_acquire(
-            config, hands, _other_nodes(config), local.timeline or 0, f"event {event.name}")
+            config, hands, hands.local(config).others(), local.timeline or 0,
+            f"event {event.name}")
 
 
 def handle_event(config: Config, event: Event, *, own: Hands | None = None) -> str:

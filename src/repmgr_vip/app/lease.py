@@ -29,6 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from repmgr_vip.adapters.lock import LockBusy, vip_lock
@@ -39,9 +40,9 @@ from repmgr_vip.core.decide import Action, Decision
 from repmgr_vip.core.errors import VipError
 
 if TYPE_CHECKING:
-    from repmgr_vip.adapters.network import VipNetwork
     from repmgr_vip.app.metrics import Metrics
     from repmgr_vip.core.model import CheckResult
+    from repmgr_vip.core.ports import LeasedAddress
 
 FOREVER = 0xFFFFFFFF
 # the kernel removes an expired address up to ~0.2 s late here (allow 2 s), and never more
@@ -76,14 +77,22 @@ def read_lifetime(config: Config) -> float | None:
 
 
 class LeaseKeeper:
-    """Renews the VIP's lease once per daemon cycle while the daemon does not release it."""
+    """Renews the VIP's lease once per daemon cycle while the daemon does not release it.
 
-    def __init__(self, config: Config, network: VipNetwork, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    `lifetime` (read_lifetime) and `lock` (the node's VIP lock) default to the host's; the
+    model of the cluster passes fakes on a fake clock (repmgr_vip.testing).
+    """
+
+    def __init__(self, config: Config, network: LeasedAddress, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, *,
+                 lifetime: Callable[[], float | None] | None = None,
+                 lock: Callable[[float], AbstractContextManager[None]] | None = None) -> None:
         self.config = config
         self.network = network
         self.metrics = metrics
         self.clock = clock
+        self.lifetime = lifetime or (lambda: read_lifetime(config))
+        self.lock = lock or (lambda timeout: vip_lock(config.lock_path, timeout))
         self.lease = lease_seconds(config)
         self.renewed_at: float | None = None  # start of our last successful renewal
         self.checked_permanent = False
@@ -97,12 +106,12 @@ class LeaseKeeper:
             self._check_permanent()
             return
         try:
-            if read_lifetime(self.config) is None:  # not held: nothing to renew, no lock
+            if self.lifetime() is None:  # not held: nothing to renew, no lock
                 self.renewed_at = None
                 if self.metrics is not None:
                     self.metrics.lease_remaining(0.0)
                 return
-            with vip_lock(self.config.lock_path, LOCK_WAIT):
+            with self.lock(LOCK_WAIT):
                 self._renew_locked()
         except LockBusy:
             LOG.info("lease: another repmgr-vip action is running; renewing next cycle")
@@ -111,7 +120,7 @@ class LeaseKeeper:
 
     def _renew_locked(self) -> None:
         seen_at = self.clock()
-        left = read_lifetime(self.config)
+        left = self.lifetime()
         if self.metrics is not None:
             self.metrics.lease_remaining(0.0 if left is None else left)
         if left is None:
@@ -138,7 +147,7 @@ class LeaseKeeper:
         """Once: a VIP left with a lifetime after vip.lease was set back to 0 would expire."""
         if self.checked_permanent:
             return
-        left = read_lifetime(self.config)
+        left = self.lifetime()
         if left is None:
             return
         self.checked_permanent = True

@@ -92,6 +92,7 @@ class StateFiles(Protocol):
     def lock(self, timeout: float) -> AbstractContextManager[None]: ...  # raises LockBusy
     def write_state(self, text: str) -> None: ...  # raises OSError
     def marker_age(self) -> float | None: ...  # seconds since fence-self, None: no marker
+    def write_marker(self, reason: str) -> None: ...  # fence-self's marker; raises OSError
     def clear_marker(self) -> None: ...  # raises OSError
     def release_request_age(self) -> float | None: ...  # since a peer asked us to release
     def clear_release_request(self) -> None: ...  # raises OSError
@@ -102,3 +103,28 @@ class StateFiles(Protocol):
 
 class Lease(Protocol):
     def tick(self, decision: Decision) -> None: ...
+
+
+class LeasedAddress(Protocol):
+    """The VIP as a kernel address with a lifetime (vip.lease): what LeaseKeeper renews."""
+
+    def renew(self) -> None: ...  # IPv4 kernels CREATE a missing address here: see lease.py
+    def remove(self) -> bool: ...
+
+
+class PromoteRun(Protocol):
+    """`repmgr standby promote` running in the background."""
+
+    def poll(self) -> int | None: ...  # its exit status once it ended
+    def finish(self) -> int: ...  # waits for it
+
+
+class LocalNode(Protocol):
+    """What a hook asks of its own node besides the VIP and the state directory."""
+
+    def view(self, timeout: float) -> NodeView: ...  # local PostgreSQL's role and timeline
+    def others(self, cached: bool = False) -> list[NodeRecord]: ...  # fresh: raises VipError
+    def start_promote(self) -> PromoteRun: ...
+    def start_retrier(self, timeline: int, nodes: Sequence[str]) -> None: ...  # release_retry
+    def release_replica(self) -> None: ...  # [replica_vip] never stays on a primary
+    def checkpoint(self) -> None: ...  # after a promotion; raises VipError
