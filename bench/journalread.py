@@ -1,0 +1,39 @@
+"""What the bench takes from a node's decision journal (STATE_DIR/repmgr-vip-journal.jsonl,
+src/repmgr_vip/journal.py) instead of parsing log wording.
+
+The promote step writes its verdict (source "promote", no outcome) once fencing is done, just
+before it starts `repmgr standby promote`; whoever adds the VIP writes action "acquire" with
+outcome "held". In the lab the state directory is the node's directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from repmgr_vip import journal
+from tests.lab.lab import Node
+
+Entry = Mapping[str, Any]
+PROMOTE_SOURCES = ("promote",)
+
+
+def entries_after(node: Node, after: float) -> list[Entry]:
+    return [e for e in journal.read(node.dir) if float(e.get("time", 0.0)) >= after]
+
+
+def promote_decided(entries: list[Entry]) -> Entry | None:
+    """The promote step's verdict after fencing: `repmgr standby promote` starts right after
+    it (or is refused)."""
+    return next((e for e in entries if e.get("source") in PROMOTE_SOURCES
+                 and not e.get("outcome") and e.get("action") != "checkpoint"), None)
+
+
+def vip_added(entries: list[Entry]) -> Entry | None:
+    """The first "VIP added here" entry, whoever wrote it (the promote step or a daemon)."""
+    return next((e for e in entries if e.get("action") == "acquire"
+                 and e.get("outcome") == "held"), None)
+
+
+def seconds_of(entry: Entry | None) -> float | None:
+    return float(entry["time"]) if entry is not None else None
