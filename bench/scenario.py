@@ -207,9 +207,10 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
 
 def rejoin(lab: Lab, tl: Timeline, old: Node, new: Node, cut: bool, say: Say) -> None:
     """The old primary back as a standby of the new one. A cut-off old primary still runs as
-    a primary: it is stopped before its link comes back, as an operator would."""
+    a primary: it is killed before its link comes back (a clean stop would wait a minute for
+    its WAL senders' dead links)."""
     if cut:
-        lab.stop_postgres(old, check=False)
+        lab.kill_postgres(old)
         lab.link_up(old)
         _wait(lab, f"VIP only on {new.name}", lambda: lab.vip_holders() == [new.name])
     lab.psql(new, "CHECKPOINT")  # pg_rewind reads the new timeline from the control file
