@@ -2,7 +2,7 @@
 VENV ?= /opt/repmgr-vip/venv
 PY := $(VENV)/bin/python
 # Every program the lab, the tests, the bench and the demo run comes from one of these
-# (tests/lab/lab.py PREREQUISITES maps each program to its package; a unit test keeps the
+# (lab/ PREREQUISITES maps each program to its package; a unit test keeps the
 # two in step).
 DEBS := postgresql-15 postgresql-client-15 postgresql-15-repmgr openssh-server openssh-client \
         sudo passwd iputils-arping iputils-ping iproute2 procps psmisc python3 python3-venv \
@@ -28,9 +28,12 @@ install:
 	@$(PY) -m pip install -q '.[test]'
 	@$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
 
+# ruff, mypy strict, and the layers (pyproject.toml [tool.importlinter]: cli -> app ->
+# adapters -> config -> core, arrows pointing down only).
 lint:
-	$(VENV)/bin/ruff check src tests demo
+	$(VENV)/bin/ruff check src tests demo bench lab
 	$(VENV)/bin/mypy
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 
 unit:
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
@@ -45,7 +48,7 @@ demo: setup
 	$(PY) -m demo
 
 clean-labs:
-	/usr/bin/python3 -m tests.lab list
+	/usr/bin/python3 -m lab list
 
 # Timings in the lab: a Markdown table, bench/results/latest.json and failover.png (~7 min).
 # matplotlib only draws the picture; BENCH_RUNS=N repetitions per size (default 3 at 3 nodes,

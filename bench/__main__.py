@@ -27,8 +27,8 @@ from typing import Any
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
+from lab import PG_BIN, list_runs, missing_prerequisites
 from tests.integration.vipconf import REPMGR_VIP
-from tests.lab.lab import PG_BIN, list_runs, missing_prerequisites
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_RUNS = {3: 3, 7: 2}

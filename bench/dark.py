@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from lab import INTERFACE, VIP_IP, Lab, Node
 from tests.integration.vipconf import PYTHON
-from tests.lab.lab import INTERFACE, VIP_IP, Lab, Node
 
 
 def dark_from_holders(samples: Sequence[tuple[float, Sequence[str]]], after: float,
@@ -57,7 +57,7 @@ def dark_from_client(frames: Sequence[tuple[float, str | None, float]], after: f
 
 PROBE_SNIPPET = r"""
 import ipaddress, json, select, sys, time
-from repmgr_vip import arp
+from repmgr_vip.adapters import arp
 iface, vip, rounds, proofs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 own = arp.interface_mac(iface)
 target = ipaddress.IPv4Address(vip).packed

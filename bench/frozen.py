@@ -20,8 +20,8 @@ from bench.journalread import entries_after, promote_decided, seconds_of, vip_ad
 from bench.procwatch import ProcWatch
 from bench.scenario import SETTLE, WRITER_INTERVAL, Say, ScenarioError, _wait
 from demo.timeline import Timeline
+from lab import VIP, Lab, Node
 from tests.integration.test_lease import LeasedCluster
-from tests.lab.lab import VIP, Lab, Node
 
 FENCING = "[fencing]\nssh_connect_timeout = 1\nssh_command_timeout = 2\n"
 

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab import INTERFACE, VIP, Lab, Node
+from lab.settings import ARPING
 from tests.integration.vipconf import start_daemon, stop_daemon, wire_hooks
-from tests.lab.lab import ARPING, INTERFACE, VIP, Lab, Node
 
 MOVER = Path(__file__).parent / "mover.py"
 MODES = ("ideal", "hooks", "daemon")

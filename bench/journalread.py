@@ -1,5 +1,5 @@
 """What the bench takes from a node's decision journal (STATE_DIR/repmgr-vip-journal.jsonl,
-src/repmgr_vip/journal.py) instead of parsing log wording.
+src/repmgr_vip/adapters/journal.py) instead of parsing log wording.
 
 The promote step writes its verdict (source "promote", no outcome) once fencing is done, just
 before it starts `repmgr standby promote`; whoever adds the VIP writes action "acquire" with
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from repmgr_vip import journal
-from tests.lab.lab import Node
+from lab import Node
+from repmgr_vip.adapters import journal
 
 Entry = Mapping[str, Any]
 PROMOTE_SOURCES = ("promote",)

@@ -37,9 +37,9 @@ from bench.procwatch import ProcWatch
 from bench.sessions import new_sessions
 from bench.sshwarm import measure as measure_links
 from demo.timeline import Timeline
+from lab import CLIENT_IP, INTERFACE, VIP_IP, Lab, Node
 from tests.integration import vipconf
 from tests.integration.vipconf import REPMGR_VIP, config_path, hooked_cluster
-from tests.lab.lab import CLIENT_IP, INTERFACE, VIP_IP, Lab, Node
 
 HERE = Path(__file__).parent
 ARPWATCH = HERE / "arpwatch.py"

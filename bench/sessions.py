@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tests.lab.lab import Lab, Node
+from lab import Lab, Node
 
 SESSIONS_SQL = "SELECT COALESCE(sum(sessions), 0) FROM pg_stat_database"
 

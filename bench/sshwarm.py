@@ -14,16 +14,16 @@ import re
 import statistics
 from typing import Any
 
+from lab import Lab, Node
 from tests.integration.vipconf import PYTHON, config_path
-from tests.lab.lab import Lab, Node
 
 PROBE = r"""
 import json, sys, time
 from pathlib import Path
-from repmgr_vip import cluster, sshmux
-from repmgr_vip.config import load_config
-from repmgr_vip.process import run
-from repmgr_vip.remote import remote_vip_command, start_remote
+from repmgr_vip.adapters import cluster, sshmux
+from repmgr_vip.config.schema import load_config
+from repmgr_vip.adapters.process import run
+from repmgr_vip.adapters.remote import remote_vip_command, start_remote
 
 config = load_config(Path(sys.argv[1]))
 mode = sys.argv[2]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-HOOK_MODULES = "import repmgr_vip.cli, repmgr_vip.hooks"
+HOOK_MODULES = "import repmgr_vip.cli.main, repmgr_vip.app.hooks"
 
 
 def _wall(argv: list[str], runs: int) -> list[float]:

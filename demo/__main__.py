@@ -14,9 +14,9 @@ from pathlib import Path
 
 from demo.plot import write_png
 from demo.timeline import Timeline
-from repmgr_vip import journal
+from lab import Lab
+from repmgr_vip.adapters import journal
 from tests.integration.vipconf import hooked_cluster
-from tests.lab.lab import Lab
 
 PICTURE = Path("/tmp/repmgr-vip-demo.png")
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab.lab import VIP_IP, Lab
+from lab import VIP_IP, Lab
 
 WRITER = Path(__file__).with_name("writer.py")
 

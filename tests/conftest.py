@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.lab.pytest_plugin"]
+pytest_plugins = ["lab.pytest_plugin"]

@@ -1,5 +1,5 @@
 """Allows `python -m repmgr_vip`."""
 
-from repmgr_vip.cli import main
+from repmgr_vip.cli.main import main
 
 raise SystemExit(main())

@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repmgr_vip.cluster import NodeRecord
-from repmgr_vip.config import Config, load_config
-from repmgr_vip.decide import Peer
-from repmgr_vip.lock import LockBusy
-from repmgr_vip.model import InterfaceState, NodeView, ProbeResult
-from repmgr_vip.ports import VipAddress
+from repmgr_vip.adapters.lock import LockBusy
+from repmgr_vip.config.schema import Config, load_config
+from repmgr_vip.core.decide import Peer
+from repmgr_vip.core.model import InterfaceState, NodeRecord, NodeView, ProbeResult
+from repmgr_vip.core.ports import VipAddress
 
 if TYPE_CHECKING:
-    from repmgr_vip.daemon import Daemon
-    from repmgr_vip.fencing import Fencing
+    from repmgr_vip.app.daemon import Daemon
+    from repmgr_vip.app.fencing import Fencing
 
 SSH_LATENCY = 0.05  # a release over ssh on a healthy host
 ARP_SILENCE = 1.0  # an arping probe that nobody answers lasts its whole deadline
@@ -206,7 +205,7 @@ class FakeCluster:
 
     def daemon(self, name: str, config: Config) -> Daemon:
         """The real Daemon of one node, wired to this world."""
-        from repmgr_vip.daemon import Daemon
+        from repmgr_vip.app.daemon import Daemon
 
         return Daemon(config, network=self.address(name, config), views=FakeViews(self, name),
                       clock=self.clock, files=FakeFiles(self, name),
@@ -215,7 +214,7 @@ class FakeCluster:
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
         """A real fencing round started by `name` (as promote starts it)."""
-        from repmgr_vip.fencing import Fencing
+        from repmgr_vip.app.fencing import Fencing
 
         return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
                        clock=self.clock, fence_runner=self.fence_runner(name),

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from lab import VIP, VIP_IP, Lab, VipSampler
 from tests.integration.vipconf import (
     has_vip,
     hooked_cluster,
@@ -24,7 +25,6 @@ from tests.integration.vipconf import (
     wait_until,
     write_vip_config,
 )
-from tests.lab.lab import VIP, VIP_IP, Lab, VipSampler
 
 pytestmark = pytest.mark.lab
 

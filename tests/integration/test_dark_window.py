@@ -17,8 +17,8 @@ import pytest
 
 from bench.dark import dark_from_holders, proof_check
 from bench.hooklog import PG_LINE, first, read_log
+from lab import Lab, Node, VipSampler
 from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon, wait_until
-from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from lab import PG_USER, VIP_IP, Lab, Node, VipSampler
 from tests.integration.vipconf import (
     REPMGR_VIP,
     config_path,
@@ -23,7 +24,6 @@ from tests.integration.vipconf import (
     vip,
     vip_log,
 )
-from tests.lab.lab import PG_USER, VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from lab import VIP, VIP6, VIP6_IP, VIP_IP, Lab, Node, VipSampler
 from tests.integration.vipconf import (
     install_generated_sudoers,
     journal_entries,
@@ -19,7 +20,6 @@ from tests.integration.vipconf import (
     wire_hooks,
     write_vip_config,
 )
-from tests.lab.lab import VIP, VIP6, VIP6_IP, VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.lab import (
+from lab import (
     IP_BIN,
     PG_BIN,
     VIP,
@@ -277,7 +277,7 @@ def test_cli_up_list_down_by_prefix() -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [python, "-m", "tests.lab", *args],
+            [python, "-m", "lab", *args],
             cwd=REPO,
             env=env,
             capture_output=True,

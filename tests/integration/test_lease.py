@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lab import INTERFACE, Lab, Node, VipSampler
 from tests.integration.vipconf import (
     config_path,
     has_vip,
@@ -26,7 +27,6 @@ from tests.integration.vipconf import (
     wire_hooks,
     write_vip_config,
 )
-from tests.lab.lab import INTERFACE, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

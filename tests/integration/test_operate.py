@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lab import Lab, Node
 from tests.integration.vipconf import (
     config_path,
     hooked_cluster,
@@ -26,7 +27,6 @@ from tests.integration.vipconf import (
     vip_log,
     write_vip_config,
 )
-from tests.lab.lab import Lab, Node
 
 pytestmark = pytest.mark.lab
 

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from lab import Lab, Node, VipSampler
 from tests.integration.vipconf import hooked_cluster, metrics, start_daemon, stop_daemon
-from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

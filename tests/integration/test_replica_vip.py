@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from lab import Lab, Node, VipSampler
 from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon, vip_log
-from tests.lab.lab import Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from lab import VIP_IP, Lab, Node, VipSampler
 from tests.integration.vipconf import hooked_cluster, journal_entries, vip, vip_log
-from tests.lab.lab import VIP_IP, Lab, Node, VipSampler
 
 pytestmark = pytest.mark.lab
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import statefiles
+from lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
+from repmgr_vip.config import statepaths
 from tests.integration.vipconf import (
     REPMGR_VIP,
     config_path,
@@ -30,11 +31,10 @@ from tests.integration.vipconf import (
     vip,
     wait_until,
 )
-from tests.lab.lab import MOUNT, PG_BIN, UMOUNT, VIP, Lab, Node, VipSampler, run_cmd
 
 pytestmark = pytest.mark.lab
 
-STATE_FILE = statefiles.DAEMON_STATE
+STATE_FILE = statepaths.DAEMON_STATE
 PERIOD = 1.0  # [daemon] interval, the default
 
 

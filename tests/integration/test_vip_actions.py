@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lab import VIP_IP, Lab, VipSampler
 from tests.integration.vipconf import (
     install_generated_sudoers,
     vip,
@@ -18,7 +19,6 @@ from tests.integration.vipconf import (
     write_all_configs,
     write_vip_config,
 )
-from tests.lab.lab import VIP_IP, Lab, VipSampler
 
 pytestmark = pytest.mark.lab
 

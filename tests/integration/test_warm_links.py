@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from bench.sshwarm import cold_rounds, masters, postgres_uid, probe, release_seconds
+from lab import Lab
 from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon
-from tests.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.lab.lab import INTERFACE, VIP, Lab, Node
+from lab import INTERFACE, VIP, Lab, Node
 
 # What the lab runs: RV_UNDER_TEST (`make test` sets /usr/bin/repmgr-vip, the installed Debian
 # package), else the venv's console script (pytest runs from the same venv the hooks use).
@@ -157,6 +157,6 @@ def metrics(lab: Lab, node: Node) -> str:
 def journal_entries(node: Node, **match: object) -> list[Mapping[str, Any]]:
     """The node's decision journal entries whose fields equal `match` (what tests assert on,
     rather than log wording)."""
-    from repmgr_vip import journal
+    from repmgr_vip.adapters import journal
 
     return [e for e in journal.read(node.dir) if all(e.get(k) == v for k, v in match.items())]

@@ -101,8 +101,8 @@ def test_man_page_lists_every_subcommand(installed: Path) -> None:
     assert roff.startswith(".TH REPMGR\\-VIP 8")
     shown = subprocess.run(["man", "-l", "-P", "cat", str(page)], capture_output=True,
                            text=True, check=True, env={**ENV, "MANWIDTH": "100"}).stdout
-    from repmgr_vip.cli import build_parser
-    from repmgr_vip.manpage import _subcommands
+    from repmgr_vip.cli.main import build_parser
+    from repmgr_vip.cli.manpage import _subcommands
 
     for name, _help, _sub in _subcommands(build_parser()):
         assert f"repmgr-vip {name}" in shown, name

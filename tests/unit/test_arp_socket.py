@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip import arp
+from repmgr_vip.adapters import arp
 
 
 class FakeSocket:

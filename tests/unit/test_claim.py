@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from repmgr_vip import claim
-from repmgr_vip.config import Config
-from repmgr_vip.decide import Action
+from repmgr_vip.app import claim
+from repmgr_vip.config.schema import Config
+from repmgr_vip.core.decide import Action
 from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
 
 NAMES = ("pg1", "pg2")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.cli import main
-from repmgr_vip.config import load_config, render_toml
-from repmgr_vip.errors import ConfigError, ExitCode
-from repmgr_vip.repmgrconf import parse_conninfo, parse_repmgr_conf_text
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.repmgrconf import parse_repmgr_conf_text
+from repmgr_vip.config.schema import load_config, render_toml
+from repmgr_vip.core.conninfo import parse_conninfo
+from repmgr_vip.core.errors import ConfigError, ExitCode
 
 
 def test_minimal_config_takes_repmgr_values_and_defaults(write_config: Callable[..., Path]) -> None:

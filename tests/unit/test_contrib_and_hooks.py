@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.cli import main
-from repmgr_vip.cluster import NodeRecord
-from repmgr_vip.fencing import fence_command_argv
-from repmgr_vip.repmgrconf import parse_repmgr_conf_text
+from repmgr_vip.app.fencing import fence_command_argv
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.repmgrconf import parse_repmgr_conf_text
+from repmgr_vip.core.model import NodeRecord
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 
@@ -72,8 +72,8 @@ def test_fence_command_placeholders_never_reach_a_shell() -> None:
 
 def test_check_warns_when_isolation_grace_is_not_shorter_than_repmgr_detection(
         write_config: Callable[..., Path]) -> None:
-    from repmgr_vip.config import load_config
-    from repmgr_vip.doctor import _check_isolation_grace
+    from repmgr_vip.app.doctor import _check_isolation_grace
+    from repmgr_vip.config.schema import load_config
 
     # the fixture's repmgr.conf: reconnect_attempts=3, reconnect_interval=2 -> 6 s
     auto = _check_isolation_grace(load_config(write_config()))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.metrics import Metrics
+from repmgr_vip.app.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "contrib" / "grafana" / "repmgr-vip.json"

@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repmgr_vip.cluster import NodeView
-from repmgr_vip.decide import (
+from repmgr_vip.adapters.cluster import NodeView
+from repmgr_vip.core.decide import (
     SPLIT_BRAIN,
     Action,
     Memory,

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip.config import load_config
-from repmgr_vip.doctor import _check_hook_lines, _check_subnet, _parse_check_output
-from repmgr_vip.hooks import repmgr_conf_lines
-from repmgr_vip.network import InterfaceState
+from repmgr_vip.adapters.network import InterfaceState
+from repmgr_vip.app.doctor import _check_hook_lines, _check_subnet, _parse_check_output
+from repmgr_vip.app.hooks import repmgr_conf_lines
+from repmgr_vip.config.schema import load_config
 
 
 class FakeNetwork:

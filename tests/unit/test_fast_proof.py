@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import arp, network
-from repmgr_vip.config import load_config
+from repmgr_vip.adapters import arp, network
+from repmgr_vip.config.schema import load_config
 
 OWN = bytes.fromhex("020000000001")
 HOLDER = bytes.fromhex("02000000beef")
@@ -145,7 +145,7 @@ def test_the_daemons_network_uses_the_lan_proof_and_hooks_keep_the_configured_on
 
 def test_the_daemon_builds_its_network_with_the_lan_proof(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from repmgr_vip import daemon
+    from repmgr_vip.app import daemon
 
     made: list[bool] = []
 

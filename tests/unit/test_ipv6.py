@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import ndp
-from repmgr_vip.cli import main
-from repmgr_vip.config import load_config, render_toml
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.network import InterfaceState, PrivilegedCommands
+from repmgr_vip.adapters import ndp
+from repmgr_vip.adapters.network import InterfaceState, PrivilegedCommands
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.schema import load_config, render_toml
+from repmgr_vip.core.errors import ExitCode
 
 MAC = bytes.fromhex("020000000701")
 TARGET = ipaddress.IPv6Address("2001:db8::117")
@@ -172,7 +172,7 @@ def test_kernel_dad_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_metrics_label_every_address() -> None:
     from prometheus_client import generate_latest
 
-    from repmgr_vip.metrics import Metrics
+    from repmgr_vip.app.metrics import Metrics
 
     metrics = Metrics("127.0.0.1", 0)
     metrics.addresses({"192.0.2.115/24": True, "2001:db8::115/64": False})
@@ -182,7 +182,7 @@ def test_metrics_label_every_address() -> None:
 
 
 def test_status_shows_a_partly_held_dual_stack_vip_as_a_conflict() -> None:
-    from repmgr_vip.status import NodeStatus, conflicts, render
+    from repmgr_vip.app.status import NodeStatus, conflicts, render
 
     both = {"192.0.2.115/24": True, "2001:db8::115/64": True}
     part = {"192.0.2.115/24": False, "2001:db8::115/64": True}
@@ -225,8 +225,8 @@ class _FakeHost:
 def test_sudo_dual_stack_add_starts_dad_first_and_never_leaves_a_part(
         tmp_path: Path, repmgr_conf: Path, monkeypatch: pytest.MonkeyPatch,
         dad_fails: bool) -> None:
-    from repmgr_vip.errors import RefusedError
-    from repmgr_vip.network import VipNetwork
+    from repmgr_vip.adapters.network import VipNetwork
+    from repmgr_vip.core.errors import RefusedError
 
     path = tmp_path / "c.toml"
     path.write_text(_config_text(repmgr_conf, '["192.0.2.115/24", "2001:db8::115/64"]')

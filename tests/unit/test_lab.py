@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import lab as lablib
-from tests.lab.lab import VipSampler
+from lab import VipSampler
+from lab import prereq as lablib
 
 MAKEFILE = Path(__file__).resolve().parents[2] / "Makefile"
 

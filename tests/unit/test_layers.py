@@ -1,21 +1,28 @@
-"""The pure core imports nothing that does I/O: read from the source, not by importing it.
+"""The layers hold: the pure core imports nothing that does I/O, and arrows point down only.
 
-decide.py (the rules), ports.py (the interfaces) and model.py (plain facts) may import only
-each other and a few standard modules without side effects. An import under
+`lint-imports` (import-linter, run by `make lint` in CI) enforces cli -> app -> adapters ->
+config -> core between our own packages. It cannot see the standard library, so this file
+reads the core's source and allows only modules without side effects. An import under
 `if TYPE_CHECKING:` is for the type checker only and never runs.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "repmgr_vip"
-PURE = ("decide", "ports", "model")
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src" / "repmgr_vip"
+CORE = sorted(p.name for p in (SRC / "core").glob("*.py"))
+LAYERS = ("core", "config", "adapters", "app", "cli")
 ALLOWED_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "dataclasses",
-                  "enum", "typing", "abc", "math", "ipaddress"}
+                  "enum", "typing", "abc", "math", "ipaddress", "urllib.parse"}
 
 
 def _runtime_imports(tree: ast.Module) -> list[str]:
@@ -30,10 +37,12 @@ def _runtime_imports(tree: ast.Module) -> list[str]:
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.module == "repmgr_vip":
-                names.extend(f"repmgr_vip.{alias.name}" for alias in node.names)
+            module = node.module or ""
+            if module == "repmgr_vip" or (module.startswith("repmgr_vip.") and \
+                    module.count(".") == 1):
+                names.extend(f"{module}.{alias.name}" for alias in node.names)
             else:
-                names.append(node.module or "")
+                names.append(module)
     return names
 
 
@@ -41,24 +50,58 @@ def impure_imports(source: str) -> list[str]:
     bad = []
     for name in _runtime_imports(ast.parse(source)):
         if name.startswith("repmgr_vip."):
-            if name.removeprefix("repmgr_vip.") not in PURE:
+            if not name.startswith("repmgr_vip.core."):
                 bad.append(name)
         elif name not in ALLOWED_STDLIB:
             bad.append(name)
     return bad
 
 
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_import_no_io(module: str) -> None:
-    source = (SRC / f"{module}.py").read_text(encoding="utf-8")
+@pytest.mark.parametrize("module", CORE)
+def test_core_modules_import_no_io(module: str) -> None:
+    source = (SRC / "core" / module).read_text(encoding="utf-8")
     assert impure_imports(source) == []
 
 
 def test_the_check_sees_io_imports() -> None:
-    source = ("import socket\nfrom repmgr_vip.cluster import NodeView\n"
-              "from repmgr_vip import network\nimport subprocess as sp\n"
+    source = ("import socket\nfrom repmgr_vip.adapters.cluster import NodeView\n"
+              "from repmgr_vip.adapters import network\nimport subprocess as sp\n"
+              "from repmgr_vip.core import decide\n"
               "def f():\n    import psycopg\n"
               "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-              "    from repmgr_vip.cluster import NodeRecord\n")
-    assert impure_imports(source) == ["socket", "repmgr_vip.cluster", "repmgr_vip.network",
-                                      "subprocess", "psycopg"]
+              "    from repmgr_vip.adapters.cluster import Anything\n")
+    assert impure_imports(source) == ["socket", "repmgr_vip.adapters.cluster",
+                                      "repmgr_vip.adapters.network", "subprocess", "psycopg"]
+
+
+def test_every_module_lives_in_a_layer() -> None:
+    """A module dropped next to the layers would escape the contract."""
+    loose = {p.name for p in SRC.glob("*.py")} - {"__init__.py", "__main__.py", "testing.py"}
+    assert loose == set()
+    assert {p.name for p in SRC.iterdir() if p.is_dir() and p.name != "__pycache__"} \
+        == set(LAYERS)
+
+
+def _lint_imports() -> Path:
+    found = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) \
+        or shutil.which("lint-imports")
+    if not found:
+        pytest.fail("lint-imports is missing: `make setup` installs import-linter")
+    return Path(found)
+
+
+def test_import_linter_contract_holds_and_catches_an_upward_import(tmp_path: Path) -> None:
+    """The contract passes on the tree, and fails on a copy with one arrow pointing up."""
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+    shutil.copytree(SRC, tmp_path / "src" / "repmgr_vip",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    clean = subprocess.run([_lint_imports(), "--no-cache"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert clean.returncode == 0, clean.stdout[-2000:]
+    decide = tmp_path / "src" / "repmgr_vip" / "core" / "decide.py"
+    decide.write_text(decide.read_text(encoding="utf-8")
+                      + "\nfrom repmgr_vip.app import hooks  # noqa\n", encoding="utf-8")
+    broken = subprocess.run([_lint_imports(), "--no-cache"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert broken.returncode != 0

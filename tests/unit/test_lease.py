@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import lease
-from repmgr_vip.cli import main
-from repmgr_vip.config import Config, load_config
-from repmgr_vip.decide import Action, Decision
-from repmgr_vip.errors import CommandFailed, ExitCode
-from repmgr_vip.lease import LeaseKeeper, await_expiry, lease_checks, unrenewed_warning
-from repmgr_vip.network import PrivilegedCommands
+from repmgr_vip.adapters.network import PrivilegedCommands
+from repmgr_vip.app import lease
+from repmgr_vip.app.lease import LeaseKeeper, await_expiry, lease_checks, unrenewed_warning
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.schema import Config, load_config
+from repmgr_vip.core.decide import Action, Decision
+from repmgr_vip.core.errors import CommandFailed, ExitCode
 
 LEASED = "\n[vip]\naddress = \"192.0.2.115/24\"\ninterface = \"lo\"\nlease = {lease}\n"
 

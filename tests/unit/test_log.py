@@ -12,9 +12,9 @@ from typing import TextIO
 
 import pytest
 
-from repmgr_vip.config import load_config
-from repmgr_vip.errors import ConfigError
-from repmgr_vip.log import LOG, setup_logging, setup_logging_for
+from repmgr_vip.adapters.log import LOG, setup_logging, setup_logging_for
+from repmgr_vip.config.schema import load_config
+from repmgr_vip.core.errors import ConfigError
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.cli import build_parser
-from repmgr_vip.manpage import render, roff
+from repmgr_vip.cli.main import build_parser
+from repmgr_vip.cli.manpage import render, roff
 
 
 def test_every_subcommand_and_option_is_on_the_page() -> None:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from repmgr_vip import metrics
-from repmgr_vip.metrics import Metrics
+from repmgr_vip.app import metrics
+from repmgr_vip.app.metrics import Metrics
 
 
 def _free_port() -> int:

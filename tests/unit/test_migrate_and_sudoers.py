@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.cli import main
-from repmgr_vip.config import load_config
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.network import PrivilegedCommands
+from repmgr_vip.adapters.network import PrivilegedCommands
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.schema import load_config
+from repmgr_vip.core.errors import ExitCode
 
 SEED_ENV = """\
 export VIP=172.20.0.115

@@ -23,9 +23,17 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from repmgr_vip import claim, daemon
-from repmgr_vip.decide import SPLIT_BRAIN, Action, Decision, Memory, Policy, Snapshot, decide_cycle
-from repmgr_vip.log import LOG
+from repmgr_vip.adapters.log import LOG
+from repmgr_vip.app import claim, daemon
+from repmgr_vip.core.decide import (
+    SPLIT_BRAIN,
+    Action,
+    Decision,
+    Memory,
+    Policy,
+    Snapshot,
+    decide_cycle,
+)
 from repmgr_vip.testing import FakeClock, FakeCluster, FakeFiles, write_configs
 
 NAMES = ("pg1", "pg2", "pg3")

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip import cluster
-from repmgr_vip.errors import CommandFailed
-from repmgr_vip.pgsession import NodeListGate, NodeSession
+from repmgr_vip.adapters import cluster
+from repmgr_vip.adapters.pgsession import NodeListGate, NodeSession
+from repmgr_vip.core.errors import CommandFailed
 
 
 class FakeCursor:
@@ -162,7 +162,7 @@ def test_node_list_is_read_only_when_it_can_have_changed() -> None:
 def test_a_failed_single_flight_call_is_retried_by_the_next_call() -> None:
     """The daemon's node list read failing once (a DBA's lock: lock_timeout) must not make
     every later read return the same old failure."""
-    from repmgr_vip.daemon import SingleFlight
+    from repmgr_vip.app.daemon import SingleFlight
 
     outcomes: list[Exception | int] = [CommandFailed("lock timeout"), 7]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.config import load_config
-from repmgr_vip.remote import ssh_argv, start_remote
+from repmgr_vip.adapters.remote import ssh_argv, start_remote
+from repmgr_vip.config.schema import load_config
 
 NET_CAPS = (1 << 12) | (1 << 13)  # CAP_NET_ADMIN, CAP_NET_RAW
 
 CHILD_CAPS = """
 import json, re
-from repmgr_vip import process
+from repmgr_vip.adapters import process
 
 def caps(text):
     return {k: int(v, 16) for k, v in re.findall(r"^(Cap(?:Amb|Eff|Inh)):\\s*(\\w+)", text, re.M)}

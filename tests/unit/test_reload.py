@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.config import load_config
-from repmgr_vip.daemon import Daemon
-from repmgr_vip.reload import reload_config, reload_daemon
+from repmgr_vip.app.daemon import Daemon
+from repmgr_vip.app.reload import reload_config, reload_daemon
+from repmgr_vip.config.schema import load_config
 
 NO_METRICS = "[daemon]\nmetrics_port = 0\n"
 
@@ -82,7 +82,7 @@ def test_refusal_is_one_structured_json_line(write_config: Callable[..., Path],
                                              tmp_path: Path) -> None:
     import json
 
-    from repmgr_vip.log import setup_logging
+    from repmgr_vip.adapters.log import setup_logging
 
     path = write_config()
     current = load_config(path)
@@ -101,7 +101,7 @@ def test_refusal_is_one_structured_json_line(write_config: Callable[..., Path],
 def test_reload_refreshes_every_address_of_a_dual_stack_vip(
         write_config: Callable[..., Path], repmgr_conf: Path) -> None:
     """Probe and announce run each address's own lines: a reload must reach all of them."""
-    from repmgr_vip.network import VipNetwork
+    from repmgr_vip.adapters.network import VipNetwork
 
     path = write_config(f'repmgr_config = "{repmgr_conf}"\n[vip]\n'
                         'address = ["192.0.2.115/24", "2001:db8::115/64"]\ninterface = "lo"\n'

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip.cli import main
-from repmgr_vip.config import ReplicaSettings, load_config
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.replica import Replication, eligible, should_hold
+from repmgr_vip.app.replica import Replication, eligible, should_hold
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.schema import ReplicaSettings, load_config
+from repmgr_vip.core.errors import ExitCode
+from repmgr_vip.core.model import NodeRecord
 
 
 def _write(tmp_path: Path, repmgr_conf: Path, replica: str) -> Path:
@@ -82,18 +83,19 @@ def test_who_holds_it(tmp_path: Path, repmgr_conf: Path) -> None:
 
 def test_prefer_must_name_registered_nodes(tmp_path: Path, repmgr_conf: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from repmgr_vip import cluster, replica
-    from repmgr_vip.errors import ConfigError
+    from repmgr_vip.adapters import cluster
+    from repmgr_vip.app import replica
+    from repmgr_vip.core.errors import ConfigError
 
     config = load_config(_write(tmp_path, repmgr_conf,
                                 'address = "192.0.2.116/24"\nprefer = ["pg-c", "pg-x"]'))
-    records = [cluster.NodeRecord(i, name, "standby", True, f"host=192.0.2.{i}", 1)
+    records = [NodeRecord(i, name, "standby", True, f"host=192.0.2.{i}", 1)
                for i, name in ((2, "pg-b"), (3, "pg-c"))]
     monkeypatch.setattr(cluster, "registered_nodes", lambda config, timeout=3.0: records)
     with pytest.raises(ConfigError, match=r"replica_vip\.prefer") as caught:
         replica.check_prefer(config)
     assert caught.value.exit_code == ExitCode.USAGE
-    records.append(cluster.NodeRecord(4, "pg-x", "standby", True, "host=192.0.2.4", 1))
+    records.append(NodeRecord(4, "pg-x", "standby", True, "host=192.0.2.4", 1))
     replica.check_prefer(config)  # all registered: no error
 
 

@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip import cluster, fencing, journal
-from repmgr_vip.cluster import NodeRecord
-from repmgr_vip.config import load_config
-from repmgr_vip.daemon import SingleFlight, marker_age, marker_text
-from repmgr_vip.fencing import Fencing, fence_command_argv
-from repmgr_vip.network import ProbeResult
-from repmgr_vip.remote import RemoteResult
+from repmgr_vip.adapters import cluster, journal
+from repmgr_vip.adapters.network import ProbeResult
+from repmgr_vip.adapters.remote import RemoteResult
+from repmgr_vip.adapters.statefiles import marker_age, marker_text
+from repmgr_vip.app import fencing
+from repmgr_vip.app.daemon import SingleFlight
+from repmgr_vip.app.fencing import Fencing, fence_command_argv
+from repmgr_vip.config.schema import load_config
+from repmgr_vip.core.model import NodeRecord
 
 FOREIGN = "02:de:ad:be:ef:01"
 

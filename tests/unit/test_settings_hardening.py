@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repmgr_vip.cli import main
-from repmgr_vip.config import SCHEMA, render_toml
-from repmgr_vip.errors import ExitCode
-from repmgr_vip.repmgrconf import parse_repmgr_conf_text
+from repmgr_vip.cli.main import main
+from repmgr_vip.config.repmgrconf import parse_repmgr_conf_text
+from repmgr_vip.config.schema import SCHEMA, render_toml
+from repmgr_vip.core.errors import ExitCode
 
 FLOAT_KEYS = [(section, key) for section, keys in SCHEMA.items() for key, (kind, _) in
               keys.items() if kind is float]

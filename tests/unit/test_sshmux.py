@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import sshmux
-from repmgr_vip.config import Config, load_config
-from repmgr_vip.remote import ssh_argv
+from repmgr_vip.adapters import sshmux
+from repmgr_vip.adapters.remote import ssh_argv
+from repmgr_vip.config.schema import Config, load_config
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from repmgr_vip import statefiles
-from repmgr_vip.lock import vip_lock
+from repmgr_vip.adapters import statefiles
+from repmgr_vip.adapters.lock import vip_lock
+from repmgr_vip.config import statepaths
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs as postgres too)")
 
@@ -51,8 +52,8 @@ def _as_postgres(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_state_file_name_comes_from_one_place(tmp_path: Path) -> None:
     names = {f(tmp_path).name for f in (
-        statefiles.lock_file, statefiles.daemon_state_file, statefiles.self_fence_marker,
-        statefiles.nodes_cache, statefiles.announcer_pid_file, statefiles.default_log_file)}
+        statepaths.lock_file, statepaths.daemon_state_file, statepaths.self_fence_marker,
+        statepaths.nodes_cache, statepaths.announcer_pid_file, statepaths.default_log_file)}
     assert names == {"repmgr-vip.lock", "repmgr-vip-daemon.json", "repmgr-vip-self-fenced",
                      "repmgr-vip-nodes.json", "repmgr-vip-announce.pid", "repmgr-vip.log"}
 
@@ -119,7 +120,7 @@ def test_root_with_umask_077_creates_a_lock_postgres_can_take(shared_dir: Path) 
     info = lock.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
     taken = _as_postgres(
-        "import sys; from pathlib import Path; from repmgr_vip.lock import vip_lock\n"
+        "import sys; from pathlib import Path; from repmgr_vip.adapters.lock import vip_lock\n"
         f"with vip_lock(Path({str(lock)!r}), 1.0): print('locked')")
     assert taken.returncode == 0 and taken.stdout.strip() == "locked", taken.stderr
 
@@ -150,7 +151,7 @@ def test_postgres_locked_out_exits_2_naming_the_file(
     config.write_text(f'repmgr_config = "{conf}"\nstate_dir = "{shared_dir}"\n'
                       '[vip]\naddress = "192.0.2.115/24"\ninterface = "lo"\n')
     config.chmod(0o644)
-    result = _as_postgres("import sys; from repmgr_vip.cli import main\n"
+    result = _as_postgres("import sys; from repmgr_vip.cli.main import main\n"
                           f"sys.exit(main(['-c', {str(config)!r}, 'release']))")
     assert result.returncode == 2, result.stderr
     assert str(lock) in result.stderr and "Traceback" not in result.stderr
@@ -159,7 +160,7 @@ def test_postgres_locked_out_exits_2_naming_the_file(
 
 def test_log_file_symlink_is_not_followed(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from repmgr_vip.log import LOG, setup_logging
+    from repmgr_vip.adapters.log import LOG, setup_logging
 
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
@@ -186,7 +187,7 @@ def test_log_created_by_root_stays_writable_for_postgres(shared_dir: Path) -> No
 @root_only
 def test_root_never_hands_over_a_hard_linked_lock(shared_dir: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from repmgr_vip.errors import ConfigError
+    from repmgr_vip.core.errors import ConfigError
 
     secret = shared_dir.parent / "secret"
     secret.write_text("root only\n")

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from repmgr_vip import cluster, status
-from repmgr_vip.cli import main
-from repmgr_vip.cluster import NodeRecord, NodeView
-from repmgr_vip.remote import RemoteResult
+from repmgr_vip.adapters import cluster
+from repmgr_vip.adapters.remote import RemoteResult
+from repmgr_vip.app import status
+from repmgr_vip.cli.main import main
+from repmgr_vip.core.model import NodeRecord, NodeView
 
 EVIL = "db\x1b]0;owned\x07\x1b[2J\u202e3"
 

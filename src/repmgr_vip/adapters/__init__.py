@@ -1,0 +1,1 @@
+"""Adapters: the only code that touches the host (addresses, ARP, SSH, PostgreSQL, files)."""

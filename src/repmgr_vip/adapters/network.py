@@ -1,0 +1,524 @@
+"""The VIP on the local interface: query, add, remove, announce (gratuitous ARP), probe.
+
+A VIP may have an IPv4 and an IPv6 address (dual stack); every action covers all of them
+and "holds" means holds all. IPv6 uses neighbour discovery (ndp.py) in direct mode; through
+sudo the kernel's DAD probes and announces it (see `_add_v6_through_kernel`).
+
+Every change is verified by reading the interface back, which makes each action idempotent:
+adding a present address or removing an absent one is success. The privileged command lines
+are built in one place (`PrivilegedCommands`) so that what runs and what `repmgr-vip sudoers`
+allows can never drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from repmgr_vip.adapters import arp, ndp, statefiles
+from repmgr_vip.adapters.log import LOG
+from repmgr_vip.adapters.privileges import effective_mode, privileged
+from repmgr_vip.adapters.process import alive, describe, first_line, popen_text, run
+from repmgr_vip.config import statepaths
+from repmgr_vip.config.schema import Config, VipInterface
+from repmgr_vip.core.errors import CommandFailed, RefusedError, VipError
+from repmgr_vip.core.model import InterfaceState as InterfaceState  # re-exported
+from repmgr_vip.core.model import ProbeResult as ProbeResult  # re-exported
+from repmgr_vip.core.model import normal_ip
+
+_SENT = re.compile(r"Sent (\d+) probe")
+_REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
+QUERY_TIMEOUT = 5.0
+CHANGE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class PrivilegedCommands:
+    """The exact root command lines for one VIP; the single source for running and sudoers."""
+
+    ip: str
+    arping: str
+    cidr: str
+    address: str
+    interface: str
+    announce_count: int
+    probe_count: int
+    probe_timeout: float
+    lease: int = 0  # the address's lifetime in whole seconds (vip.lease rounded up); 0: none
+    version: int = 4
+    others: tuple[PrivilegedCommands, ...] = ()  # the VIP's other addresses (dual stack)
+
+    @classmethod
+    def from_config(cls, config: Config) -> PrivilegedCommands:
+        """The first address's lines; `others` (and so `all()`) carries the rest."""
+        first, *rest = [cls.for_address(config, a) for a in config.vip.all]
+        return dataclasses.replace(first, others=tuple(rest))
+
+    @classmethod
+    def for_address(cls, config: Config, address: VipInterface) -> PrivilegedCommands:
+        return cls(
+            ip=config.commands.ip,
+            arping=config.commands.arping,
+            cidr=address.with_prefixlen,
+            address=str(address.ip),
+            interface=config.vip.interface,
+            announce_count=config.vip.announce_count,
+            probe_count=config.vip.probe_count,
+            probe_timeout=config.vip.probe_timeout,
+            lease=math.ceil(config.vip.lease),
+            version=address.version,
+        )
+
+    @property
+    def family(self) -> str:
+        return f"-{self.version}"
+
+    def _lifetime(self) -> list[str]:
+        if not self.lease:
+            return []
+        return ["valid_lft", str(self.lease), "preferred_lft", str(self.lease)]
+
+    def add(self, *, nodad: bool = False) -> list[str]:
+        """`nodad` (IPv6, direct mode) once our own probe proved the address free; through
+        sudo the kernel's DAD is the probe, so sudoers allows only the line without it."""
+        return [self.ip, self.family, "address", "add", self.cidr, "dev", self.interface,
+                *self._lifetime(), *(["nodad"] if nodad and self.version == 6 else [])]
+
+    def renew(self) -> list[str]:
+        # IPv4 `change` (like `replace`) also creates a missing address: see lease.py
+        return [self.ip, "-4", "address", "change", self.cidr, "dev", self.interface,
+                *self._lifetime()]
+
+    def delete(self) -> list[str]:
+        return [self.ip, self.family, "address", "del", self.cidr, "dev", self.interface]
+
+    def announce(self) -> list[str]:
+        return [self.arping, "-U", "-c", str(self.announce_count), "-I", self.interface,
+                self.address]
+
+    def probe(self) -> list[str]:
+        # iputils arping counts its deadline in whole seconds
+        deadline = str(max(1, math.ceil(self.probe_timeout)))
+        return [self.arping, "-D", "-c", str(self.probe_count), "-w", deadline,
+                "-I", self.interface, self.address]
+
+    def all(self) -> list[list[str]]:
+        """Every line sudo mode runs for the VIP: what `repmgr-vip sudoers` allows."""
+        if self.version == 6:  # the kernel probes and announces (ndisc_notify)
+            own = [self.add(), self.delete()]
+        else:
+            leased = [self.renew()] if self.lease else []
+            own = [self.add(), self.delete(), self.announce(), self.probe(), *leased]
+        return [*own, *(line for other in self.others for line in other.all())]
+
+
+def sudo_lines(config: Config) -> list[list[str]]:
+    """Every root command line of sudo mode: the VIP's, then the replica VIP's (sudoers)."""
+    lines = PrivilegedCommands.from_config(config).all()
+    if config.replica is not None:
+        replica = dataclasses.replace(config, vip=config.replica.vip)
+        lines += PrivilegedCommands.from_config(replica).all()
+    return lines
+
+
+class VipNetwork:
+    """Adapter over `ip`, `arping` and raw sockets for the configured VIP on this node."""
+
+    def __init__(self, config: Config, announcer_file: Path | None = None, *,
+                 lan_proof: bool = False) -> None:
+        """lan_proof: in direct mode, prove an IPv4 address free with arp.lan_probe (the
+        daemon: 80 ms on its own raw socket) rather than vip.probe_count/probe_timeout."""
+        self.lan_proof = lan_proof
+        self.reconfigure(config)
+        self._announcer_pid_file = (announcer_file
+                                    or statepaths.announcer_pid_file(config.state_dir))
+        self._announcer: subprocess.Popen[str] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """Takes `config`'s command lines and mode (start, and a daemon's SIGHUP reload)."""
+        self.config = config
+        self.commands = PrivilegedCommands.from_config(config)
+        self.members = (self.commands, *self.commands.others)  # one per address
+        self._v4 = next((c for c in self.members if c.version == 4), None)
+        self.mode = effective_mode(config.privilege_mode)
+
+    def _privileged(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return run(privileged(argv, self.mode, self.config.commands.sudo), timeout=timeout,
+                   privileged=True)
+
+    def interface_state(self) -> InterfaceState:
+        """Unprivileged read of the interface (`ip -j`), exact address comparison later."""
+        iface = self.config.vip.interface
+        family = ["-4"] if all(c.version == 4 for c in self.members) else []
+        result = run([self.config.commands.ip, "-j", *family, "address", "show", "dev", iface],
+                     timeout=QUERY_TIMEOUT)
+        if result.returncode != 0:
+            return InterfaceState(False, False, "", ())
+        try:
+            links = json.loads(result.stdout or "[]")
+        except json.JSONDecodeError as exc:
+            raise CommandFailed(f"cannot parse `ip -j address show dev {iface}` output") from exc
+        if not links:
+            return InterfaceState(False, False, "", ())
+        link = links[0]
+        usable: list[str] = []
+        pending: list[str] = []
+        for info in link.get("addr_info", []):
+            if info.get("family") not in ("inet", "inet6") or "local" not in info:
+                continue
+            text = f"{info['local']}/{info['prefixlen']}"
+            waiting = info.get("tentative") or info.get("dadfailed")
+            (pending if waiting else usable).append(text)
+        flags = link.get("flags", [])
+        return InterfaceState(True, "UP" in flags and "LOWER_UP" in flags,
+                              str(link.get("address", "")), tuple(usable), tuple(pending))
+
+    def held_as(self) -> str | None:
+        """The first address as configured on the interface ("ip/len"), or None."""
+        return self.interface_state().address_as(self.commands.address)
+
+    def holds(self) -> bool:
+        return self.interface_state().holds_all(self.config.vip.cidrs)
+
+    def add(self) -> bool:
+        """Adds every address not yet held; True if this call added any.
+
+        IPv6 in direct mode is added with `nodad` (our probe came first, no tentative
+        second). Through sudo the kernel's DAD probes it: it starts first, the other address
+        is added meanwhile, and a conflict refuses (exit 3). Any failure removes what this
+        call added, so a dual-stack VIP is never left in part.
+        """
+        state = self.interface_state()
+        missing = [m for m in self.members if state.address_as(m.address) is None]
+        by_kernel = [m for m in missing if m.version == 6 and self.mode != "direct"]
+        added: list[PrivilegedCommands] = []
+        try:
+            started = [(m, self._start_kernel_dad(m, state)) for m in by_kernel]
+            added.extend(by_kernel)
+            for member in missing:
+                if member in by_kernel:
+                    continue
+                argv = member.add(nodad=True)
+                result = self._privileged(argv, CHANGE_TIMEOUT)
+                if self.interface_state().address_as(member.address) is None:
+                    raise CommandFailed(
+                        f"could not add {member.cidr} to {member.interface}: "
+                        f"{describe(argv)} said {first_line(result.stderr)!r}; "
+                        "check `repmgr-vip check` (sudo rules, interface)"
+                    )
+                added.append(member)
+            for member, stderr in started:
+                self._wait_kernel_dad(member, stderr)
+        except VipError:
+            if len(self.members) > 1:  # all or nothing: no half of a dual-stack VIP stays
+                for member in added:
+                    if self.interface_state().present_as(member.address) is not None:
+                        self._privileged(member.delete(), CHANGE_TIMEOUT)
+            raise
+        return bool(missing)
+
+    def _start_kernel_dad(self, member: PrivilegedCommands, state: InterfaceState) -> str:
+        """Sudo mode: `ip -6 address add` without nodad; returns its stderr.
+
+        No exact command line sends neighbour discovery packets, so the kernel does: its DAD
+        solicits from :: (RFC 4862, our probe) and, with ndisc_notify=1, it sends the
+        unsolicited override advertisement when DAD completes (our announcement).
+        """
+        problems = ndp.kernel_dad_problems(member.interface)
+        if problems:
+            raise CommandFailed(f"cannot add {member.cidr} through sudo: {problems[0]}")
+        if state.present_as(member.address) is not None:  # tentative or failed: DAD afresh
+            self._privileged(member.delete(), CHANGE_TIMEOUT)
+        return self._privileged(member.add(), CHANGE_TIMEOUT).stderr
+
+    def _wait_kernel_dad(self, member: PrivilegedCommands, stderr: str) -> None:
+        """Waits until the kernel's DAD made the address usable; refuses if it failed."""
+        deadline = time.monotonic() + ndp.kernel_dad_seconds(member.interface) + 2.0
+        while time.monotonic() < deadline:
+            now = self.interface_state()
+            if now.address_as(member.address) is not None:
+                return
+            if now.present_as(member.address) is None:
+                raise CommandFailed(
+                    f"could not add {member.cidr} to {member.interface}: "
+                    f"{describe(member.add())} said {first_line(stderr)!r}; "
+                    "check `repmgr-vip check` (sudo rules, interface)")
+            if self._dad_failed(member):
+                self._privileged(member.delete(), CHANGE_TIMEOUT)  # unusable: leave nothing
+                raise RefusedError(f"refusing {member.cidr}: the kernel's duplicate address "
+                                   "detection found it in use on another host; release it "
+                                   "there first")
+            time.sleep(0.01)
+        self._privileged(member.delete(), CHANGE_TIMEOUT)
+        raise CommandFailed(f"{member.cidr} stayed tentative on {member.interface}; removed "
+                            "it again; check the kernel's DAD settings")
+
+    def _dad_failed(self, member: PrivilegedCommands) -> bool:
+        result = run([self.config.commands.ip, "-j", "-6", "address", "show", "dev",
+                      member.interface, "dadfailed"], timeout=QUERY_TIMEOUT)
+        return any(normal_ip(str(info.get("local", ""))) == member.address
+                   for link in _json_list(result.stdout)
+                   for info in _list(link.get("addr_info")))
+
+    def renew(self) -> None:
+        """Extends the VIP's lifetime to vip.lease seconds from now (`ip address change`).
+
+        The kernel re-creates an address that expired meanwhile, so only lease.LeaseKeeper
+        calls this, right after seeing the address, and it checks how long that took.
+        """
+        if not self.commands.lease:
+            return
+        result = self._privileged(self.commands.renew(), CHANGE_TIMEOUT)
+        if result.returncode != 0:
+            raise CommandFailed(
+                f"could not renew the lease of {self.config.vip.cidr} on "
+                f"{self.config.vip.interface}: {describe(self.commands.renew())} said "
+                f"{first_line(result.stderr)!r}; check `repmgr-vip check` (sudo rules)"
+            )
+
+    def remove(self) -> bool:
+        """Removes every address of the VIP; True if this call removed any."""
+        self.stop_announcer()
+        state = self.interface_state()
+        present = [(m, held) for m in self.members
+                   if (held := state.present_as(m.address)) is not None]
+        for member, held in present:
+            if held != member.cidr and _normal_cidr(held) != _normal_cidr(member.cidr):
+                raise CommandFailed(
+                    f"{held} is on {member.interface} but the config says {member.cidr}; "
+                    f"remove it by hand (`ip address del {held} dev {member.interface}`) "
+                    "or fix vip.address"
+                )
+        errors = []
+        for member, _ in present:
+            result = self._privileged(member.delete(), CHANGE_TIMEOUT)
+            if result.returncode != 0:
+                errors.append(first_line(result.stderr))
+        if any(self.interface_state().present_as(m.address) for m, _ in present):
+            raise CommandFailed(
+                f"could not remove {self.config.vip.cidr} from {self.config.vip.interface}: "
+                f"{errors[0] if errors else ''!r}; check `repmgr-vip check` (sudo rules)"
+            )
+        return bool(present)
+
+    def probe(self) -> ProbeResult:
+        """Asks the segment who answers for any address of the VIP (our own kernel never
+        answers our probe); the addresses are probed at the same time."""
+        if len(self.members) == 1:
+            return ProbeResult(self._probe_one(self.members[0]))
+        results: list[tuple[str, ...] | BaseException] = [() for _ in self.members]
+
+        def one(index: int, member: PrivilegedCommands) -> None:
+            try:
+                results[index] = self._probe_one(member)
+            except Exception as exc:  # re-raised below, in the caller
+                results[index] = exc
+
+        _in_threads([functools.partial(one, i, m) for i, m in enumerate(self.members)])
+        macs: dict[str, None] = {}
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            macs.update(dict.fromkeys(result))
+        return ProbeResult(tuple(macs))
+
+    def _probe_one(self, member: PrivilegedCommands) -> tuple[str, ...]:
+        vip = self.config.vip
+        if member.version == 6:
+            if self.mode != "direct":
+                return ()  # the kernel's DAD probes it when it is added (see add)
+            try:
+                return ndp.probe(vip.interface, member.address, vip.probe_count,
+                                 vip.probe_timeout)
+            except OSError as exc:
+                raise CommandFailed(f"neighbour solicitation on {vip.interface} failed: "
+                                    f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
+        if self.mode == "direct":
+            try:
+                if self.lan_proof:
+                    return arp.lan_probe(vip.interface, member.address)
+                return arp.probe(vip.interface, member.address, vip.probe_count,
+                                 vip.probe_timeout)
+            except OSError as exc:
+                raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
+                                    "direct mode needs CAP_NET_RAW") from exc
+        argv = privileged(member.probe(), self.mode, self.config.commands.sudo)
+        proc = popen_text(argv, privileged=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+        out, err, proven = _listen(proc, member.arping, vip.probe_timeout)
+        macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(out)))
+        if macs or proven:
+            return macs
+        raise CommandFailed(
+            f"ARP probe failed (exit {proc.returncode}): "
+            f"{first_line(err) or first_line(out)!r}; "
+            "check `repmgr-vip check` (sudo rules, arping)"
+        )
+
+    def announce(self) -> None:
+        """Tells the segment that the VIP is here now, so clients drop the old MAC at once.
+
+        Direct mode sends announce_count packets per address announce_interval apart and
+        returns. Through sudo, iputils arping spaces packets by whole seconds, so it runs in
+        the background (the first packet leaves at once) and a later release stops it; a
+        quick failure (sudo refused, bad interface) is still reported to the caller. An
+        IPv6 address through sudo was announced by the kernel when its DAD completed.
+        """
+        self.stop_announcer()
+        if self.mode == "direct":
+            self._announce_direct()
+            return
+        if self._v4 is None:
+            LOG.debug("IPv6 VIP through sudo: the kernel announced it after DAD")
+            return
+        argv = privileged(self._v4.announce(), self.mode, self.config.commands.sudo)
+        proc = popen_text(argv, privileged=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            self._announcer = proc
+            self._remember_announcer(proc.pid)
+            return
+        if proc.returncode != 0:
+            raise CommandFailed(
+                f"gratuitous ARP failed (exit {proc.returncode}): {first_line(stderr)!r}; "
+                "check `repmgr-vip check` (sudo rules, arping)"
+            )
+
+    def _announce_direct(self) -> None:
+        vip = self.config.vip
+        try:
+            for index in range(vip.announce_count):
+                if index:
+                    time.sleep(vip.announce_interval)
+                    if not self.holds():
+                        return  # released meanwhile: never advertise an address we gave up
+                for member in self.members:
+                    if member.version == 6:
+                        ndp.announce_once(vip.interface, member.address)
+                    else:
+                        arp.announce_once(vip.interface, member.address)
+        except OSError as exc:
+            raise CommandFailed(f"announcing the VIP on {vip.interface} failed: "
+                                f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
+
+    def _remember_announcer(self, pid: int) -> None:
+        # best effort: without the file a release cannot cut a running announcement short
+        with contextlib.suppress(OSError):
+            statefiles.write_atomic(self._announcer_pid_file, f"{pid}\n")
+
+    def stop_announcer(self) -> None:
+        """Stops announcements still running, so a released VIP is never advertised again."""
+        try:
+            pid = int(statefiles.read_text(self._announcer_pid_file).strip())
+        except (OSError, ValueError):
+            return
+        line = (self._v4 or self.commands).announce()
+        if _is_our_announcer(pid, line):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and _is_our_announcer(pid, line):
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            statefiles.remove(self._announcer_pid_file)
+        if self._announcer is not None:  # reap it, so a long-lived daemon leaves no zombie
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._announcer.wait(timeout=1.0)
+            self._announcer = None
+
+
+def _normal_cidr(cidr: str) -> str:
+    try:
+        return ipaddress.ip_interface(cidr).with_prefixlen
+    except ValueError:
+        return cidr
+
+
+def _json_list(text: str) -> list[dict[str, object]]:
+    try:
+        data = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+
+def _list(value: object) -> list[dict[str, object]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _in_threads(jobs: list[Callable[[], None]]) -> None:
+    """Runs the jobs at the same time, so a dual-stack probe costs one probe window."""
+    threads = [threading.Thread(target=job, daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+    except OSError:
+        return []
+    return [int(word) for word in text.split()]
+
+
+def _listen(proc: subprocess.Popen[str], arping: str, window: float) -> tuple[str, str, bool]:
+    """Lets `arping -D` listen for `window` seconds, then stops it: (stdout, stderr, proven).
+
+    iputils arping waits whole seconds. It is stopped with SIGINT (sudo passes it on) once it
+    has listened for `window` seconds; it then prints how many probes it sent. Silence proves
+    the VIP free only if at least one probe left ("Sent N probes", N >= 1).
+    """
+    deadline = time.monotonic() + CHANGE_TIMEOUT
+    started: float | None = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        if started is None:
+            children = _children(proc.pid)  # sudo with use_pty adds a monitor in between
+            pids = [proc.pid, *children, *(g for c in children for g in _children(c))]
+            if any(_command_name(pid) == os.path.basename(arping) for pid in pids):
+                started = time.monotonic()
+        elif time.monotonic() >= started + window:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    try:
+        out, err = proc.communicate(timeout=CHANGE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    sent = _SENT.search(out)
+    return out, err, bool(sent and int(sent.group(1)) >= 1)
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+def _is_our_announcer(pid: int, announce_argv: list[str]) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if not alive(pid):
+        return False
+    words = [w.decode(errors="replace") for w in cmdline if w]
+    return words[-len(announce_argv):] == announce_argv

@@ -1,0 +1,189 @@
+"""Long-lived PostgreSQL connections for the daemon: the steady state starts no backend.
+
+A connection per query costs every node a fork, an authentication and a log line (with
+log_connections) per peer per period: thousands per hour for a question whose answer rarely
+changes. The daemon instead keeps one connection per node and reuses it every cycle. Every
+wait stays bounded as in `cluster.connect` (connect timeout, keepalives, TCP user timeout,
+statement and lock timeouts) plus the client-side deadline of `cluster.with_deadline`, so a
+frozen server never hangs the caller. A connection is checked out while a query runs on it:
+one whose query outlived its deadline is never handed to another query; it is closed by the
+thread that still waits on it, whenever the server lets go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from repmgr_vip.adapters import cluster
+from repmgr_vip.config.schema import Config
+from repmgr_vip.core.errors import CommandFailed
+from repmgr_vip.core.model import NodeRecord
+
+MAX_IDLE = 2  # two callers at once (local view and node list) open at most a second one
+FIRST_BACKOFF = 0.1
+
+
+class _Call:
+    """One query's fate, shared by the caller and the helper thread running it."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+
+class NodeSession:
+    """One node's connection, opened on first use and reused while it works.
+
+    After a failure to connect, the next attempt waits a backoff that doubles up to
+    `max_backoff` (the daemon's period): a node that is down costs a connection attempt per
+    period at most, and one that comes back is used again within a period.
+    """
+
+    def __init__(self, conninfo: str, timeout: float, max_backoff: float, name: str,
+                 connect: Callable[[str, float], Any] = cluster.connect) -> None:
+        self.conninfo = conninfo
+        self.timeout = timeout
+        self.max_backoff = max(FIRST_BACKOFF, max_backoff)
+        self.name = name
+        self.connects = 0  # connections opened so far: each one is a new backend
+        self._connect = connect
+        self._guard = threading.Lock()
+        self._idle: list[Any] = []
+        self._failures = 0
+        self._next_try = 0.0
+        self._last_error = ""
+        self._closed = False
+
+    # --- connections ------------------------------------------------------------------
+
+    def _checkout(self) -> tuple[Any, bool]:
+        """(connection, reused): an idle one, else a new one unless backing off."""
+        with self._guard:
+            while self._idle:
+                conn = self._idle.pop()
+                if not (conn.closed or conn.broken):
+                    return conn, True
+            wait = self._next_try - time.monotonic()
+            if wait > 0:
+                raise CommandFailed(f"{self.name}: reconnecting in {wait:.1f} s "
+                                    f"(last error: {self._last_error})")
+        try:
+            conn = self._connect(self.conninfo, self.timeout)
+        except Exception as exc:
+            with self._guard:
+                self._failures += 1
+                delay = min(self.max_backoff, FIRST_BACKOFF * 2 ** (self._failures - 1))
+                self._next_try = time.monotonic() + delay
+                self._last_error = cluster._one_line(exc)
+            raise
+        with self._guard:
+            self.connects += 1
+            self._failures = 0
+            self._next_try = 0.0
+        return conn, False
+
+    def _checkin(self, conn: Any, call: _Call) -> None:
+        with call.lock, self._guard:
+            keep = (not call.abandoned and not self._closed and len(self._idle) < MAX_IDLE
+                    and not (conn.closed or conn.broken))
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            _close(conn)
+
+    def _run(self, sql: str, call: _Call) -> list[Any]:
+        conn, reused = self._checkout()
+        try:
+            rows: list[Any] = conn.execute(sql).fetchall()
+        except Exception:
+            if not reused or not (conn.closed or conn.broken):
+                self._checkin(conn, call)  # a query error on a healthy connection
+                raise
+            _close(conn)  # the server went away since the last cycle (restart, failover):
+            conn, reused = self._checkout()  # one fresh try before calling the node down
+            try:
+                rows = conn.execute(sql).fetchall()
+            except Exception:
+                self._checkin(conn, call)
+                raise
+        self._checkin(conn, call)
+        return rows
+
+    # --- queries ----------------------------------------------------------------------
+
+    def fetch(self, sql: str) -> list[Any]:
+        """All rows of `sql`; raises on any failure, within timeout + 1 s whatever happens."""
+        call = _Call()
+        try:
+            return cluster.with_deadline(lambda: self._run(sql, call), self.timeout + 1.0,
+                                         self.name)
+        except cluster.QueryTimeout:
+            with call.lock:
+                call.abandoned = True  # the connection still carries the query: never reuse
+            raise
+
+    def view(self, node_id: int) -> cluster.NodeView:
+        """What the node says about itself, like cluster.query_view, on the kept connection."""
+        try:
+            rows = self.fetch(cluster.ROLE_QUERY)
+            return cluster.NodeView(node_id, reachable=True, in_recovery=bool(rows[0][0]),
+                                    timeline=int(rows[0][1]))
+        except Exception as exc:  # any failure means "cannot tell", never a crash
+            return cluster.NodeView(node_id, reachable=False, error=cluster._one_line(exc))
+
+    def close(self) -> None:
+        """Closes the idle connections; one still carrying a query closes when it returns."""
+        with self._guard:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close(conn)
+
+
+def _close(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # a broken connection must not raise into the loop
+        conn.close()
+
+
+def registered_nodes(session: NodeSession, config: Config) -> list[NodeRecord]:
+    """repmgr.nodes read on the local node's kept connection (cluster.registered_nodes' twin)."""
+    try:
+        rows = session.fetch(cluster.NODES_QUERY)
+    except Exception as exc:
+        raise CommandFailed(f"cannot read repmgr.nodes: {cluster._one_line(exc)}") from exc
+    return cluster.remember_rows(config, rows)
+
+
+NODES_EVERY = 30.0
+
+
+class NodeListGate:
+    """Says when repmgr.nodes can have changed and is worth reading again.
+
+    The table changes when nodes are registered, removed or change role: so it is read at
+    start, every `every` seconds, and as soon as the role, timeline or reachability of any
+    node (this one included) differs from what it was at the last read.
+    """
+
+    def __init__(self, every: float = NODES_EVERY) -> None:
+        self.every = every
+        self._read_at: float | None = None
+        self._seen: tuple[Any, ...] | None = None
+
+    @staticmethod
+    def fingerprint(views: Sequence[cluster.NodeView]) -> tuple[Any, ...]:
+        return tuple(sorted((v.node_id, v.reachable, v.in_recovery, v.timeline) for v in views))
+
+    def due(self, now: float, views: Sequence[cluster.NodeView]) -> bool:
+        if self._read_at is None or now - self._read_at >= self.every:
+            return True
+        return self.fingerprint(views) != self._seen
+
+    def read(self, now: float, views: Sequence[cluster.NodeView]) -> None:
+        """Records a successful read and what the nodes looked like at that moment."""
+        self._read_at = now
+        self._seen = self.fingerprint(views)

@@ -1,0 +1,228 @@
+"""Runs helper programs from argument lists, never through a shell, with no stray privileges.
+
+Under the systemd unit this process holds ambient CAP_NET_ADMIN and CAP_NET_RAW, and every
+child would inherit them: ssh (whose ProxyCommand comes from a file postgres can edit),
+repmgr, fence_command. Only the privileged network actions (`ip address add/del`, `arping`)
+need them, so every other child starts with the ambient and inheritable sets cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from repmgr_vip.core.errors import CommandFailed
+
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _capability_dropper() -> Callable[[], None] | None:
+    """A preexec_fn that clears the child's ambient and inheritable capabilities.
+
+    Everything is prepared before fork; the child only makes three system calls. Without
+    ambient capabilities, exec of an ordinary binary by a non-root user yields no capabilities.
+    """
+    libc = _LIBC
+    if libc is None:
+        return None
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    prctl, capget, capset = libc.prctl, libc.capget, libc.capset
+
+    def drop() -> None:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        if capget(ctypes.byref(header), data) == 0:
+            data[0].inheritable = 0
+            data[1].inheritable = 0
+            capset(ctypes.byref(header), data)
+
+    return drop
+
+
+class ProgramNotFound(CommandFailed):
+    """The program to run does not exist (callers may name the setting that points at it)."""
+
+
+def _not_found(argv: Sequence[str]) -> CommandFailed:
+    return ProgramNotFound(f"{argv[0]} not found; install it or set its path in [commands]")
+
+
+def run(
+    argv: Sequence[str], *, timeout: float, input_text: str | None = None,
+    privileged: bool = False, env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Runs argv to completion; a missing binary or a hang becomes one clear CommandFailed.
+
+    privileged=True keeps this process's capabilities for the child: only for the network
+    actions (`ip address add/del`, `arping`) in direct mode.
+    """
+    try:
+        return subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+            env=env,
+            preexec_fn=None if privileged else _capability_dropper(),
+        )
+    except FileNotFoundError as exc:
+        raise _not_found(argv) from exc
+    except PermissionError as exc:
+        raise CommandFailed(f"{argv[0]} cannot be run ({exc.strerror}); fix its path "
+                            "or permissions") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(f"{describe(argv)} did not finish within {timeout:g} s") from exc
+
+
+@dataclass
+class Started:
+    """A child running in the background with stdout and stderr in an anonymous file.
+
+    A file, not a pipe: if the caller stops reading (or exits), the child must not die of
+    SIGPIPE, and a daemonizing child that keeps the descriptor cannot make anyone hang.
+    """
+
+    argv: tuple[str, ...]
+    process: subprocess.Popen[bytes]
+    output: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def finished(self) -> bool:
+        return self.process.poll() is not None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status; CommandFailed if it is still running after `timeout` seconds."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(
+                f"{describe(self.argv)} did not finish within {timeout:g} s") from exc
+
+    def output_text(self) -> str:
+        """Everything the child wrote so far (stdout and stderr interleaved)."""
+        if self.output.closed:
+            return ""
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        self.process.wait()
+        self.close()
+
+    def close(self) -> None:
+        self.output.close()
+
+
+def start(
+    argv: Sequence[str], *, privileged: bool = False, env: Mapping[str, str] | None = None,
+    new_session: bool = True,
+) -> Started:
+    """Starts argv without waiting; CommandFailed if it cannot be started at all."""
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Started
+    try:
+        process = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            env=env, start_new_session=new_session,
+            preexec_fn=None if privileged else _capability_dropper(),
+        )
+    except FileNotFoundError as exc:
+        output.close()
+        raise _not_found(argv) from exc
+    except PermissionError as exc:
+        output.close()
+        raise CommandFailed(f"{argv[0]} cannot be run ({exc.strerror}); fix its path "
+                            "or permissions") from exc
+    return Started(tuple(argv), process, output)
+
+
+def popen_text(
+    argv: Sequence[str], *, privileged: bool, stdout: int | None, stderr: int | None,
+    new_session: bool = False,
+) -> subprocess.Popen[str]:
+    """A Popen with text pipes, for the callers that must signal or stream a child."""
+    try:
+        return subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=True,
+            start_new_session=new_session,
+            preexec_fn=None if privileged else _capability_dropper(),
+        )
+    except FileNotFoundError as exc:
+        raise _not_found(argv) from exc
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed daemon lingers as one until reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A readable rendering of a command for messages (not for execution)."""
+    return " ".join(argv)
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def start_detached(argv: Sequence[str]) -> int:
+    """Starts a process that outlives its caller (own session, no inherited stdio); its pid.
+
+    The child is reaped by init once the caller (a short-lived hook) exits.
+    """
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            preexec_fn=_capability_dropper())
+    return proc.pid
+
+
+def start_detached_child(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A background child whose output nobody reads (the caller only wants its status)."""
+    try:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_capability_dropper())
+    except OSError as exc:
+        raise _not_found(argv) from exc

@@ -1,0 +1,321 @@
+"""Take the VIP away from every other node before this one may hold it.
+
+SSH releases go to all other registered nodes at once while this node probes ARP in a loop.
+Silence on ARP proves that no host on the segment holds the VIP, so a dead host (SSH hanging
+until its timeout) does not delay the handover; the SSH sessions still running are left to
+finish on their own, which covers a host that was only cut off the wire. If the VIP still
+answers when every session has ended, the configured fence_command runs (for example an IPMI
+power-off), and only silence after that lets the caller proceed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from repmgr_vip.adapters.log import LOG
+from repmgr_vip.adapters.process import first_line, run
+from repmgr_vip.adapters.remote import remote_vip_command, start_remote
+from repmgr_vip.adapters.system import SYSTEM_CLOCK
+from repmgr_vip.app.lease import await_expiry, lease_seconds, wait_budget
+from repmgr_vip.config.schema import Config
+from repmgr_vip.core.errors import VipError
+from repmgr_vip.core.model import NodeRecord
+from repmgr_vip.core.ports import Clock, FenceRunner, ProberFactory, RemoteRelease, VipAddress
+from repmgr_vip.core.ports import Prober as ProberPort
+from repmgr_vip.core.ports import ReleaseSession as RemoteSession
+
+IN_USE_RETRY = 0.05
+
+
+@dataclass
+class FenceReport:
+    released: list[str] = field(default_factory=list)  # confirmed by the node itself
+    failed: list[str] = field(default_factory=list)  # SSH or the remote release failed
+    pending: list[str] = field(default_factory=list)  # still running when ARP proved it free
+    fenced: list[str] = field(default_factory=list)  # fence_command succeeded
+    answered_by: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def vip_free(self) -> bool:
+        return not self.answered_by
+
+    @property
+    def unconfirmed(self) -> list[str]:
+        """Nodes that did not confirm their release: a returning one may still hold the VIP."""
+        return sorted({*self.failed, *self.pending} - set(self.released))
+
+    def summary(self) -> str:
+        parts = [f"released on {','.join(self.released) or 'none'}"]
+        if self.failed:
+            parts.append(f"unreachable/failed: {','.join(self.failed)}")
+        if self.pending:
+            parts.append(f"not waited for: {','.join(self.pending)}")
+        if self.fenced:
+            parts.append(f"fenced: {','.join(self.fenced)}")
+        holders = ",".join(self.answered_by)
+        parts.append("VIP free" if self.vip_free else f"VIP answers from {holders}")
+        return "; ".join(parts) + f" ({self.seconds:.2f} s)"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+_PLACEHOLDER = re.compile(r"\{(node_name|node_id|host)\}")
+
+
+def fence_command_argv(template: str, node: NodeRecord) -> list[str]:
+    """Splits the template into words first, then fills placeholders in one pass.
+
+    No shell ever sees data, and a value that itself looks like a placeholder (a node named
+    "{host}") stays as it is.
+    """
+    values = {"node_name": node.node_name, "node_id": str(node.node_id), "host": node.host}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], word)
+            for word in shlex.split(template)]
+
+
+def _run_fence_command(config: Config, node: NodeRecord) -> bool:
+    argv = fence_command_argv(config.fencing.fence_command, node)
+    # only the program: the arguments may carry a password (an IPMI fence agent's -P)
+    LOG.warning("running fence_command for node %s: %s ...", node.node_name, argv[0])
+    try:
+        result = run(argv, timeout=config.fencing.fence_timeout)
+    except VipError as exc:
+        LOG.error("fence_command for %s failed: %s", node.node_name, exc)
+        return False
+    if result.returncode != 0:
+        LOG.error("fence_command for %s exited %d: %s", node.node_name, result.returncode,
+                  first_line(result.stderr) or first_line(result.stdout))
+    return result.returncode == 0
+
+
+class Prober(threading.Thread):
+    """Probes ARP for the VIP again and again in the background, keeping every result."""
+
+    def __init__(self, network: VipAddress) -> None:
+        super().__init__(daemon=True, name="arp-prober")
+        self.network = network
+        self.stopped = threading.Event()
+        self.changed = threading.Condition()
+        # (started, finished, answered); answered None: the probe itself failed
+        self.results: list[tuple[float, float, tuple[str, ...] | None]] = []
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            started = time.monotonic()
+            answered: tuple[str, ...] | None
+            try:
+                answered = self.network.probe().answered_by
+            except VipError as exc:
+                LOG.error("ARP probe failed: %s", exc)
+                answered = None
+            with self.changed:
+                self.results.append((started, time.monotonic(), answered))
+                self.changed.notify_all()
+            if answered or answered is None:
+                self.stopped.wait(IN_USE_RETRY)
+
+    def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
+        """Who answers, judged by probes that ended after `since`; None if none came in time.
+
+        Silence in a probe that ended after `since` proves the VIP free (a holder's kernel
+        answers at once); an answer counts only from a probe that also started after it.
+        """
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for started, finished, answered in self.results:
+                    if finished < since or answered is None:
+                        continue
+                    if answered == () or started >= since:
+                        return answered
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.is_alive():
+                    return None
+                self.changed.wait(remaining)
+
+    def latest(self) -> tuple[str, ...] | None:
+        with self.changed:
+            return self.results[-1][2] if self.results else None
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class SshRelease:
+    """The real RemoteRelease: `repmgr-vip release` on the node, over ssh, in the background."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def start_release(self, node: NodeRecord) -> RemoteSession:
+        argv = remote_vip_command(self.config, node.node_name, node.node_id, "release")
+        return start_remote(self.config, node.host, argv)
+
+
+class Fencing:
+    """A fencing round: remote releases over SSH racing an ARP prober.
+
+    The ports default to the real ssh, fence_command, clock and prober thread.
+    """
+
+    def __init__(self, config: Config, network: VipAddress, nodes: Sequence[NodeRecord], *,
+                 remote: RemoteRelease | None = None, clock: Clock | None = None,
+                 fence_runner: FenceRunner | None = None,
+                 prober: ProberFactory | None = None) -> None:
+        self.config = config
+        self.network = network
+        self.nodes = list(nodes)
+        self.remote = remote if remote is not None else SshRelease(config)
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.fence_runner = fence_runner or (lambda node: _run_fence_command(config, node))
+        self.proof_pending = False  # wait() returned on confirmations before any probe ended
+        self.started = self.clock.monotonic()
+        self.report = FenceReport()
+        self.confirmed_at: float | None = None
+        self.last_finished = self.started  # when the latest SSH session ended
+        self.sessions: dict[str, RemoteSession] = {}
+        self.asked: set[str] = set()
+        self.expect(self.nodes)
+        self.prober: ProberPort = prober(network) if prober is not None else Prober(network)
+        self.prober.start()
+
+    def expect(self, nodes: Sequence[NodeRecord]) -> None:
+        """Sets the nodes that must release (the fresh node list) and asks any not yet asked.
+
+        A hook may start with the cached list and correct it once PostgreSQL answers.
+        """
+        self.nodes = list(nodes)
+        for node in self.nodes:
+            if node.node_name in self.asked:
+                continue
+            self.asked.add(node.node_name)
+            if not node.host:
+                self.report.failed.append(node.node_name)
+                continue
+            self.sessions[node.node_name] = self.remote.start_release(node)
+
+    def _collect(self) -> None:
+        for name, session in list(self.sessions.items()):
+            if not session.finished():
+                continue
+            result = session.result()
+            del self.sessions[name]
+            self.last_finished = self.clock.monotonic()
+            if result.ok:
+                self.report.released.append(name)
+                LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
+            else:
+                self.report.failed.append(name)
+                LOG.warning("node %s: remote release failed (exit %d): %s", name,
+                            result.returncode, _last_line(result.stdout))
+        if self.all_confirmed and self.confirmed_at is None:
+            self.confirmed_at = self.clock.monotonic()
+
+    @property
+    def all_confirmed(self) -> bool:
+        """Every other registered node said, over SSH, that the VIP is not on it."""
+        released = set(self.report.released)
+        return bool(self.nodes) and all(n.node_name in released for n in self.nodes)
+
+    def wait(self, *, confirmations_suffice: bool = False,
+             lease_wait: bool = False) -> FenceReport:
+        """Returns once ARP shows the VIP free, or (if allowed) every node confirmed release.
+
+        Otherwise waits for every SSH session (bounded by ssh_command_timeout) and then runs
+        fence_command for the nodes that did not confirm, and probes again.
+        """
+        deadline = self.started + self.config.fencing.ssh_command_timeout
+        answered: tuple[str, ...] | None = None
+        while True:
+            self._collect()
+            latest = self.prober.latest()
+            if latest == ():
+                answered = ()
+                self.report.pending = sorted(self.sessions)  # they finish on their own
+                break
+            if confirmations_suffice and self.all_confirmed:
+                answered = latest
+                break
+            if not self.sessions:
+                # judge by a probe that saw the segment after the last release took effect
+                answered = self._proof(self.last_finished)
+                break
+            if self.clock.monotonic() >= deadline:
+                for name, session in self.sessions.items():
+                    session.kill()
+                    self.report.failed.append(name)
+                    LOG.warning("node %s: no answer over SSH within %d s", name,
+                                self.config.fencing.ssh_command_timeout)
+                self.sessions.clear()
+                answered = self._proof(self.clock.monotonic())
+                break
+            self.clock.sleep(0.02)
+        self.proof_pending = answered is None
+        self.report.answered_by = answered or ()
+        # only a node that did not confirm its release can be the one answering: a node that
+        # confirmed is never fenced, whoever else (a stray host, a spoofer) answers for the VIP
+        suspects = [n for n in self.nodes if n.node_name not in self.report.released]
+        if answered and suspects and self.config.fencing.fence_command:
+            for node in suspects:
+                if self.fence_runner(node):
+                    self.report.fenced.append(node.node_name)
+            fenced_at = self.clock.monotonic()
+            self.report.answered_by = self._proof(fenced_at)
+        if lease_wait and self.report.answered_by and not (
+                confirmations_suffice and self.all_confirmed):
+            self.report.answered_by = self._await_lease(self.report.answered_by)
+        self.report.seconds = self.clock.monotonic() - self.started
+        return self.report
+
+    def _await_lease(self, answered: tuple[str, ...]) -> tuple[str, ...]:
+        """vip.lease > 0: a node that neither released nor was fenced loses the VIP on its own
+        within the lease (its kernel expires it once nobody renews it), so wait for that."""
+        done = set(self.report.released) | set(self.report.fenced)
+        silent = [n.node_name for n in self.nodes if n.node_name not in done]
+        if not lease_seconds(self.config) or not silent:
+            return answered
+        deadline = self.started + wait_budget(self.config)
+        LOG.warning("VIP still answers from %s and %s neither released nor was fenced: "
+                    "waiting up to %.1f s more for its %d s lease to expire",
+                    ", ".join(answered), ",".join(silent), deadline - self.clock.monotonic(),
+                    lease_seconds(self.config))
+        window = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
+        return await_expiry(self.prober.result_since, answered, deadline, window,
+                            self.clock.monotonic)
+
+    def _proof(self, since: float) -> tuple[str, ...]:
+        timeout = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
+        answered = self.prober.result_since(since, timeout)
+        return answered if answered is not None else ("unknown (probe failed)",)
+
+    def proven_free(self) -> tuple[str, ...]:
+        """Who answers ARP once every node confirmed its release (blocks for a probe that
+        ended after that moment; see Prober.result_since)."""
+        since = self.confirmed_at if self.confirmed_at is not None else self.started
+        return self._proof(since)
+
+    def close(self) -> None:
+        self.prober.stop()
+
+
+def fence_others(config: Config, network: VipAddress, nodes: Sequence[NodeRecord],
+                 **ports: Any) -> FenceReport:
+    """Fences and waits for proof: ARP silence, or fence_command followed by ARP silence.
+
+    `ports` go to Fencing (remote, clock, fence_runner, prober)."""
+    fencing = Fencing(config, network, nodes, **ports)
+    try:
+        return fencing.wait()
+    finally:
+        fencing.close()

@@ -1,0 +1,1 @@
+"""Configuration: the TOML schema, repmgr.conf and conninfo parsing, migration."""

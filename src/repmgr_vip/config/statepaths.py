@@ -1,0 +1,56 @@
+"""Every file repmgr-vip keeps in state_dir, by name: the one list (the I/O is statefiles').
+
+Names only, no I/O, so that the configuration, the hooks, the daemon and the tests agree on
+them without importing the code that writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOCK = "repmgr-vip.lock"
+DAEMON_STATE = "repmgr-vip-daemon.json"
+SELF_FENCE = "repmgr-vip-self-fenced"
+NODES_CACHE = "repmgr-vip-nodes.json"
+ANNOUNCER_PID = "repmgr-vip-announce.pid"
+LOG = "repmgr-vip.log"
+JOURNAL = "repmgr-vip-journal.jsonl"
+RELEASE_REQUEST = "repmgr-vip-release-requested"
+SSH_CONTROL = "repmgr-vip-ssh"  # + "-UID": one private directory per user, for ssh's sockets
+
+
+def lock_file(state_dir: Path) -> Path:
+    return state_dir / LOCK
+
+
+def daemon_state_file(state_dir: Path) -> Path:
+    return state_dir / DAEMON_STATE
+
+
+def self_fence_marker(state_dir: Path) -> Path:
+    return state_dir / SELF_FENCE
+
+
+def nodes_cache(state_dir: Path) -> Path:
+    return state_dir / NODES_CACHE
+
+
+def announcer_pid_file(state_dir: Path) -> Path:
+    return state_dir / ANNOUNCER_PID
+
+
+def release_request_marker(state_dir: Path) -> Path:
+    return state_dir / RELEASE_REQUEST
+
+
+def journal_file(state_dir: Path) -> Path:
+    return state_dir / JOURNAL
+
+
+def ssh_control_dir(state_dir: Path, uid: int) -> Path:
+    """ssh's ControlPath sockets of user `uid`: a 0700 directory only that user can enter."""
+    return state_dir / f"{SSH_CONTROL}-{uid}"
+
+
+def default_log_file(state_dir: Path) -> Path:
+    return state_dir / LOG

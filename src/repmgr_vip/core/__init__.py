@@ -1,0 +1,1 @@
+"""Pure core: facts, decisions and the ports the rest implements; no I/O."""

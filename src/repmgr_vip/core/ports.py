@@ -1,0 +1,104 @@
+"""The edges of the core: what the daemon, fencing and claims touch, as small interfaces.
+
+Each port has one real adapter (`ip`/`arping`, psycopg, ssh, the state directory, the system
+clock) and one in-memory fake in `repmgr_vip.testing`. The daemon and fencing receive them as
+constructor arguments, so the same code runs on a host and inside a model of a whole cluster.
+Nothing here does I/O (tests/unit/test_layers.py checks the imports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from repmgr_vip.core.decide import Decision, Peer
+from repmgr_vip.core.model import InterfaceState, NodeView, ProbeResult
+
+if TYPE_CHECKING:  # a row of repmgr.nodes; only its type is needed here
+    from repmgr_vip.core.model import NodeRecord
+
+
+class VipAddress(Protocol):
+    """The VIP on this node's interface, and ARP for it on the segment."""
+
+    mode: str  # how changes are made (root, sudo, fake): for the log
+
+    def interface_state(self) -> InterfaceState: ...
+    def holds(self) -> bool: ...
+    def add(self) -> bool: ...  # True if it was added now, False if it was already there
+    def remove(self) -> bool: ...  # True if it was removed now
+    def announce(self) -> None: ...  # gratuitous ARP
+    def probe(self) -> ProbeResult: ...  # who else answers ARP for the VIP
+
+
+class NodeViews(Protocol):
+    """What the daemon knows of the cluster: never blocks longer than a cycle allows."""
+
+    def local(self) -> NodeView: ...
+    def local_surely_down(self) -> bool: ...  # connection refused: PostgreSQL is not running
+    def refresh(self) -> None: ...  # re-read the registered nodes (the last list meanwhile)
+    def peers(self) -> tuple[Peer, ...]: ...  # every other registered, active node, as seen
+    def nodes(self) -> Sequence[NodeRecord]: ...  # the same nodes, for fencing
+
+
+class ReleaseResult(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def returncode(self) -> int: ...
+    @property
+    def stdout(self) -> str: ...
+
+
+class ReleaseSession(Protocol):
+    """A remote release under way; it may never finish (a frozen host): kill it."""
+
+    def finished(self) -> bool: ...
+    def result(self) -> ReleaseResult: ...
+    def kill(self) -> None: ...
+
+
+class RemoteRelease(Protocol):
+    def start_release(self, node: NodeRecord) -> ReleaseSession: ...
+
+
+FenceRunner = Callable[["NodeRecord"], bool]  # fence_command for one node: True if it succeeded
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class Prober(Protocol):
+    """ARP probes running alongside a fencing round (see fencing.Prober)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def latest(self) -> tuple[str, ...] | None: ...
+    def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None: ...
+
+
+ProberFactory = Callable[[VipAddress], Prober]
+
+
+class StateFiles(Protocol):
+    """The daemon's state directory: the node's lock, its state file, marker and journal.
+
+    Writes may fail (a full disk); the daemon must keep running and keep the VIP rules.
+    """
+
+    def lock(self, timeout: float) -> AbstractContextManager[None]: ...  # raises LockBusy
+    def write_state(self, text: str) -> None: ...  # raises OSError
+    def marker_age(self) -> float | None: ...  # seconds since fence-self, None: no marker
+    def clear_marker(self) -> None: ...  # raises OSError
+    def release_request_age(self) -> float | None: ...  # since a peer asked us to release
+    def clear_release_request(self) -> None: ...  # raises OSError
+    def journal(self, node: str, source: str, action: str, reason: str,
+                **kw: Any) -> None: ...  # never raises
+    def read_journal(self, offset: int) -> tuple[list[Mapping[str, Any]], int]: ...
+
+
+class Lease(Protocol):
+    def tick(self, decision: Decision) -> None: ...
