@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from lab import INTERFACE, VIP, Lab, Node
-from lab.settings import ARPING
 from tests.integration.vipconf import start_daemon, stop_daemon, wire_hooks
 
 MOVER = Path(__file__).parent / "mover.py"
@@ -70,7 +69,7 @@ class Modes:
 
     def _start_mover(self, holder: Node) -> None:
         argv = [sys.executable, str(MOVER), "--holder", holder.name, "--vip", VIP,
-                "--interface", INTERFACE, "--arping", ARPING]
+                "--interface", INTERFACE]
         for node in self.lab.nodes:
             argv += ["--node", f"{node.name}={node.netns}={node.conninfo}"]
         self.mover = self.lab.popen(None, argv, user="root", stderr=subprocess.DEVNULL)

@@ -26,7 +26,22 @@ def promote_decided(entries: list[Entry]) -> Entry | None:
     """The promote step's verdict after fencing: `repmgr standby promote` starts right after
     it (or is refused)."""
     return next((e for e in entries if e.get("source") in PROMOTE_SOURCES
-                 and not e.get("outcome") and e.get("action") != "checkpoint"), None)
+                 and not e.get("outcome") and e.get("action") not in ("checkpoint",
+                                                                        "repmgr-promote")),
+                None)
+
+
+def promote_started(entries: list[Entry]) -> tuple[float, str] | None:
+    """When `repmgr standby promote` started and who fenced ("daemon" or "hook"): the
+    "repmgr-promote" entry where the hook writes one, else the verdict's time."""
+    entry = next((e for e in entries if e.get("action") == "repmgr-promote"), None)
+    if entry is not None:
+        inputs = entry.get("inputs", {})
+        return float(inputs.get("repmgr_started", entry["time"])), str(inputs.get("via", "?"))
+    verdict = promote_decided(entries)
+    if verdict is None:
+        return None
+    return float(verdict["time"]), str(verdict.get("inputs", {}).get("via", "hook"))
 
 
 def vip_added(entries: list[Entry]) -> Entry | None:

@@ -32,7 +32,7 @@ from typing import Any
 from bench.dark import dark_from_client, dark_from_holders, proof_check
 from bench.hooklog import PG_LINE, first, read_log
 from bench.ideal import MODES, Modes, original_confs
-from bench.journalread import entries_after, promote_decided, seconds_of, vip_added
+from bench.journalread import entries_after, promote_started, vip_added
 from bench.procwatch import ProcWatch
 from bench.sessions import new_sessions
 from bench.sshwarm import measure as measure_links
@@ -158,7 +158,7 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
         raise ScenarioError("no ARP answer from the new primary, no client outage seen, or "
                             "no 'ready to accept connections' in its PostgreSQL log")
     entries = entries_after(new, t0)
-    decided = seconds_of(promote_decided(entries))
+    started = promote_started(entries)
     added = vip_added(entries)
     detection = hook_start - t0
     outage_s = outage[1] - outage[0]
@@ -188,8 +188,9 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
         if moved is not None:
             result["at"]["mover_moved"] = moved - t0
     else:
-        if decided is None or added is None:
+        if started is None or added is None:
             raise ScenarioError(f"{new.name}: no promote verdict or no VIP added in the journal")
+        decided, result["fenced_by"] = started
         result["pre_promote_s"] = decided - hook_start
         result["vip_added_after_promotion_s"] = float(added["time"]) - ready.t
         result["vip_added_by"] = added.get("source")
@@ -199,8 +200,8 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
     say(f"    [{mode}] {result['fault']}: {old.name} -> {new.name}: outage {outage_s:.2f} s "
         f"(detection {detection:.2f} s), handover {result['handover_s'] * 1000:.0f} ms, "
         f"dark {'?' if dark is None else f'{dark * 1000:.0f} ms'}"
-        + (f", hook before promote {result['pre_promote_s'] * 1000:.0f} ms"
-           if "pre_promote_s" in result else "")
+        + (f", hook before promote {result['pre_promote_s'] * 1000:.0f} ms (fenced by the "
+           f"{result['fenced_by']})" if "pre_promote_s" in result else "")
         + f", max holders {result['max_vip_holders']}")
     return result
 
