@@ -24,13 +24,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from repmgr_vip.adapters import cluster, pgsession, sshmux, statefiles
+from repmgr_vip.adapters import cluster, control, pgsession, sshmux, statefiles
 from repmgr_vip.adapters.lock import LockBusy
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.network import VipNetwork
 from repmgr_vip.adapters.process import alive
 from repmgr_vip.adapters.system import SYSTEM_CLOCK, FileState, NoLease
-from repmgr_vip.app import claim
+from repmgr_vip.app import claim, hooks
 from repmgr_vip.app.fencing import fence_others
 from repmgr_vip.app.lease import LeaseKeeper
 from repmgr_vip.app.metrics import Metrics
@@ -56,6 +56,8 @@ STATE_FILE = statepaths.DAEMON_STATE
 SELF_FENCE_FILE = statepaths.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
+CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event")
+REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
 T = TypeVar("T")
 
 
@@ -223,6 +225,8 @@ class Daemon:
             real = self.network if isinstance(self.network, VipNetwork) else None
             lease = LeaseKeeper(config, real, self.metrics) if real else NoLease()
         self.lease = lease
+        self.control: control.ControlServer | None = None  # see serve_control
+        self.refusal_logged = -REFUSAL_LOG_EVERY
 
     # --- snapshot ---------------------------------------------------------------------
 
@@ -410,12 +414,54 @@ class Daemon:
         """Refusals and conflicts seen by hooks (short-lived processes) show in our metrics."""
         entries, self.journal_offset = self.files.read_journal(self.journal_offset)
         for entry in entries:
-            if entry.get("pid") == os.getpid():
-                continue
+            if entry.get("pid") == os.getpid() and entry.get("source") == "daemon":
+                continue  # counted when it happened; hooks' steps run here are counted now
             if entry.get("alarm") == CONFLICT:
                 self.metrics.conflict()
             if entry.get("action") in ("refuse", "refused"):
                 self.metrics.action(f"{entry.get('source', 'hook')}_refused")
+
+    # --- the control socket: hooks hand their VIP steps to us ---------------------------
+
+    def serve_control(self, path: Path | None = None) -> bool:
+        """Listens on the state directory's control socket (hooks.py explains the fast path);
+        False if it cannot, and then every hook simply does its own VIP step."""
+        server = control.ControlServer(
+            path or statepaths.control_socket(self.config.state_dir), self._serve_request,
+            allowed_uids={os.geteuid(), 0}, on_refused=self._refused,
+            replayable=("start-repmgrd", "follow", "fence-self", "event"))
+        try:
+            server.bind()
+        except OSError as exc:
+            LOG.error("control socket %s not served (%s): hooks do their VIP steps themselves",
+                      server.path, exc.strerror or exc)
+            return False
+        server.start()
+        self.control = server
+        return True
+
+    def _serve_request(self, request: dict[str, Any], conv: control.Conversation,
+                       peer: control.Peer) -> None:
+        """One hook's step, in the request's own thread: the cycle keeps running meanwhile,
+        and acts only when the step has let go of the VIP lock."""
+        op = request.get("op")
+        if op in CONTROL_OPS:
+            self.metrics.action(f"control_{op}")
+        LOG.info("control: %s for pid %d", op, peer.pid)
+        hands = hooks.Hands(self.network, self.files.lock, via="daemon",
+                            fencing=self.fencing_ports)
+        hooks.serve(self.config, hands, request, conv)
+
+    def _refused(self, peer: control.Peer) -> None:
+        """A user other than ours or root knocked: refused, counted, logged now and then."""
+        self.metrics.action("control_refused")
+        now = time.monotonic()
+        if now - self.refusal_logged >= REFUSAL_LOG_EVERY:
+            self.refusal_logged = now
+            LOG.warning("control socket: refused pid %d of uid %d (only uid %d and root may "
+                        "use it)", peer.pid, peer.uid, os.geteuid())
+            self._journal("control-refused", f"uid {peer.uid} may not use the control socket",
+                          alarm="", uid=peer.uid, peer_pid=peer.pid)
 
     def _write_state(self, decision: Decision, holds: bool) -> None:
         data = {"pid": os.getpid(), "time": time.time(), "holds_vip": holds,
@@ -435,6 +481,7 @@ class Daemon:
         reload_requested = install_sighup()
         self.metrics.start()
         self.ssh_keeper.start()
+        self.serve_control()
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
@@ -455,6 +502,8 @@ class Daemon:
             self.stop_event.wait(max(0.0, self.config.daemon.interval
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
+        if self.control is not None:  # from now on hooks do their steps themselves
+            self.control.close()
         if replica is not None:
             replica.stop()
         if self.config.daemon.on_stop == "release":

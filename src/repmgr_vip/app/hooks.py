@@ -1,8 +1,15 @@
 """repmgr's entry points: what runs when repmgr(d) starts, promotes, follows or reports events.
 
-Each hook logs to our own file (repmgr discards or truncates hook output), holds the node's
-VIP lock while it acts, and returns the exit status repmgr expects: for promote and follow
-that is repmgr's own status, never the VIP step's.
+Each hook logs to our own file (repmgr discards or truncates hook output) and returns the exit
+status repmgr expects: for promote and follow that is repmgr's own status, never the VIP step's.
+
+Fast path: when this node's daemon runs, a hook hands its VIP step to it over the control
+socket (adapters/control.py) and the daemon runs the very same step below with its warm
+adapters (PostgreSQL driver loaded, SSH masters up, CAP_NET_RAW for ARP, no sudo). When no
+daemon greets within control.CONNECT_BOUND (200 ms), or it does not reply within the step's
+own deadline, the hook does the step itself, as it always did. Whoever acts holds the node's
+VIP lock around the step, so a late daemon and the hook never act at once; every step is
+idempotent, so doing it twice changes nothing.
 """
 
 from __future__ import annotations
@@ -11,66 +18,187 @@ import contextlib
 import os
 import shlex
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from repmgr_vip.adapters import cluster, journal, repmgr
-from repmgr_vip.adapters.lock import vip_lock
+from repmgr_vip.adapters import control, journal
 from repmgr_vip.adapters.log import LOG
-from repmgr_vip.adapters.network import VipNetwork
-from repmgr_vip.adapters.statefiles import write_atomic
-from repmgr_vip.app import claim
-from repmgr_vip.app.fencing import Fencing, fence_others
-from repmgr_vip.app.lease import unrenewed_warning
-from repmgr_vip.app.release_retry import start_retrier
-from repmgr_vip.app.replica import release_here
+from repmgr_vip.config import statepaths
 from repmgr_vip.config.schema import Config
-from repmgr_vip.core.decide import CONFLICT, Action, Peer, after_fencing, legitimacy
-from repmgr_vip.core.errors import ExitCode, VipError
-from repmgr_vip.core.model import NodeRecord
+from repmgr_vip.core.errors import CommandFailed, ExitCode, VipError
+
+# The fallback path's modules are imported where they are used: a hook that hands its step
+# to the daemon never loads the PostgreSQL driver, fencing or the network adapter.
+if TYPE_CHECKING:
+    from repmgr_vip.adapters.repmgr import RepmgrRun
+    from repmgr_vip.app.claim import PromotionVerdict, Proof
+    from repmgr_vip.app.fencing import Fencing
+    from repmgr_vip.core.model import NodeRecord
+    from repmgr_vip.core.ports import VipAddress
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
 PROMOTION_POLL = 0.05
+PROMOTION_WATCH = 90.0  # the daemon watches for PostgreSQL leaving recovery at most this long
+AFTER_PROMOTE_WAIT = 60.0  # the daemon's VIP step once repmgr returned (a proof, an add)
 PRIMARY_EVENTS = frozenset({"standby_promote", "standby_switchover", "repmgrd_failover_promote"})
 STANDBY_EVENTS = frozenset({"node_rejoin", "standby_follow", "repmgrd_failover_follow"})
 HANDLED_EVENTS = PRIMARY_EVENTS | STANDBY_EVENTS
 
 
+@dataclass
+class Hands:
+    """What a VIP step acts with: the hook's own fresh adapters, or the daemon's warm ones."""
+
+    network: VipAddress
+    lock: Callable[[float], AbstractContextManager[None]]  # the node's VIP lock (LockBusy)
+    via: str = "hook"  # who acts: "hook" or "daemon" (journaled with every entry)
+    fencing: Mapping[str, Any] = field(default_factory=dict)  # Fencing's ports (remote, ...)
+    daemon: str = ""  # hook only: why the daemon did not do it ("not running", ...)
+
+
+def local_hands(config: Config, daemon: str = "") -> Hands:
+    """The hook's own adapters: `ip`/`arping` through sudo, a fresh flock, fresh ssh."""
+    from repmgr_vip.adapters.lock import vip_lock
+    from repmgr_vip.adapters.network import VipNetwork
+
+    return Hands(VipNetwork(config), lambda timeout: vip_lock(config.lock_path, timeout),
+                 "hook", daemon=daemon)
+
+
+def _own(config: Config, own: Hands | None, why: str) -> Hands:
+    """The hands a hook acts with itself, noting why the daemon did not act."""
+    if own is None:
+        return local_hands(config, why)
+    own.daemon = why
+    return own
+
+
 def _other_nodes(config: Config) -> list[NodeRecord]:
+    from repmgr_vip.adapters import cluster
+
     return [n for n in cluster.registered_nodes(config) if n.node_id != config.repmgr.node_id]
 
 
-def _journal(config: Config, source: str, action: str, reason: str, **kw: Any) -> None:
-    journal.record(config.state_dir, config.repmgr.node_name, source, action, reason, **kw)
+def _journal(config: Config, hands: Hands, source: str, action: str, reason: str,
+             **kw: Any) -> None:
+    who: dict[str, str] = {"via": hands.via}
+    if hands.daemon:
+        who["daemon"] = hands.daemon
+    journal.record(config.state_dir, config.repmgr.node_name, source, action, reason, **kw,
+                   **who)
 
 
-def fence_and_acquire(config: Config, network: VipNetwork,
-                      others: list[NodeRecord], timeline: int, source: str) -> str:
+# --- asking the daemon ---------------------------------------------------------------------
+
+
+def _request_id() -> str:
+    return f"{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def step_wait(config: Config, *, fencing: bool) -> float:
+    """How long a hook waits for the daemon's reply once greeted: the lock, then the step's
+    own bound (a fencing round ends within ssh_command_timeout, fence_command's timeout and
+    the lease), and a margin. Only a daemon that hangs after its greeting costs this."""
+    if not fencing:
+        return LOCK_TIMEOUT + 15.0
+    f = config.fencing
+    return LOCK_TIMEOUT + f.ssh_command_timeout + f.fence_timeout + config.vip.lease + 30.0
+
+
+def ask_daemon(config: Config, op: str, timeout: float,
+               **args: Any) -> tuple[dict[str, Any] | None, str]:
+    """The daemon's reply to a one-exchange step, or (None, why it did not do it)."""
+    try:
+        with control.connect(statepaths.control_socket(config.state_dir)) as conv:
+            reply = conv.ask({"op": op, "id": _request_id(), **args}, timeout)
+    except control.Unavailable as exc:
+        return None, _fallback_note(op, exc.reason)
+    if not reply.get("ok"):
+        return None, _fallback_note(op, f"failed: {reply.get('error', '?')}")
+    _raise_if_failed(reply)
+    return reply, ""
+
+
+def _fallback_note(op: str, reason: str) -> str:
+    level = 20 if reason == "not running" else 30  # INFO for a hooks-only install
+    LOG.log(level, "%s: daemon %s; doing the VIP step here", op, reason)
+    return reason
+
+
+def _raise_if_failed(reply: Mapping[str, Any]) -> None:
+    """The daemon's step raised what the hook's own would have: the same error, same code."""
+    if "raise" in reply:
+        error = CommandFailed(str(reply["raise"]))
+        error.exit_code = ExitCode(int(reply.get("code", ExitCode.FAILED)))
+        raise error
+
+
+def serve(config: Config, hands: Hands, request: Mapping[str, Any],
+          conv: control.Conversation) -> None:
+    """The daemon's side: runs the step a hook asked for, with the daemon's hands."""
+    op = request.get("op")
+    try:
+        if op == "promote":
+            _serve_promote(config, hands, conv)
+            return
+        if op == "start-repmgrd":
+            message = start_repmgrd_vip_step(config, hands)
+        elif op == "follow":
+            with hands.lock(LOCK_TIMEOUT):
+                _release_for_follow(config, hands)
+            message = "released for follow"
+        elif op == "fence-self":
+            message = fence_self_step(config, hands)
+        elif op == "event":
+            message = event_step(config, hands, Event.from_request(request))
+        else:
+            conv.send({"ok": False, "error": f"unknown op {op!r}"})
+            return
+    except VipError as exc:
+        conv.send({"ok": True, "raise": str(exc), "code": int(exc.exit_code)})
+        return
+    conv.send({"ok": True, "message": message})
+
+
+# --- start-repmgrd -------------------------------------------------------------------------
+
+
+def fence_and_acquire(config: Config, hands: Hands, others: list[NodeRecord], timeline: int,
+                      source: str) -> str:
     """Release the VIP everywhere else, prove it free, then add and announce it here."""
-    report = fence_others(config, network, others)
+    from repmgr_vip.app import claim
+    from repmgr_vip.app.fencing import fence_others
+    from repmgr_vip.app.release_retry import start_retrier
+    from repmgr_vip.core.decide import Action, after_fencing
+
+    report = fence_others(config, hands.network, others, **hands.fencing)
     LOG.info("fencing: %s", report.summary())
     decision = after_fencing(report.answered_by, "refuse", fence_ran=bool(report.fenced),
                              all_confirmed=not report.unconfirmed)
     if decision.action is not Action.ACQUIRE:
         LOG.error("not taking the VIP: %s", decision.reason)
-        _journal(config, source, "refuse", decision.reason, alarm=decision.alarm,
+        _journal(config, hands, source, "refuse", decision.reason, alarm=decision.alarm,
                  answered_by=list(report.answered_by), unconfirmed=report.unconfirmed)
         return f"VIP not taken: {decision.reason}"
-    result = claim.claim(network)  # proven free by the fencing round just above
+    result = claim.claim(hands.network)  # proven free by the fencing round just above
     LOG.info("VIP %s %s and announced", config.vip.cidr, result.outcome)
-    _journal(config, source, "acquire", decision.reason, outcome="held",
+    _journal(config, hands, source, "acquire", decision.reason, outcome="held",
              unconfirmed=report.unconfirmed)
     start_retrier(config, timeline, report.unconfirmed)
     return f"VIP {config.vip.cidr} held here"
 
 
-def start_repmgrd(config: Config) -> tuple[int, str]:
-    """repmgrd_service_start_command: VIP if legitimate primary, then repmgrd, always both."""
-    network = VipNetwork(config)
-    vip_note = ""
+def start_repmgrd_vip_step(config: Config, hands: Hands) -> str:
+    """VIP if this node is the legitimate primary, released if it must not hold it."""
+    from repmgr_vip.adapters import cluster
+    from repmgr_vip.app import claim
+    from repmgr_vip.core.decide import Action, Peer, legitimacy
+
     try:
-        with vip_lock(config.lock_path, LOCK_TIMEOUT):
+        with hands.lock(LOCK_TIMEOUT):
             local = cluster.local_view(config)
             others = _other_nodes(config) if local.is_primary else []
             views = cluster.query_views(others, PEER_QUERY_TIMEOUT)
@@ -78,22 +206,36 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
                      for r in others if r.active]
             decision = legitimacy(config.repmgr.node_name, local, peers)
             LOG.info("start-repmgrd: %s: %s", decision.action.value, decision.reason)
-            _journal(config, "start-repmgrd", decision.action.value, decision.reason,
+            _journal(config, hands, "start-repmgrd", decision.action.value, decision.reason,
                      alarm=decision.alarm)
             if decision.action is Action.ACQUIRE:
-                vip_note = fence_and_acquire(config, network, others, local.timeline or 0,
-                                             "start-repmgrd")
-            elif decision.action is Action.RELEASE:
-                vip_note = "VIP released" if claim.release(network) else "VIP not held"
-            else:
-                vip_note = f"VIP untouched: {decision.reason}"
+                return fence_and_acquire(config, hands, others, local.timeline or 0,
+                                         "start-repmgrd")
+            if decision.action is Action.RELEASE:
+                return "VIP released" if claim.release(hands.network) else "VIP not held"
+            return f"VIP untouched: {decision.reason}"
     except VipError as exc:
         LOG.error("start-repmgrd: VIP step failed: %s", exc)
-        vip_note = f"VIP step failed: {exc}"
-    unrenewed = unrenewed_warning(config)  # vip.lease set and no daemon: say it loudly
-    if unrenewed:
-        LOG.error("start-repmgrd: %s", unrenewed)
-        vip_note = f"{vip_note}; {unrenewed}"
+        return f"VIP step failed: {exc}"
+
+
+def start_repmgrd(config: Config, *, own: Hands | None = None) -> tuple[int, str]:
+    """repmgrd_service_start_command: VIP if legitimate primary, then repmgrd, always both.
+
+    `own`: what to act with when the daemon does not (tests pass fakes; default: this host)."""
+    from repmgr_vip.adapters import repmgr
+
+    reply, why = ask_daemon(config, "start-repmgrd", step_wait(config, fencing=True))
+    if reply is not None:
+        vip_note = str(reply.get("message", ""))
+    else:
+        from repmgr_vip.app.lease import unrenewed_warning
+
+        vip_note = start_repmgrd_vip_step(config, _own(config, own, why))
+        unrenewed = unrenewed_warning(config)  # vip.lease set and no daemon: say it loudly
+        if unrenewed:
+            LOG.error("start-repmgrd: %s", unrenewed)
+            vip_note = f"{vip_note}; {unrenewed}"
     try:
         pid = repmgr.start_repmgrd(config)
     except VipError as exc:
@@ -104,159 +246,373 @@ def start_repmgrd(config: Config) -> tuple[int, str]:
 
 def stop_repmgrd(config: Config) -> tuple[int, str]:
     """repmgrd_service_stop_command: stops repmgrd and leaves the VIP alone (clients stay up)."""
+    from repmgr_vip.adapters import repmgr
+
     pid = repmgr.stop_repmgrd(config)
     return ExitCode.OK, f"repmgrd (pid {pid}) stopped" if pid else "repmgrd was not running"
 
 
-def promote(config: Config) -> int:
-    """promote_command: fence, prove the VIP free, promote, and only then take the VIP.
+# --- promote -------------------------------------------------------------------------------
 
-    When every other registered node has confirmed over SSH that it released the VIP, the
-    promotion starts at once and the ARP proof runs alongside it; the VIP is still added
-    only after that proof, so a host outside the cluster answering for it keeps it off.
+
+def process_start_time() -> float | None:
+    """When this process started, on the wall clock (the kernel's ticks: 10 ms steps); what
+    the journal's "hook_ms" counts from, so the interpreter's own start-up is included."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks)
+
+
+class Promotion:
+    """promote's VIP side, the same code whether the hook or the daemon runs it.
+
+    The caller holds the VIP lock throughout: fence() proves the VIP free (or refuses),
+    watch() adds it the moment PostgreSQL leaves recovery, finish() settles it once repmgr
+    returned. close() ends the fencing round (its ARP prober) in every case.
     """
-    network = VipNetwork(config)
-    with vip_lock(config.lock_path, LOCK_TIMEOUT):
+
+    def __init__(self, config: Config, hands: Hands) -> None:
+        self.config = config
+        self.hands = hands
+        self.fencing: Fencing | None = None
+        self.verdict: PromotionVerdict | None = None
+        self.want_vip = False
+        self.outcome: bool | None = None  # None: nothing tried yet; else whether it was added
+
+    def fence(self) -> int | None:
+        """Releases the VIP everywhere else and judges; None: promote now, else exit code.
+
+        When every other registered node has confirmed over SSH that it released the VIP,
+        the promotion starts at once and the ARP proof runs alongside it; the VIP is still
+        added only after that proof, so a host outside the cluster answering keeps it off.
+        """
+        from repmgr_vip.adapters import cluster
+        from repmgr_vip.app import claim
+        from repmgr_vip.app.fencing import Fencing
+        from repmgr_vip.app.replica import release_here
+        from repmgr_vip.core.decide import Action
+
+        config = self.config
         with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
             release_here(config)
         # start releasing at once with the node list cached on disk, then correct it from
         # repmgr.nodes: a failover should not wait for the PostgreSQL driver to load
         cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
-        fencing = Fencing(config, network, cached)
+        self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
         try:
-            try:
-                fencing.expect(_other_nodes(config))
-            except VipError as exc:
-                LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
-                return ExitCode.REFUSED
-            return _promote_fenced(config, network, fencing)
-        finally:
-            fencing.close()
-
-
-def _promote_fenced(config: Config, network: VipNetwork, fencing: Fencing) -> int:
-    verdict = claim.promotion_verdict(fencing, config.fencing.when_vip_not_free)
-    report, decision = verdict.report, verdict.decision
-    LOG.info("promote: fencing: %s", report.summary())
-    _journal(config, "promote", decision.action.value, decision.reason, alarm=decision.alarm,
-             answered_by=list(report.answered_by), released=report.released,
-             unconfirmed=report.unconfirmed, fenced=report.fenced)
-    if decision.action is Action.REFUSE:
-        LOG.error("promote: %s", decision.reason)
-        return ExitCode.REFUSED
-    run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
-    want_vip = decision.action is Action.ACQUIRE
-    outcome = _add_vip_once_promoted(config, network, run, verdict.proof) if want_vip else None
-    if outcome:  # at once, not when repmgr returns: a cut-off node may come back any moment
-        _after_vip_added(config, report.unconfirmed)
-    status = run.finish()
-    if status != 0:
-        if outcome:
-            LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
-                      "recovery: this node is primary and keeps the VIP", status)
-        else:
-            LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken", status)
-            _journal(config, "promote", "promote-failed", f"repmgr exited {status}")
-            return status
-    if not want_vip:
-        LOG.error("promote: promoted WITHOUT the VIP: %s", decision.reason)
-    elif outcome is None and _add_vip(config, network, verdict.proof):
-        _after_vip_added(config, report.unconfirmed)  # repmgr returned before we saw it
-    if config.fencing.checkpoint_after_promote and cluster.local_view(config, 2.0).is_primary:
-        _request_checkpoint(config)  # after the VIP: it costs clients nothing
-    return status
-
-
-def _after_vip_added(config: Config, unconfirmed: list[str]) -> None:
-    local = cluster.local_view(config, timeout=2.0)
-    _journal(config, "promote", "acquire", "promoted; VIP added", outcome="held",
-             timeline=local.timeline, unconfirmed=unconfirmed)
-    start_retrier(config, local.timeline or 0, unconfirmed)
-
-
-def _request_checkpoint(config: Config) -> None:
-    """pg_rewind reads the new timeline from the control file: write it now, not at the next
-    scheduled checkpoint, so `repmgr node rejoin --force-rewind` works right after a failover.
-    Runs after the VIP is up, so it costs clients nothing."""
-    try:
-        cluster.checkpoint(config, timeout=30.0)
-        LOG.info("promote: CHECKPOINT done (the new timeline is in the control file)")
-        _journal(config, "promote", "checkpoint", "the new timeline is in the control file",
-                 outcome="done")
-    except VipError as exc:
-        LOG.warning("promote: CHECKPOINT after promotion failed: %s; run it by hand before "
-                    "`repmgr node rejoin --force-rewind`", exc)
-
-
-def _add_vip(config: Config, network: VipNetwork, proof: claim.Proof | None) -> bool:
-    """proof: still owed when every node confirmed before any probe ended (see claim)."""
-    try:
-        result = claim.claim(network, proof=proof)
-    except VipError as exc:
-        LOG.error("promote: promoted, but the VIP step failed: %s", exc)
-        return False
-    if not result.ok:
-        why = f"promoted, but the VIP answers from {', '.join(result.answered_by)}; not added"
-        LOG.error("promote: %s", why)
-        _journal(config, "promote", "refuse", why, alarm=CONFLICT,
-                 answered_by=list(result.answered_by))
-        return False
-    LOG.info("promote: VIP %s added and announced", config.vip.cidr)
-    return True
-
-
-def _add_vip_once_promoted(config: Config, network: VipNetwork, run: repmgr.RepmgrRun,
-                           proof: claim.Proof | None) -> bool | None:
-    """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling returns.
-
-    `repmgr standby promote` checks for the promotion once per promote_check_interval (1 s);
-    clients should not wait for that. Returns None if repmgr finished before PostgreSQL was
-    seen out of recovery (nothing tried), else whether the VIP was added.
-    """
-    while run.process.poll() is None:
-        if cluster.local_view(config, timeout=1.0).is_primary:
-            LOG.info("promote: PostgreSQL left recovery")
-            return _add_vip(config, network, proof)
-        time.sleep(PROMOTION_POLL)
-    return None
-
-
-def follow(config: Config, upstream_node_id: int) -> int:
-    """follow_command: a standby never holds the VIP; release it, then follow."""
-    network = VipNetwork(config)
-    with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        try:
-            if claim.release(network):
-                LOG.info("follow: VIP %s released", config.vip.cidr)
-                _journal(config, "follow", "release", "following a new primary",
-                         outcome="released")
+            self.fencing.expect(_other_nodes(config))
         except VipError as exc:
-            LOG.error("follow: could not release the VIP: %s", exc)
-        return repmgr.run_repmgr(config, "standby", "follow", "--log-to-file",
-                                 f"--upstream-node-id={upstream_node_id}")
+            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+            return ExitCode.REFUSED
+        verdict = claim.promotion_verdict(self.fencing, config.fencing.when_vip_not_free)
+        report, decision = verdict.report, verdict.decision
+        LOG.info("promote: fencing: %s", report.summary())
+        _journal(config, self.hands, "promote", decision.action.value, decision.reason,
+                 alarm=decision.alarm, answered_by=list(report.answered_by),
+                 released=report.released, unconfirmed=report.unconfirmed,
+                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000))
+        if decision.action is Action.REFUSE:
+            LOG.error("promote: %s", decision.reason)
+            return ExitCode.REFUSED
+        self.verdict = verdict
+        self.want_vip = decision.action is Action.ACQUIRE
+        return None
 
+    @property
+    def unconfirmed(self) -> list[str]:
+        return self.verdict.report.unconfirmed if self.verdict else []
 
-def fence_self(config: Config) -> str:
-    """child_nodes_disconnect_command: a primary that lost its standbys gives the VIP up.
+    def watch(self, running: Callable[[], bool]) -> None:
+        """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling
+        returns: `repmgr standby promote` checks once per promote_check_interval (1 s) and
+        clients should not wait for that. `running`: repmgr has not returned yet."""
+        from repmgr_vip.adapters import cluster
 
-    The marker file tells the daemon not to take it back until a majority is reachable again.
-    """
-    from repmgr_vip.adapters.statefiles import marker_text
-    from repmgr_vip.app.daemon import self_fence_marker
+        if not self.want_vip:
+            return
+        while running():
+            if cluster.local_view(self.config, timeout=1.0).is_primary:
+                LOG.info("promote: PostgreSQL left recovery")
+                self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
+                if self.outcome:  # at once: a cut-off node may come back any moment
+                    self._after_vip_added()
+                return
+            time.sleep(PROMOTION_POLL)
 
-    network = VipNetwork(config)
-    with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        removed = claim.release(network)  # first: a full disk must not keep the VIP here
+    def finish(self, status: int) -> int:
+        """Once repmgr returned with `status`: the VIP if it is not there yet; the status."""
+        config = self.config
+        if status != 0:
+            if self.outcome:
+                LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
+                          "recovery: this node is primary and keeps the VIP", status)
+            else:
+                LOG.error("promote: repmgr standby promote failed (exit %d); VIP not taken",
+                          status)
+                _journal(config, self.hands, "promote", "promote-failed",
+                         f"repmgr exited {status}")
+                return status
+        if not self.want_vip:
+            reason = self.verdict.decision.reason if self.verdict else "?"
+            LOG.error("promote: promoted WITHOUT the VIP: %s", reason)
+        elif self.outcome is None:  # repmgr returned before we saw it
+            self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
+            if self.outcome:
+                self._after_vip_added()
+        return status
+
+    def checkpoint(self) -> None:
+        """pg_rewind reads the new timeline from the control file: write it now, not at the
+        next scheduled checkpoint, so `repmgr node rejoin --force-rewind` works right after
+        a failover. Runs after the VIP is up, so it costs clients nothing."""
+        from repmgr_vip.adapters import cluster
+
+        config = self.config
+        if not (config.fencing.checkpoint_after_promote
+                and cluster.local_view(config, 2.0).is_primary):
+            return
         try:
-            write_atomic(self_fence_marker(config), marker_text("child nodes disconnected"))
+            cluster.checkpoint(config, timeout=30.0)
+            LOG.info("promote: CHECKPOINT done (the new timeline is in the control file)")
+            _journal(config, self.hands, "promote", "checkpoint",
+                     "the new timeline is in the control file", outcome="done")
+        except VipError as exc:
+            LOG.warning("promote: CHECKPOINT after promotion failed: %s; run it by hand "
+                        "before `repmgr node rejoin --force-rewind`", exc)
+
+    def close(self) -> None:
+        if self.fencing is not None:
+            self.fencing.close()
+
+    def add_vip(self, proof: Proof | None) -> bool:
+        """proof: still owed when every node confirmed before any probe ended (see claim)."""
+        from repmgr_vip.app import claim
+        from repmgr_vip.core.decide import CONFLICT
+
+        config = self.config
+        try:
+            result = claim.claim(self.hands.network, proof=proof)
+        except VipError as exc:
+            LOG.error("promote: promoted, but the VIP step failed: %s", exc)
+            return False
+        if not result.ok:
+            why = f"promoted, but the VIP answers from {', '.join(result.answered_by)}; not added"
+            LOG.error("promote: %s", why)
+            _journal(config, self.hands, "promote", "refuse", why, alarm=CONFLICT,
+                     answered_by=list(result.answered_by))
+            return False
+        LOG.info("promote: VIP %s added and announced", config.vip.cidr)
+        return True
+
+    def _after_vip_added(self) -> None:
+        from repmgr_vip.adapters import cluster
+        from repmgr_vip.app.release_retry import start_retrier
+
+        local = cluster.local_view(self.config, timeout=2.0)
+        _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
+                 outcome="held", timeline=local.timeline, unconfirmed=self.unconfirmed)
+        start_retrier(self.config, local.timeline or 0, self.unconfirmed)
+
+
+def promote(config: Config, *, own: Hands | None = None) -> int:
+    """promote_command: fence, prove the VIP free, promote, and only then take the VIP.
+
+    With a daemon, the daemon fences and adds the VIP while this hook runs repmgr; without
+    one (or one that does not answer in time) the hook does it all, as before.
+    """
+    started = process_start_time()
+    status, why = _promote_via_daemon(config, started)
+    if status is not None:
+        return status
+    hands = _own(config, own, why)
+    with hands.lock(LOCK_TIMEOUT):
+        promotion = Promotion(config, hands)
+        try:
+            refused = promotion.fence()
+            if refused is not None:
+                return refused
+            run = _start_promote(config, started, hands.via, hands.daemon)
+            promotion.watch(lambda: run.process.poll() is None)
+            status = promotion.finish(run.finish())
+            promotion.checkpoint()
+            return status
+        finally:
+            promotion.close()
+
+
+def _start_promote(config: Config, started: float | None, via: str,
+                   daemon: str = "") -> RepmgrRun:
+    """Starts `repmgr standby promote`; journals how long this hook took to get here
+    (`via`: who fenced, the hook or the daemon)."""
+    from repmgr_vip.adapters import repmgr
+
+    run = repmgr.start_repmgr(config, "standby", "promote", "--log-to-file")
+    now = time.time()
+    hook_ms = round((now - started) * 1000) if started is not None else None
+    LOG.info("promote: repmgr standby promote started %s ms after this hook started "
+             "(fenced by the %s)", hook_ms, via)
+    extra = {"daemon": daemon} if daemon else {}
+    journal.record(config.state_dir, config.repmgr.node_name, "promote", "repmgr-promote",
+                   "repmgr standby promote started", via=via, process_start=started,
+                   repmgr_started=round(now, 4), hook_ms=hook_ms, **extra)
+    return run
+
+
+def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | None, str]:
+    """(repmgr's status, "") when the daemon fenced; (None, why) when the hook must do it all.
+
+    The conversation: {"op": "promote"} -> the verdict; the hook runs repmgr while the daemon
+    adds the VIP once PostgreSQL leaves recovery; {"op": "promoted", "status"} -> done.
+    """
+    try:
+        conv = control.connect(statepaths.control_socket(config.state_dir))
+    except control.Unavailable as exc:
+        return None, _fallback_note("promote", exc.reason)
+    with conv:
+        try:
+            verdict = conv.ask({"op": "promote", "id": _request_id()},
+                               step_wait(config, fencing=True))
+        except control.Unavailable as exc:
+            return None, _fallback_note("promote", exc.reason)
+        if not verdict.get("ok"):
+            return None, _fallback_note("promote", f"failed: {verdict.get('error', '?')}")
+        _raise_if_failed(verdict)
+        if "exit" in verdict:  # refused; the daemon journaled why
+            return int(verdict["exit"]), ""
+        run = _start_promote(config, started, "daemon")
+        status = run.finish()
+        try:
+            conv.ask({"op": "promoted", "status": status}, AFTER_PROMOTE_WAIT)
+        except control.Unavailable as exc:
+            LOG.error("promote: daemon %s after its verdict; taking the VIP step here",
+                      exc.reason)
+            if verdict.get("want_vip"):
+                _vip_after_lost_daemon(config, status, list(verdict.get("unconfirmed", [])))
+    return status, ""
+
+
+def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) -> None:
+    """The daemon fenced, then vanished before the VIP was settled: add it here, after a
+    fresh ARP proof, if PostgreSQL is out of recovery."""
+    from repmgr_vip.adapters import cluster
+    from repmgr_vip.app import claim
+
+    hands = local_hands(config, "lost after its verdict")
+    with hands.lock(LOCK_TIMEOUT):
+        if not cluster.local_view(config, timeout=2.0).is_primary:
+            LOG.error("promote: not primary (repmgr exited %d); VIP not taken", status)
+            return
+        promotion = Promotion(config, hands)
+        if promotion.add_vip(claim.arp_proof(hands.network)):
+            _journal(config, hands, "promote", "acquire", "promoted; VIP added",
+                     outcome="held", unconfirmed=unconfirmed)
+
+
+def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> None:
+    """The daemon's side of promote: fence, hand the verdict over, and while the hook runs
+    repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock."""
+    with hands.lock(LOCK_TIMEOUT):
+        promotion = Promotion(config, hands)
+        try:
+            refused = promotion.fence()
+            if refused is not None:
+                conv.send({"ok": True, "exit": int(refused)})
+                return
+            if not conv.send({"ok": True, "want_vip": promotion.want_vip,
+                              "unconfirmed": promotion.unconfirmed}):
+                LOG.warning("promote: the hook stopped waiting before the verdict; "
+                            "it fences and promotes by itself")
+                return
+            status: int | None = None
+            deadline = time.monotonic() + PROMOTION_WATCH
+
+            def running() -> bool:
+                nonlocal status
+                message = conv.receive(0.0)
+                if message is not None and message.get("op") == "promoted":
+                    status = _int(message.get("status"), 1)
+                return status is None and time.monotonic() < deadline
+
+            promotion.watch(running)
+            while status is None and not conv.closed and time.monotonic() < deadline:
+                running()
+                time.sleep(PROMOTION_POLL)
+            if status is None:  # the hook is gone: judge by what PostgreSQL says
+                from repmgr_vip.adapters import cluster
+
+                status = 0 if cluster.local_view(config, timeout=2.0).is_primary else 1
+            promotion.finish(status)
+            conv.send({"ok": True, "vip": bool(promotion.outcome)})
+            promotion.checkpoint()  # after the reply: the hook does not wait for it
+        finally:
+            promotion.close()
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+
+# --- follow, fence-self, events ------------------------------------------------------------
+
+
+def _release_for_follow(config: Config, hands: Hands) -> None:
+    from repmgr_vip.app import claim
+
+    try:
+        if claim.release(hands.network):
+            LOG.info("follow: VIP %s released", config.vip.cidr)
+            _journal(config, hands, "follow", "release", "following a new primary",
+                     outcome="released")
+    except VipError as exc:
+        LOG.error("follow: could not release the VIP: %s", exc)
+
+
+def follow(config: Config, upstream_node_id: int, *, own: Hands | None = None) -> int:
+    """follow_command: a standby never holds the VIP; release it, then follow."""
+    from repmgr_vip.adapters import repmgr
+
+    argv = ("standby", "follow", "--log-to-file", f"--upstream-node-id={upstream_node_id}")
+    reply, why = ask_daemon(config, "follow", step_wait(config, fencing=False))
+    if reply is not None:  # released by the daemon, under its lock
+        return repmgr.run_repmgr(config, *argv)
+    hands = _own(config, own, why)
+    with hands.lock(LOCK_TIMEOUT):
+        _release_for_follow(config, hands)
+        return repmgr.run_repmgr(config, *argv)
+
+
+def fence_self_step(config: Config, hands: Hands) -> str:
+    """The VIP first (a full disk must not keep it here), then the marker that tells the
+    daemon not to take it back until a majority is reachable again."""
+    from repmgr_vip.adapters.statefiles import marker_text, write_atomic
+    from repmgr_vip.app import claim
+
+    marker = statepaths.self_fence_marker(config.state_dir)
+    with hands.lock(LOCK_TIMEOUT):
+        removed = claim.release(hands.network)
+        try:
+            write_atomic(marker, marker_text("child nodes disconnected"))
         except OSError as exc:
             LOG.error("self-fence marker %s not written (%s): a daemon may take the VIP back "
-                      "once a majority answers", self_fence_marker(config), exc.strerror)
+                      "once a majority answers", marker, exc.strerror)
     message = "self-fenced: VIP released" if removed else "self-fenced: VIP was not held"
     LOG.warning("%s (child nodes disconnected)", message)
-    _journal(config, "fence-self", "release", "child nodes disconnected",
+    _journal(config, hands, "fence-self", "release", "child nodes disconnected",
              outcome="released" if removed else "not held")
     return message
+
+
+def fence_self(config: Config, *, own: Hands | None = None) -> str:
+    """child_nodes_disconnect_command: a primary that lost its standbys gives the VIP up."""
+    reply, why = ask_daemon(config, "fence-self", step_wait(config, fencing=False))
+    if reply is not None:
+        return str(reply.get("message", ""))
+    return fence_self_step(config, _own(config, own, why))
 
 
 @dataclass(frozen=True)
@@ -266,33 +622,60 @@ class Event:
     success: bool
     former_primary: int | None
 
+    def as_request(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "name": self.name, "success": self.success,
+                "former_primary": self.former_primary}
 
-def handle_event(config: Config, event: Event) -> str:
+    @classmethod
+    def from_request(cls, request: Mapping[str, Any]) -> Event:
+        former = request.get("former_primary")
+        return cls(_int(request.get("node_id"), 0), str(request.get("name", "")),
+                   request.get("success") is True, former if isinstance(former, int) else None)
+
+
+def event_step(config: Config, hands: Hands, event: Event) -> str:
+    """A handled, successful event's VIP step: release on a standby event, and on a primary
+    event fence and take the VIP if this node is primary and does not hold it yet."""
+    from repmgr_vip.adapters import cluster
+    from repmgr_vip.app import claim
+
+    if event.name not in HANDLED_EVENTS:
+        return f"event {event.name}: ignored"
+    with hands.lock(LOCK_TIMEOUT):
+        if event.name in STANDBY_EVENTS:
+            removed = claim.release(hands.network)
+            _journal(config, hands, f"event {event.name}", "release",
+                     "this node is a standby now", outcome="released" if removed else "not held")
+            return f"event {event.name}: " + ("VIP released" if removed else "VIP not held")
+        local = cluster.local_view(config)
+        if not local.is_primary:
+            return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
+        if hands.network.holds():
+            return f"event {event.name}: VIP already held here"
+        return f"event {event.name}: " + fence_and_acquire(
+            config, hands, _other_nodes(config), local.timeline or 0, f"event {event.name}")
+
+
+def handle_event(config: Config, event: Event, *, own: Hands | None = None) -> str:
     """event_notification_command: switchover, rejoin and follow move the VIP too.
 
     It runs synchronously inside the repmgr command that fired it, so it returns quickly for
     events it does not handle and never waits for a lock held by our own hook.
     """
+    from repmgr_vip.adapters.repmgr import INSIDE_HOOK_ENV
+
     if event.name not in HANDLED_EVENTS:
         return f"event {event.name}: ignored"
     if not event.success:
         return f"event {event.name}: failed event, ignored"
-    if os.environ.get(repmgr.INSIDE_HOOK_ENV):
+    if os.environ.get(INSIDE_HOOK_ENV):
         return f"event {event.name}: handled by the running repmgr-vip hook"
-    network = VipNetwork(config)
-    with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        if event.name in STANDBY_EVENTS:
-            removed = claim.release(network)
-            _journal(config, f"event {event.name}", "release", "this node is a standby now",
-                     outcome="released" if removed else "not held")
-            return f"event {event.name}: " + ("VIP released" if removed else "VIP not held")
-        local = cluster.local_view(config)
-        if not local.is_primary:
-            return f"event {event.name}: local node is not primary ({local.error or 'standby'})"
-        if network.holds():
-            return f"event {event.name}: VIP already held here"
-        return f"event {event.name}: " + fence_and_acquire(
-            config, network, _other_nodes(config), local.timeline or 0, f"event {event.name}")
+    fences = event.name in PRIMARY_EVENTS
+    reply, why = ask_daemon(config, "event", step_wait(config, fencing=fences),
+                            **event.as_request())
+    if reply is not None:
+        return str(reply.get("message", ""))
+    return event_step(config, _own(config, own, why), event)
 
 
 def repmgr_conf_lines(config: Config) -> str:

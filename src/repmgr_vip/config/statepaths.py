@@ -16,6 +16,7 @@ ANNOUNCER_PID = "repmgr-vip-announce.pid"
 LOG = "repmgr-vip.log"
 JOURNAL = "repmgr-vip-journal.jsonl"
 RELEASE_REQUEST = "repmgr-vip-release-requested"
+CONTROL_SOCKET = "repmgr-vip-control.sock"  # the daemon's; hooks hand it their VIP steps
 SSH_CONTROL = "repmgr-vip-ssh"  # + "-UID": one private directory per user, for ssh's sockets
 
 
@@ -45,6 +46,10 @@ def release_request_marker(state_dir: Path) -> Path:
 
 def journal_file(state_dir: Path) -> Path:
     return state_dir / JOURNAL
+
+
+def control_socket(state_dir: Path) -> Path:
+    return state_dir / CONTROL_SOCKET
 
 
 def ssh_control_dir(state_dir: Path, uid: int) -> Path:
