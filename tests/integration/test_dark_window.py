@@ -42,8 +42,10 @@ class Writer(threading.Thread):
                 result = self.lab.client_psql(INSERT, timeout=3, check=False)
             except subprocess.TimeoutExpired:
                 result = None
-            if result is not None and result.returncode == 0 and "|" in result.stdout:
-                node, when = result.stdout.strip().split("|")
+            row = result.stdout.strip().splitlines()[0] if result is not None and (
+                result.returncode == 0 and result.stdout.strip()) else ""
+            if "|" in row:  # psql prints the row, then the command tag
+                node, when = row.split("|")
                 self.writes.append((started, True, node, float(when)))
             else:
                 self.writes.append((started, False, "", 0.0))
