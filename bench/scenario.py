@@ -52,6 +52,7 @@ WRITER_INTERVAL = 0.02
 ROLE_INTERVAL = 0.25
 SESSIONS_BASELINE = 30.0
 FAULTS = (("alive", False), ("down", True))
+REJOIN_TRIES = 5
 
 Say = Callable[[str], None]
 
@@ -216,7 +217,12 @@ def rejoin(lab: Lab, tl: Timeline, old: Node, new: Node, cut: bool, say: Say) ->
         _wait(lab, f"VIP only on {new.name}", lambda: lab.vip_holders() == [new.name])
     lab.psql(new, "CHECKPOINT")  # pg_rewind reads the new timeline from the control file
     tl.action(f"repmgr node rejoin {old.name} (--force-rewind)")
-    lab.repmgr(old, "node", "rejoin", "-d", new.conninfo, "--force-rewind", timeout=180)
+    for attempt in range(REJOIN_TRIES):  # a link just back: "no route to host" for a moment
+        done = lab.repmgr(old, "node", "rejoin", "-d", new.conninfo, "--force-rewind",
+                          timeout=180, check=attempt == REJOIN_TRIES - 1)
+        if done.returncode == 0:
+            break
+        time.sleep(1.0)
     _wait(lab, f"{old.name} in recovery", lambda: lab.is_in_recovery(old) is True)
     want = len(lab.nodes) - 1
     _wait(lab, f"{want} standbys streaming from {new.name}",
