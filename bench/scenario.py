@@ -53,6 +53,7 @@ ROLE_INTERVAL = 0.25
 SESSIONS_BASELINE = 30.0
 FAULTS = (("alive", False), ("down", True))
 REJOIN_TRIES = 5
+STRAGGLER_WAIT = 20.0
 
 Say = Callable[[str], None]
 
@@ -225,11 +226,32 @@ def rejoin(lab: Lab, tl: Timeline, old: Node, new: Node, cut: bool, say: Say) ->
         time.sleep(1.0)
     _wait(lab, f"{old.name} in recovery", lambda: lab.is_in_recovery(old) is True)
     want = len(lab.nodes) - 1
-    _wait(lab, f"{want} standbys streaming from {new.name}",
-          lambda: lab.streaming_count(new) >= want)
+    try:
+        _wait(lab, f"{want} standbys streaming from {new.name}",
+              lambda: lab.streaming_count(new) >= want, STRAGGLER_WAIT)
+    except TimeoutError:
+        # a standby that received more of the old primary's WAL than the new one has cannot
+        # follow it (repmgrd's follow fails): rewind it as well, as an operator would
+        for node in _stragglers(lab, new):
+            say(f"    {node.name} did not follow {new.name}: rejoining it too")
+            lab.stop_postgres(node, check=False)
+            lab.repmgr(node, "node", "rejoin", "-d", new.conninfo, "--force-rewind",
+                       timeout=180)
+        try:
+            _wait(lab, f"{want} standbys streaming from {new.name}",
+                  lambda: lab.streaming_count(new) >= want)
+        except TimeoutError as exc:
+            raise ScenarioError(f"{exc}\n{lab.diagnostics()}") from exc
     lab.stop_repmgrd(old)  # its repmgrd watched a primary that died: start it afresh
     lab.start_repmgrd(old)
     say(f"    rejoined {old.name}")
+
+
+def _stragglers(lab: Lab, new: Node) -> list[Node]:
+    """Standbys not streaming from `new`."""
+    names = lab.psql(new, "SELECT string_agg(application_name, ',') FROM pg_stat_replication "
+                          "WHERE state = 'streaming'").split(",")
+    return [n for n in lab.nodes if n is not new and n.name not in names]
 
 
 def mode_order(rep: int) -> list[str]:
