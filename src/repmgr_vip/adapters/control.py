@@ -129,11 +129,11 @@ class Conversation:
     def ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Sends one request line and returns the reply line; Unavailable otherwise."""
         if not self.send(request):
-            raise Unavailable("the daemon closed the connection")
+            raise Unavailable("closed the connection")
         reply = self.receive(timeout)
         if reply is None:
-            raise Unavailable("the daemon closed the connection" if self.closed
-                              else f"no reply from the daemon within {timeout:g} s")
+            raise Unavailable("closed the connection" if self.closed
+                              else f"gave no reply within {timeout:g} s")
         return reply
 
 
@@ -199,6 +199,7 @@ class ControlServer(threading.Thread):
         self._inode: int | None = None
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._lock = threading.Lock()
+        self._active: set[threading.Thread] = set()
 
     def bind(self) -> None:
         """Binds under a temporary name and renames over the final one, so a hook never
@@ -238,11 +239,16 @@ class ControlServer(threading.Thread):
                     break
                 time.sleep(0.05)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name="control-request").start()
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                      name="control-request")
+            with self._lock:
+                self._active.add(thread)
+            thread.start()
 
-    def close(self) -> None:
-        """Stops accepting and removes the socket if it is still ours."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stops accepting, removes the socket if it is still ours, and gives the steps
+        under way up to `wait` seconds to finish (a hook whose daemon vanishes mid-step
+        does the step itself, but finishing is quicker for it)."""
         self.stopping.set()
         if self.sock is not None:
             with contextlib.suppress(OSError):
@@ -250,8 +256,20 @@ class ControlServer(threading.Thread):
         with contextlib.suppress(OSError):
             if os.stat(self.path, follow_symlinks=False).st_ino == self._inode:
                 os.unlink(self.path)
+        deadline = time.monotonic() + wait
+        with self._lock:
+            active = list(self._active)
+        for thread in active:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._converse(conn)
+        finally:
+            with self._lock:
+                self._active.discard(threading.current_thread())
+
+    def _converse(self, conn: socket.socket) -> None:
         conn.settimeout(None)
         with Conversation(conn) as conv:
             try:

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import stat
 import time
 from pathlib import Path
@@ -56,7 +55,9 @@ def write_atomic(path: Path, text: str) -> None:
     synced, then renamed over `path` (a symlink at `path` is replaced, not followed). On any
     error the temporary file is removed and the OSError raised again.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.urandom, not secrets: the name only has to be unlikely (O_EXCL refuses a clash), and
+    # secrets loads hashlib and OpenSSL, ~4 ms of every hook's start-up
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE)
     try:
         try:

@@ -57,6 +57,7 @@ SELF_FENCE_FILE = statepaths.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
 CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event")
+CONTROL_STOP_WAIT = 10.0  # on stop, steps under way get this long to finish (then the hook)
 REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
 T = TypeVar("T")
 
@@ -503,7 +504,7 @@ class Daemon:
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
         if self.control is not None:  # from now on hooks do their steps themselves
-            self.control.close()
+            self.control.close(wait=CONTROL_STOP_WAIT)
         if replica is not None:
             replica.stop()
         if self.config.daemon.on_stop == "release":

@@ -42,6 +42,7 @@ LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
 PROMOTION_POLL = 0.05
 PROMOTION_WATCH = 90.0  # the daemon watches for PostgreSQL leaving recovery at most this long
+HOOK_GONE_WATCH = 10.0  # ... but only this long once the hook is gone (killed)
 AFTER_PROMOTE_WAIT = 60.0  # the daemon's VIP step once repmgr returned (a proof, an add)
 PRIMARY_EVENTS = frozenset({"standby_promote", "standby_switchover", "repmgrd_failover_promote"})
 STANDBY_EVENTS = frozenset({"node_rejoin", "standby_follow", "repmgrd_failover_follow"})
@@ -123,8 +124,9 @@ def ask_daemon(config: Config, op: str, timeout: float,
 
 
 def _fallback_note(op: str, reason: str) -> str:
-    level = 20 if reason == "not running" else 30  # INFO for a hooks-only install
-    LOG.log(level, "%s: daemon %s; doing the VIP step here", op, reason)
+    """Logs why the hook acts itself (quietly for a hooks-only install); returns the why."""
+    log = LOG.info if reason == "not running" else LOG.warning
+    log("%s: daemon %s; doing the VIP step here", op, reason)
     return reason
 
 
@@ -132,7 +134,9 @@ def _raise_if_failed(reply: Mapping[str, Any]) -> None:
     """The daemon's step raised what the hook's own would have: the same error, same code."""
     if "raise" in reply:
         error = CommandFailed(str(reply["raise"]))
-        error.exit_code = ExitCode(int(reply.get("code", ExitCode.FAILED)))
+        code = reply.get("code")
+        codes = {int(c) for c in ExitCode}
+        error.exit_code = ExitCode(code) if code in codes else ExitCode.FAILED
         raise error
 
 
@@ -444,8 +448,8 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
             promotion.close()
 
 
-def _start_promote(config: Config, started: float | None, via: str,
-                   daemon: str = "") -> RepmgrRun:
+def _start_promote(config: Config, started: float | None, via: str, daemon: str = "",
+                   **steps: float) -> RepmgrRun:
     """Starts `repmgr standby promote`; journals how long this hook took to get here
     (`via`: who fenced, the hook or the daemon)."""
     from repmgr_vip.adapters import repmgr
@@ -455,7 +459,9 @@ def _start_promote(config: Config, started: float | None, via: str,
     hook_ms = round((now - started) * 1000) if started is not None else None
     LOG.info("promote: repmgr standby promote started %s ms after this hook started "
              "(fenced by the %s)", hook_ms, via)
-    extra = {"daemon": daemon} if daemon else {}
+    extra: dict[str, Any] = {"daemon": daemon} if daemon else {}
+    if started is not None:  # the daemon path's milestones: asked it, got its verdict
+        extra.update({f"{name}_ms": round((at - started) * 1000) for name, at in steps.items()})
     journal.record(config.state_dir, config.repmgr.node_name, "promote", "repmgr-promote",
                    "repmgr standby promote started", via=via, process_start=started,
                    repmgr_started=round(now, 4), hook_ms=hook_ms, **extra)
@@ -468,22 +474,27 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
     The conversation: {"op": "promote"} -> the verdict; the hook runs repmgr while the daemon
     adds the VIP once PostgreSQL leaves recovery; {"op": "promoted", "status"} -> done.
     """
+    asked = time.time()
     try:
         conv = control.connect(statepaths.control_socket(config.state_dir))
     except control.Unavailable as exc:
         return None, _fallback_note("promote", exc.reason)
     with conv:
-        try:
-            verdict = conv.ask({"op": "promote", "id": _request_id()},
-                               step_wait(config, fencing=True))
-        except control.Unavailable as exc:
-            return None, _fallback_note("promote", exc.reason)
+        if not conv.send({"op": "promote", "id": _request_id()}):
+            return None, _fallback_note("promote", "closed the connection")
+        from repmgr_vip.adapters import repmgr  # noqa: F401 - loads while the daemon fences
+
+        wait = step_wait(config, fencing=True)
+        verdict = conv.receive(wait)
+        if verdict is None:
+            why = "closed the connection" if conv.closed else f"gave no reply within {wait:g} s"
+            return None, _fallback_note("promote", why)
         if not verdict.get("ok"):
             return None, _fallback_note("promote", f"failed: {verdict.get('error', '?')}")
         _raise_if_failed(verdict)
         if "exit" in verdict:  # refused; the daemon journaled why
-            return int(verdict["exit"]), ""
-        run = _start_promote(config, started, "daemon")
+            return _int(verdict["exit"], ExitCode.REFUSED), ""
+        run = _start_promote(config, started, "daemon", asked=asked, verdict=time.time())
         status = run.finish()
         try:
             conv.ask({"op": "promoted", "status": status}, AFTER_PROMOTE_WAIT)
@@ -531,10 +542,12 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> 
             deadline = time.monotonic() + PROMOTION_WATCH
 
             def running() -> bool:
-                nonlocal status
+                nonlocal status, deadline
                 message = conv.receive(0.0)
                 if message is not None and message.get("op") == "promoted":
                     status = _int(message.get("status"), 1)
+                if conv.closed:  # the hook was killed: its repmgr may still be promoting
+                    deadline = min(deadline, time.monotonic() + HOOK_GONE_WATCH)
                 return status is None and time.monotonic() < deadline
 
             promotion.watch(running)

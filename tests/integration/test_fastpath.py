@@ -1,0 +1,127 @@
+"""The hooks' fast path in the lab: kill -9 of the primary with the daemons up (the daemon does
+the VIP step), with the daemons down (the hook does it), and with the new primary's daemon
+stopped by SIGSTOP (the hook gives up on it after the greeting bound and does it itself).
+
+In every case the VIP moves to the new primary and the sampler never sees two holders. Each
+run prints how long the promote hook took, from its process start to `repmgr standby
+promote` starting, as journaled by the hook (`repmgr-promote`, inputs.hook_ms).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from bench.sshwarm import masters
+from lab import Lab, VipSampler
+from tests.integration.vipconf import (
+    config_path,
+    hooked_cluster,
+    journal_entries,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
+
+pytestmark = pytest.mark.lab
+
+FAILOVER_TIMEOUT = 60.0
+# "lan-window": daemons up and [vip] probe_timeout = 0.02, an ARP window fitted to a LAN
+# (answers come within a millisecond), so the fencing round is no longer the ARP window
+MODES = ("daemons-up", "daemons-down", "new-primary-daemon-stopped", "lan-window")
+LAN_PROBE_TIMEOUT = "0.02"
+
+
+class Daemons:
+    """The daemon on every node (or none), stopped and resumed by the test."""
+
+    def __init__(self, lab: Lab, up: bool) -> None:
+        self.lab = lab
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.stopped: list[int] = []
+        if up:
+            self.procs = {n.name: start_daemon(lab, n) for n in lab.nodes}
+            wait_until(lab, "every daemon has run a cycle", lambda: all(
+                (n.dir / "repmgr-vip-daemon.json").exists() for n in lab.nodes), 30)
+            wait_until(lab, "every daemon serves its control socket", lambda: all(
+                (n.dir / "repmgr-vip-control.sock").exists() for n in lab.nodes), 30)
+            peers = {n.name: {p.ip for p in lab.nodes if p is not n} for n in lab.nodes}
+            wait_until(lab, "warm SSH masters from every node", lambda: all(
+                set(masters(lab, n)) == peers[n.name] for n in lab.nodes), 60, interval=0.5)
+
+    def sigstop(self, name: str) -> None:
+        pid = self.procs[name].pid  # setpriv execs the daemon: the same pid
+        os.kill(pid, signal.SIGSTOP)
+        self.stopped.append(pid)
+
+    def close(self) -> None:
+        for pid in self.stopped:
+            os.kill(pid, signal.SIGCONT)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                stop_daemon(proc)
+
+
+@pytest.fixture
+def three(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
+    lab = lab_factory(nodes=3)
+    hooked_cluster(lab)
+    assert lab.vip_holders() == ["node1"]
+    yield lab
+
+
+def _set_probe_window(lab: Lab, seconds: str) -> None:
+    """[vip] probe_timeout on every node (read afresh by every hook and daemon start)."""
+    for node in lab.nodes:
+        path = config_path(node)
+        path.write_text(path.read_text().replace("[vip]\n", f"[vip]\nprobe_timeout = {seconds}\n",
+                                                 1))
+
+
+def _only(entries: list[Mapping[str, Any]], what: str) -> Mapping[str, Any]:
+    assert len(entries) == 1, (what, entries)
+    return entries[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> None:
+    lab = three
+    node1, node2, _ = lab.nodes
+    if mode == "lan-window":
+        _set_probe_window(lab, LAN_PROBE_TIMEOUT)
+    daemons = Daemons(lab, up=mode != "daemons-down")
+    try:
+        if mode == "new-primary-daemon-stopped":
+            daemons.sigstop("node2")  # priority: node2 wins the election
+        with VipSampler(lab) as sampler:
+            lab.kill_postgres(node1)
+            wait_until(lab, "node2 promoted", lambda: lab.is_in_recovery(node2) is False,
+                       FAILOVER_TIMEOUT)
+            wait_until(lab, "VIP on node2 alone", lambda: lab.vip_holders() == ["node2"], 20)
+            wait_until(lab, "the promote hook's last step (CHECKPOINT)", lambda: bool(
+                journal_entries(node2, source="promote", action="checkpoint")), 30)
+        sampler.assert_never_two()
+    finally:
+        daemons.close()
+
+    started = _only(journal_entries(node2, source="promote", action="repmgr-promote"),
+                    "one promote hook started repmgr")["inputs"]
+    acquired = _only(journal_entries(node2, source="promote", action="acquire",
+                                     outcome="held"), "the VIP added once")["inputs"]
+    verdict = _only([e for e in journal_entries(node2, source="promote")
+                     if "fencing_ms" in e.get("inputs", {})], "one fencing verdict")["inputs"]
+    expected = "daemon" if mode in ("daemons-up", "lan-window") else "hook"
+    assert started["via"] == acquired["via"] == verdict["via"] == expected, (started, acquired)
+    if mode == "daemons-down":
+        assert started["daemon"] == "not running"
+    if mode == "new-primary-daemon-stopped":
+        assert "no greeting" in started["daemon"], started
+    steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
+    print(f"\nfast path [{mode}]: repmgr standby promote started {started['hook_ms']} ms after "
+          f"the promote hook started ({steps}; fencing {verdict['fencing_ms']} ms, by the "
+          f"{expected})")
