@@ -26,10 +26,10 @@ REPLY = 2
 # PROBE_MIN..PROBE_MAX (1-2 s) apart, then listens ANNOUNCE_WAIT (2 s): figures for any link
 # a host may sit on, Wi-Fi and bridges included. Three probes stay (a lost frame or a lost
 # answer is what they guard against); the spacing is cut to 20 ms and the last probe gets
-# 40 ms of listening. A holder's kernel answers from its receive path: 0.05-0.1 ms median,
-# 0.65 ms at most in the lab under load (bench/dark.py, `make bench`), so every probe is
-# listened to for at least 60 times the slowest answer seen, and a lost probe or answer
-# leaves two more.
+# 40 ms of listening. A holder's kernel answers from its receive path: about 0.1 ms median,
+# 2.9 ms at most in the lab on a loaded machine (bench/dark.py, `make bench`), so every probe
+# is listened to for over 13 times the slowest answer seen, and a lost probe or answer leaves
+# two more.
 LAN_PROBES = 3
 LAN_SPACING = 0.02
 LAN_WINDOW = 0.08
