@@ -160,8 +160,9 @@ def main() -> int:
     header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
               f"{meta['kernel']}, {meta['postgresql']}, {meta['repmgr']}, "
               f"{meta['repmgr_vip']} ({meta['measured_version']}); load average at start "
-              f"{meta['loadavg_start'][0]:.2f}, other labs running at start: "
-              f"{len(meta['other_labs_at_start'])}; took {meta['wall_seconds']:.0f} s.")
+              f"{meta['loadavg_start'][0]:.2f}, at the end {meta['loadavg_end'][0]:.2f}, "
+              f"other labs running at start: {len(meta['other_labs_at_start'])}; took "
+              f"{meta['wall_seconds']:.0f} s.")
     (RESULTS / "latest.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon, "frozen": frozen,
          "table_markdown": table, "header": header}, indent=2, default=str) + "\n")
