@@ -185,6 +185,11 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
             "client_ok_again": outage[1] - t0,
         },
     }
+    # the client's attempts around the end of the outage, for reading by hand
+    result["writes_near_end"] = [
+        {"t": round(float(str(w["t"])) - t0, 3), "ok": w["ok"],
+         **({"error": str(w.get("error", ""))[:80]} if not w["ok"] else {})}
+        for w in list(tl.writes) if -1.5 <= float(str(w["t"])) - outage[1] <= 0.1]
     if mode == "ideal":
         moved = modes.moved_at(new.name, t0)
         if moved is not None:
