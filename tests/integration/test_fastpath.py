@@ -123,5 +123,31 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
         assert "no greeting" in started["daemon"], started
     steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
     print(f"\nfast path [{mode}]: repmgr standby promote started {started['hook_ms']} ms after "
-          f"the promote hook started ({steps}; fencing {verdict['fencing_ms']} ms, by the "
-          f"{expected})")
+          f"the promote hook started ({steps}; lock {verdict['lock_ms']} ms, fencing "
+          f"{verdict['fencing_ms']} ms, by the {expected})")
+
+
+def test_switchover_with_daemons_moves_the_vip_through_them(three: Lab) -> None:
+    """repmgr's own switchover never runs promote_command: the events move the VIP, and with
+    the daemons up their VIP steps run in the daemons (or the daemon's cycle was first)."""
+    lab = three
+    node1, node2, _ = lab.nodes
+    daemons = Daemons(lab, up=True)
+    try:
+        with VipSampler(lab) as sampler:
+            result = lab.repmgr(node2, "standby", "switchover", "--siblings-follow",
+                                "--always-promote", check=False, timeout=180)
+            assert result.returncode == 0, result.stdout + result.stderr
+            wait_until(lab, "VIP on node2 alone", lambda: lab.vip_holders() == ["node2"], 20)
+            wait_until(lab, "node1 in recovery", lambda: lab.is_in_recovery(node1) is True, 30)
+        sampler.assert_never_two()
+    finally:
+        daemons.close()
+    events = [e for n in lab.nodes for e in journal_entries(n)
+              if str(e["source"]).startswith("event ")]
+    assert events and all(e["inputs"]["via"] == "daemon" for e in events), events
+    takers = [e for e in journal_entries(node2, action="acquire", outcome="held")
+              if e["source"] == "daemon" or e["source"] == "event standby_promote"]
+    assert takers, journal_entries(node2)
+    print(f"\nswitchover with daemons: VIP taken on node2 by {takers[0]['source']}; events "
+          f"{sorted({(e['node'], e['source']) for e in events})}")

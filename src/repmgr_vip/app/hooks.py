@@ -279,9 +279,10 @@ class Promotion:
     returned. close() ends the fencing round (its ARP prober) in every case.
     """
 
-    def __init__(self, config: Config, hands: Hands) -> None:
+    def __init__(self, config: Config, hands: Hands, lock_waited: float = 0.0) -> None:
         self.config = config
         self.hands = hands
+        self.lock_waited = lock_waited  # for the journal: time spent waiting for the lock
         self.fencing: Fencing | None = None
         self.verdict: PromotionVerdict | None = None
         self.want_vip = False
@@ -294,6 +295,8 @@ class Promotion:
         the promotion starts at once and the ARP proof runs alongside it; the VIP is still
         added only after that proof, so a host outside the cluster answering keeps it off.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         from repmgr_vip.adapters import cluster
         from repmgr_vip.app import claim
         from repmgr_vip.app.fencing import Fencing
@@ -304,21 +307,25 @@ class Promotion:
         with contextlib.suppress(VipError):  # the replica VIP never stays on a primary
             release_here(config)
         # start releasing at once with the node list cached on disk, then correct it from
-        # repmgr.nodes: a failover should not wait for the PostgreSQL driver to load
+        # repmgr.nodes, read meanwhile: a failover should not wait for the PostgreSQL driver
+        # to load, nor for the query
         cached = [n for n in cluster.cached_nodes(config) if n.node_id != config.repmgr.node_id]
-        self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
-        try:
-            self.fencing.expect(_other_nodes(config))
-        except VipError as exc:
-            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
-            return ExitCode.REFUSED
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-list") as pool:
+            fresh = pool.submit(_other_nodes, config)
+            self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
+            try:
+                self.fencing.expect(fresh.result())
+            except VipError as exc:
+                LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+                return ExitCode.REFUSED
         verdict = claim.promotion_verdict(self.fencing, config.fencing.when_vip_not_free)
         report, decision = verdict.report, verdict.decision
         LOG.info("promote: fencing: %s", report.summary())
         _journal(config, self.hands, "promote", decision.action.value, decision.reason,
                  alarm=decision.alarm, answered_by=list(report.answered_by),
                  released=report.released, unconfirmed=report.unconfirmed,
-                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000))
+                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000),
+                 lock_ms=round(self.lock_waited * 1000))
         if decision.action is Action.REFUSE:
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
@@ -433,8 +440,9 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
     if status is not None:
         return status
     hands = _own(config, own, why)
+    asked = time.monotonic()
     with hands.lock(LOCK_TIMEOUT):
-        promotion = Promotion(config, hands)
+        promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
         try:
             refused = promotion.fence()
             if refused is not None:
@@ -526,8 +534,9 @@ def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) 
 def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> None:
     """The daemon's side of promote: fence, hand the verdict over, and while the hook runs
     repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock."""
+    asked = time.monotonic()
     with hands.lock(LOCK_TIMEOUT):
-        promotion = Promotion(config, hands)
+        promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
         try:
             refused = promotion.fence()
             if refused is not None:
