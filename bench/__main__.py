@@ -69,18 +69,26 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _digest(package: Path) -> str:
+def _digest(package: Path, names: list[str]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in names:
+        path = package / name
+        digest.update(name.encode() + (path.read_bytes() if path.exists() else b"missing"))
     return digest.hexdigest()[:12]
+
+
+def _source_names() -> list[str]:
+    """The checkout's modules, relative to the package (subpackages included); a stale file
+    beside them in the installed copy (left by an old build/) is not code anyone imports."""
+    source = Path(__file__).resolve().parent.parent / "src" / "repmgr_vip"
+    return sorted(str(p.relative_to(source)) for p in source.rglob("*.py"))
 
 
 def installed_digest() -> str:
     """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
     result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
                             capture_output=True, text=True, check=False)
-    return _digest(Path(result.stdout.strip()).parent)
+    return _digest(Path(result.stdout.strip()).parent, _source_names())
 
 
 def measured_version() -> str:
@@ -88,7 +96,7 @@ def measured_version() -> str:
     checkout = Path(__file__).resolve().parent.parent
     head = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
     dirty = _first_line(["git", "-C", str(checkout), "status", "--porcelain", "--", "src"])
-    if installed_digest() != _digest(checkout / "src" / "repmgr_vip"):
+    if installed_digest() != _digest(checkout / "src" / "repmgr_vip", _source_names()):
         return f"installed package differs from the checkout's src (HEAD {head})"
     return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
 
