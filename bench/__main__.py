@@ -1,8 +1,11 @@
-"""`make bench` / `python -m bench`: repeated failovers and switchovers in the lab, as a table.
+"""`make bench` / `python -m bench`: repeated failovers in the lab against an ideal mover.
 
-Environment: BENCH_RUNS=N repetitions per cluster size (default 3 at 3 nodes, 2 at 7),
-BENCH_SIZES=3,7 cluster sizes, BENCH_DAEMON_SECONDS=60 how long the daemon is watched
-(0 skips it), BENCH_FROZEN_LEASE=4,20 adds a frozen-primary failover per vip.lease value
+Each repetition (bench/scenario.py) runs, in one fresh lab, a failover with the old primary's
+host alive and one with it cut off, for each of: the ideal mover (baseline), repmgr-vip with
+daemons, repmgr-vip hooks only. Environment: BENCH_RUNS=N repetitions per cluster size
+(default 3 at 3 nodes, 2 at 7; quick: BENCH_SIZES=3 BENCH_RUNS=1), BENCH_SIZES=3,7 cluster
+sizes, BENCH_DAEMON_SECONDS=30 how long the quiet daemons are watched (0 skips it),
+BENCH_FROZEN_LEASE=4,20 adds a frozen-primary failover per vip.lease value
 (bench/frozen.py; off by default). Prints a Markdown table; writes bench/results/latest.json and
 bench/results/failover.png (the first failover at the smallest size).
 """
@@ -24,7 +27,6 @@ from typing import Any
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
-from bench.sshwarm import failover_fencing, fencing_table
 from lab import PG_BIN, list_runs, missing_prerequisites
 from tests.integration.vipconf import REPMGR_VIP
 
@@ -67,18 +69,26 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _digest(package: Path) -> str:
+def _digest(package: Path, names: list[str]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in names:
+        path = package / name
+        digest.update(name.encode() + (path.read_bytes() if path.exists() else b"missing"))
     return digest.hexdigest()[:12]
+
+
+def _source_names() -> list[str]:
+    """The checkout's modules, relative to the package (subpackages included); a stale file
+    beside them in the installed copy (left by an old build/) is not code anyone imports."""
+    source = Path(__file__).resolve().parent.parent / "src" / "repmgr_vip"
+    return sorted(str(p.relative_to(source)) for p in source.rglob("*.py"))
 
 
 def installed_digest() -> str:
     """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
     result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
                             capture_output=True, text=True, check=False)
-    return _digest(Path(result.stdout.strip()).parent)
+    return _digest(Path(result.stdout.strip()).parent, _source_names())
 
 
 def measured_version() -> str:
@@ -86,7 +96,7 @@ def measured_version() -> str:
     checkout = Path(__file__).resolve().parent.parent
     head = _first_line(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"])
     dirty = _first_line(["git", "-C", str(checkout), "status", "--porcelain", "--", "src"])
-    if installed_digest() != _digest(checkout / "src" / "repmgr_vip"):
+    if installed_digest() != _digest(checkout / "src" / "repmgr_vip", _source_names()):
         return f"installed package differs from the checkout's src (HEAD {head})"
     return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
 
@@ -112,7 +122,7 @@ def main() -> int:
     meta["installed_digest_start"] = installed_digest()
     meta["measured_version"] = measured_version()
     sizes = _sizes()
-    daemon_seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "60"))
+    daemon_seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "30"))
     say(f"bench: {meta['nproc']} CPUs, kernel {meta['kernel']}, {meta['repmgr_vip']}; "
         f"sizes {sizes}, runs {[_runs_for(s) for s in sizes]}; other labs running: "
         f"{len(meta['other_labs_at_start'])}")
@@ -148,18 +158,9 @@ def main() -> int:
                 daemon[size] = measure_daemon(size, daemon_seconds, say)
             except Exception as exc:
                 daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
-    fencing: dict[str, Any] = {"nodes": sizes[0], "runs": [], "errors": []}
-    for _ in range(int(os.environ.get("BENCH_FENCING_ROUNDS", "2"))):
-        for warm in (False, True):  # interleaved: the machine's load hits both alike
-            try:
-                fencing["runs"].append(failover_fencing(sizes[0], warm, say))
-            except Exception as exc:
-                fencing["errors"].append(repr(exc)[:300])
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
     table = markdown(runs, daemon, period) + (f"\n\n{frozen_table(frozen)}" if frozen else "")
     meta["loadavg_end"] = os.getloadavg()
-    meta["fencing_links"] = fencing  # BENCH_FENCING_ROUNDS=2: cold/warm pairs (bench/sshwarm.py)
-    table += fencing_table(fencing)
     meta["installed_digest_end"] = installed_digest()
     if meta["installed_digest_end"] != meta["installed_digest_start"]:
         say("WARNING: the installed repmgr-vip changed during the run; figures mix versions")
@@ -167,8 +168,9 @@ def main() -> int:
     header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
               f"{meta['kernel']}, {meta['postgresql']}, {meta['repmgr']}, "
               f"{meta['repmgr_vip']} ({meta['measured_version']}); load average at start "
-              f"{meta['loadavg_start'][0]:.2f}, other labs running at start: "
-              f"{len(meta['other_labs_at_start'])}; took {meta['wall_seconds']:.0f} s.")
+              f"{meta['loadavg_start'][0]:.2f}, at the end {meta['loadavg_end'][0]:.2f}, "
+              f"other labs running at start: {len(meta['other_labs_at_start'])}; took "
+              f"{meta['wall_seconds']:.0f} s.")
     (RESULTS / "latest.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon, "frozen": frozen,
          "table_markdown": table, "header": header}, indent=2, default=str) + "\n")

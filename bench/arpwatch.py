@@ -56,7 +56,9 @@ def main() -> int:
             sock.send(frame)
             next_send = now + args.interval
         if current is not None and now - last_answer > args.silence:
-            print(json.dumps({"t": time.time(), "mac": None, "op": "silence"}), flush=True)
+            wall = time.time()
+            print(json.dumps({"t": wall, "mac": None, "op": "silence",
+                              "last": wall - (now - last_answer)}), flush=True)
             current = None
         readable, _, _ = select.select([sock], [], [], max(0.0, next_send - time.monotonic()))
         if not readable:

@@ -15,7 +15,9 @@ import sys
 import time
 from typing import Any
 
-from bench.hooklog import PG_LINE, fencing_seconds, first, read_log
+from bench.hooklog import PG_LINE, first, read_log
+from bench.journalread import entries_after, promote_decided, seconds_of, vip_added
+from bench.procwatch import ProcWatch
 from bench.scenario import SETTLE, WRITER_INTERVAL, Say, ScenarioError, _wait
 from demo.timeline import Timeline
 from lab import VIP, Lab, Node
@@ -39,7 +41,7 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
         cluster = LeasedCluster(lab, lease, FENCING)
         tl = Timeline(lab, interval=0.1, writer_interval=WRITER_INTERVAL, role_interval=0.25)
         try:
-            with tl:
+            with ProcWatch(f"{lab.workdir}/") as procs, tl:
                 _wait(lab, "client writes through the VIP", lambda: any(w["ok"] for w in tl.writes))
                 time.sleep(SETTLE)
                 t0 = time.time()
@@ -60,31 +62,29 @@ def frozen_failover(nodes: int, lease: int, say: Say) -> dict[str, Any]:
                 time.sleep(SETTLE)
         finally:
             cluster.stop()
-        lines = read_log(new.dir / "repmgr-vip.log")
-        fencing = first(lines, r"^promote: fencing: ", t0)
-        running = first(lines, r"^running \S+/repmgr .* standby promote", t0)
+        entries = entries_after(new, t0)
+        hooks = procs.find(f"{new.dir}/", "promote", after=t0 - 0.02)
+        running = seconds_of(promote_decided(entries))  # repmgr standby promote starts
+        added = vip_added(entries)
         ready = first(read_log(new.pg_log, PG_LINE), r"ready to accept connections",
-                      running.t if running else t0)
+                      running if running else t0)
         outage = tl.outage_after(t0)
-        fencing_s = fencing_seconds(fencing) if fencing else None
-        if fencing is None or running is None or ready is None or outage is None or (
-                fencing_s is None):
-            raise ScenarioError("missing promote log lines, PostgreSQL ready line or outage")
-        began = fencing.t - fencing_s
+        if not hooks or running is None or ready is None or outage is None:
+            raise ScenarioError("no promote hook seen, no promote verdict in the journal, no "
+                                "PostgreSQL ready line or no outage")
+        began = hooks[0].start
         result: dict[str, Any] = {
             "nodes": nodes, "lease_s": lease, "new": new.name,
             "vip_gone_s": gone,
             "detection_s": began - t0,
-            "vip_wait_s": running.t - began,
-            "promote_s": ready.t - running.t,
-            "repmgr_s": (began - t0) + (ready.t - running.t),
+            "vip_wait_s": running - began,
+            "promote_s": ready.t - running,
+            "repmgr_s": (began - t0) + (ready.t - running),
             "outage_s": outage[1] - outage[0],
             "vip_on_new_s": on_new,
-            "vip_added_by": "promote hook" if first(lines, r"^promote: VIP \S+ added", t0)
-            else "daemon",
+            "vip_added_by": str(added.get("source")) if added else "nobody",
             "client_ok_again_s": outage[1] - t0,
             "max_vip_holders": tl.max_holders,
-            "fencing_summary": fencing.message,
         }
         result["added_s"] = result["client_ok_again_s"] - result["repmgr_s"]
     say(f"  frozen primary, lease {lease} s, {nodes} nodes: VIP gone after "

@@ -1,8 +1,8 @@
-"""Reads log files with millisecond times: repmgr-vip's own, and PostgreSQL's.
+"""Reads PostgreSQL's log with millisecond times: when a promoted server began to accept writes.
 
-The hooks write `YYYY-mm-dd HH:MM:SS.mmm [node] LEVEL message`; the lab runs every process with
-TZ=UTC, so the times convert to epoch seconds without guessing a zone. PostgreSQL's lines
-(`log_line_prefix` '%m [%p] ') tell when a promoted server began to accept writes.
+PostgreSQL's lines (`log_line_prefix` '%m [%p] ') carry their time; the lab runs every process
+with TZ=UTC, so the times convert to epoch seconds without guessing a zone. repmgr-vip's own
+decisions and instants come from its decision journal (bench/journalread.py), not its log.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from time import strptime
 
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) \[([^\]]+)\] (\w+) (.*)$")
 PG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) UTC \[(\d+)\] (\w+): +(.*)$")
-FENCING_SECONDS = re.compile(r"\((\d+(?:\.\d+)?) s\)\s*$")
 
 
 @dataclass(frozen=True)
@@ -26,8 +24,8 @@ class LogLine:
     message: str
 
 
-def read_log(path: Path, line: re.Pattern[str] = LINE) -> list[LogLine]:
-    """Lines of a repmgr-vip log (or, with PG_LINE, a PostgreSQL log) that carry a time."""
+def read_log(path: Path, line: re.Pattern[str] = PG_LINE) -> list[LogLine]:
+    """Lines of a PostgreSQL log that carry a time."""
     if not path.exists():
         return []
     lines = []
@@ -44,9 +42,3 @@ def first(lines: list[LogLine], pattern: str, after: float = 0.0) -> LogLine | N
     """The first line at or after `after` whose message matches the regular expression."""
     regex = re.compile(pattern)
     return next((ln for ln in lines if ln.t >= after and regex.search(ln.message)), None)
-
-
-def fencing_seconds(line: LogLine) -> float | None:
-    """The duration fence_others measured itself, from `...; VIP free (1.57 s)`."""
-    match = FENCING_SECONDS.search(line.message)
-    return float(match.group(1)) if match else None

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# repmgr-vip's processes, and a plain `repmgr standby promote` (the ideal mover's
+# promote_command, as repmgrd's `sh -c` or repmgr itself)
+PROGRAMS = (b"repmgr-vip", b"standby promote", b"standby\0promote")
 RECHECK = 0.3  # a fresh pid may still be the forking parent's image; read it again for a while
 
 
@@ -89,7 +92,7 @@ class ProcWatch:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"repmgr-vip" not in cmdline or self.marker not in cmdline:
+            if not any(name in cmdline for name in PROGRAMS) or self.marker not in cmdline:
                 continue
             ticks = _start_ticks(pid)
             if ticks is None or (pid, ticks) in self.procs:

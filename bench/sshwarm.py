@@ -12,13 +12,10 @@ import json
 import pwd
 import re
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
-from bench.hooklog import fencing_seconds, first, read_log
 from lab import Lab, Node
-from tests.integration.vipconf import PYTHON, config_path, hooked_cluster
+from tests.integration.vipconf import PYTHON, config_path
 
 PROBE = r"""
 import json, sys, time
@@ -88,42 +85,6 @@ def cold_rounds(lab: Lab, node: Node, rounds: int, mode: str = "release") -> lis
     return out
 
 
-def failover_fencing(nodes: int, warm: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    """Hooks only (no daemon releases the VIP early): kill -9 the primary's postmaster and
-    read the promote hook's own fencing duration. Warm: every standby has an SSH master to
-    every other node, as the daemon keeps them; cold: none (each ssh authenticates anew)."""
-    with Lab(nodes=nodes) as lab:
-        hooked_cluster(lab)
-        lab.wait_for(lambda: lab.vip_holders() == ["node1"], 60, what="VIP on node1")
-        for node in lab.nodes:
-            probe(lab, node, "exit")  # masters left by the start-up hooks' ssh calls
-        if warm:
-            for node in lab.nodes[1:]:
-                probe(lab, node, "warm")
-        t0 = time.time()
-        lab.kill_postgres(lab.nodes[0])
-        found: list[Node] = []
-
-        def moved() -> bool:
-            holders = lab.vip_holders()
-            found[:] = [lab.node(h) for h in holders if h != "node1"]
-            return len(holders) == 1 and bool(found)
-
-        lab.wait_for(moved, 120, interval=0.1, what="VIP on the new primary")
-        new = found[0]
-        line = None
-        deadline = time.monotonic() + 30
-        while line is None and time.monotonic() < deadline:
-            line = first(read_log(new.dir / "repmgr-vip.log"), r"^promote: fencing: ", t0)
-            time.sleep(0.2)
-        seconds = fencing_seconds(line) if line is not None else None
-        if seconds is None:
-            raise RuntimeError(f"{new.name}: no 'promote: fencing: ... (N s)' line")
-    say(f"    fencing in the promote hook, {nodes} nodes, {'warm' if warm else 'cold'} links: "
-        f"{seconds * 1000:.0f} ms ({line.message if line else ''})")
-    return {"warm": warm, "fencing_s": seconds, "new": new.name}
-
-
 def measure(lab: Lab, node: Node, rounds: int = 5) -> dict[str, Any]:
     """Cold and warm rounds, interleaved so that load on the machine hits both alike.
 
@@ -140,23 +101,3 @@ def measure(lab: Lab, node: Node, rounds: int = 5) -> dict[str, Any]:
         out[mode] = {"cold_s": cold, "warm_s": warm, "cold_median_s": statistics.median(cold),
                      "warm_median_s": statistics.median(warm)}
     return out
-
-
-def fencing_table(fencing: dict[str, Any]) -> str:
-    """failover_fencing's figures as their own Markdown table ("" when none were taken)."""
-    if not fencing.get("runs"):
-        return ""
-    rows = [f"| promote hook's fencing, {fencing.get('nodes', '?')} nodes, hooks only | "
-            "median | runs |", "|---|---|---|"]
-    for warm, label in ((False, "fresh SSH connections (cold links)"),
-                        (True, "SSH masters up, as the daemon keeps them (warm links)")):
-        vals = [float(r["fencing_s"]) for r in fencing["runs"] if r["warm"] is warm]
-        if vals:
-            rows.append(f"| {label} | {statistics.median(vals) * 1000:.0f} ms | "
-                        + ", ".join(f"{v * 1000:.0f}" for v in vals) + " ms |")
-    note = ("A fresh lab per run, no daemon (so the old primary keeps the VIP until fencing's "
-            "remote release reaches it), kill -9 of the primary's postmaster; the figure is the "
-            "promote hook's own `fencing: ... (N s)` line. Cold: every SSH master closed first; "
-            "warm: each standby has a master to every other node. BENCH_FENCING_ROUNDS "
-            "(default 2) pairs, interleaved.")
-    return "\n\n" + "\n".join(rows) + "\n\n" + note

@@ -150,7 +150,11 @@ def sudo_lines(config: Config) -> list[list[str]]:
 class VipNetwork:
     """Adapter over `ip`, `arping` and raw sockets for the configured VIP on this node."""
 
-    def __init__(self, config: Config, announcer_file: Path | None = None) -> None:
+    def __init__(self, config: Config, announcer_file: Path | None = None, *,
+                 lan_proof: bool = False) -> None:
+        """lan_proof: in direct mode, prove an IPv4 address free with arp.lan_probe (the
+        daemon: 80 ms on its own raw socket) rather than vip.probe_count/probe_timeout."""
+        self.lan_proof = lan_proof
         self.reconfigure(config)
         self._announcer_pid_file = (announcer_file
                                     or statepaths.announcer_pid_file(config.state_dir))
@@ -358,6 +362,8 @@ class VipNetwork:
                                     f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
         if self.mode == "direct":
             try:
+                if self.lan_proof:
+                    return arp.lan_probe(vip.interface, member.address)
                 return arp.probe(vip.interface, member.address, vip.probe_count,
                                  vip.probe_timeout)
             except OSError as exc:
