@@ -24,7 +24,10 @@ venv:
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 
 # A real (non-editable) install: the hooks run the copy in the venv, readable by postgres.
+# build/ is setuptools' in-tree staging: a module removed or moved in the source would
+# otherwise be installed again from it.
 install:
+	@rm -rf build
 	@$(PY) -m pip install -q '.[test]'
 	@$(PY) -m pip install -q --no-deps --force-reinstall . >/dev/null
 
