@@ -120,14 +120,14 @@ def test_the_schedule_follows_rfc_5227_probe_num_with_lan_intervals() -> None:
     assert arp.LAN_WINDOW <= 0.1  # a LAN proof: well under the 0.3 s arping listens
 
 
-def _config(tmp_path: Path) -> network.Config:
+def _config(tmp_path: Path, extra: str = "") -> network.Config:
     repmgr_conf = tmp_path / "repmgr.conf"
     repmgr_conf.write_text(f"node_id=1\nnode_name='n1'\nconninfo='host=n1 dbname=repmgr'\n"
                            f"data_directory='{tmp_path}'\n")
     toml = tmp_path / "vip.toml"
     toml.write_text(f'repmgr_config = "{repmgr_conf}"\nstate_dir = "{tmp_path}"\n'
                     f'[vip]\naddress = "{VIP}/24"\ninterface = "eth0"\n'
-                    '[privileges]\nmode = "direct"\n')
+                    '[privileges]\nmode = "direct"\n' + extra)
     return load_config(toml)
 
 
@@ -158,4 +158,7 @@ def test_the_daemon_builds_its_network_with_the_lan_proof(
     monkeypatch.setattr(daemon, "VipNetwork", Recorder)
     with pytest.raises(RuntimeError, match="enough"):
         daemon.Daemon(_config(tmp_path))
-    assert made == [True]
+    # a DBA whose segment answers ARP slowly (stretched L2) keeps vip.probe_* in the daemon too
+    with pytest.raises(RuntimeError, match="enough"):
+        daemon.Daemon(_config(tmp_path, "[daemon]\nlan_proof = false\nmetrics_port = 0\n"))
+    assert made == [True, False]

@@ -191,10 +191,12 @@ class Daemon:
                  prober: ports.ProberFactory | None = None) -> None:
         self.config = config
         self.clock = clock if clock is not None else SYSTEM_CLOCK
-        # the LAN proof: every proof the daemon runs (acquire, conflict probe, a fencing
-        # round) takes 80 ms on its own raw socket instead of vip.probe_timeout
+        # the LAN proof (daemon.lan_proof, default on): every proof the daemon runs
+        # (acquire, conflict probe, a fencing round) takes 80 ms on its own raw socket
+        # instead of vip.probe_count x vip.probe_timeout
+        lan_proof = config.daemon.lan_proof
         self.network: ports.VipAddress = (network if network is not None
-                                          else VipNetwork(config, lan_proof=True))
+                                          else VipNetwork(config, lan_proof=lan_proof))
         self.files: ports.StateFiles = files if files is not None else FileState(config)
         self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
                               "prober": prober}

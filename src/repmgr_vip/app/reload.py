@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # identity of this node.
 RESTART_ONLY = (("vip", "address"), ("vip", "interface"), ("", "repmgr_config"),
                 ("", "state_dir"), ("daemon", "metrics_address"), ("daemon", "metrics_port"),
+                ("daemon", "lan_proof"),
                 # the replica VIP's thread keeps the settings it started with
                 *(("replica_vip", key) for key in ("address", "interface", "max_lag_bytes",
                                                    "prefer", "on_no_standby")))

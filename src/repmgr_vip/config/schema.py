@@ -115,6 +115,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "reannounce_interval": (float, 0.0),
         "metrics_address": (str, "127.0.0.1"),
         "metrics_port": (int, 9853),
+        "lan_proof": (bool, True),
     },
 }
 
@@ -212,6 +213,7 @@ class DaemonSettings:
     reannounce_interval: float
     metrics_address: str
     metrics_port: int
+    lan_proof: bool  # the daemon's 80 ms raw-socket ARP proof instead of vip.probe_*
 
 
 @dataclass(frozen=True)
