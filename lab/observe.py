@@ -21,41 +21,17 @@ from lab.procs import _ip
 from lab.settings import ARPING, CLIENT_IP, INTERFACE, VIP_IP, LabError, Node
 
 CLONE_NEWNET = 0x40000000
-
-
 NETLINK_ROUTE = 0
-
-
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
-
-
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-
-
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-
-
 IFLA_IFNAME, IFLA_OPERSTATE = 3, 16
-
-
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-
-
 IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
-
-
 IF_OPER_DOWN, IF_OPER_LOWERLAYERDOWN = 2, 3
-
-
 _NLMSGHDR = struct.Struct("=LHHLL")
-
-
 _IFINFOMSG = struct.Struct("=BxHiII")
-
-
 _IFADDRMSG = struct.Struct("=BBBBI")
-
-
 _RTATTR = struct.Struct("=HH")
 
 

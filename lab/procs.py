@@ -162,14 +162,8 @@ def _wait_dead(pids: Iterable[int], timeout: float) -> list[int]:
 
 
 PR_SET_CHILD_SUBREAPER = 36
-
-
 REAPED_NAMES = frozenset({"postgres", "postmaster", "repmgrd", "sshd"})
-
-
 _reaper_lock = threading.Lock()
-
-
 _reaper_started = False
 
 

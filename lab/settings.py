@@ -10,116 +10,42 @@ from pathlib import Path
 from typing import TypeVar
 
 log = logging.getLogger("lab")
-
-
 VIP = "192.0.2.115/24"
-
-
 VIP_IP = "192.0.2.115"
-
-
 INTERFACE = "eth0"
-
-
 PG_BIN = "/usr/lib/postgresql/15/bin"
-
-
 PG_PORT = 5432
-
-
 SUBNET = "192.0.2.0/24"
-
-
 CLIENT_IP = "192.0.2.100"
-
-
 WITNESS_IP = "192.0.2.30"
-
-
 WITNESS_NODE_ID = 99
-
-
 SUBNET6 = "2001:db8::/64"
-
-
 VIP6 = "2001:db8::115/64"
-
-
 VIP6_IP = "2001:db8::115"
-
-
 PG_USER = "postgres"
-
-
 REPMGR_USER = "repmgr"
-
-
 REPMGR_DB = "repmgr"
-
-
 IP_BIN = "/usr/bin/ip" if Path("/usr/bin/ip").exists() else "/sbin/ip"
-
-
 RUNUSER = "/usr/sbin/runuser"
-
-
 SSHD = "/usr/sbin/sshd"
-
-
 SSH = "/usr/bin/ssh"
-
-
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
-
-
 ARPING = "/usr/bin/arping"
-
-
 VISUDO = "/usr/sbin/visudo"
-
-
 USERMOD = "/usr/sbin/usermod"
-
-
 PING = "/usr/bin/ping"
-
-
 SETPRIV = "/usr/bin/setpriv"
-
-
 SUDO = "/usr/bin/sudo"
-
-
 MOUNT = "/usr/bin/mount"
-
-
 UMOUNT = "/usr/bin/umount"
-
-
 IPCS = "/usr/bin/ipcs"
-
-
 IPCRM = "/usr/bin/ipcrm"
-
-
 SYSCTL = "/usr/sbin/sysctl"
-
-
 SUDOERS_DIR = Path("/etc/sudoers.d")
-
-
 SUDOERS_PREFIX = "repmgr-vip-lab-"
-
-
 WORKDIR_ROOT = Path("/tmp")
-
-
 WORKDIR_PREFIX = "rvlab-"
-
-
 DEFAULT_PATH = f"{PG_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
 
 
