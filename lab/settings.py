@@ -19,6 +19,8 @@ SUBNET = "192.0.2.0/24"
 CLIENT_IP = "192.0.2.100"
 WITNESS_IP = "192.0.2.30"
 WITNESS_NODE_ID = 99
+# IPv6 inside the lab's namespaces only (documentation prefix, no routes): each host has
+# 2001:db8::N beside 192.0.2.N; the kernel's DAD and ndisc_notify as sudo mode needs them.
 SUBNET6 = "2001:db8::/64"
 VIP6 = "2001:db8::115/64"
 VIP6_IP = "2001:db8::115"
@@ -45,6 +47,7 @@ SUDOERS_DIR = Path("/etc/sudoers.d")
 SUDOERS_PREFIX = "repmgr-vip-lab-"
 WORKDIR_ROOT = Path("/tmp")
 WORKDIR_PREFIX = "rvlab-"
+# No /usr/local: that tree holds odd copies of repmgr on this workplace.
 DEFAULT_PATH = f"{PG_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,9}$")
 
