@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from repmgr_vip.adapters import arp, ndp, statefiles
+from repmgr_vip.adapters import arp, ndp, rtnl, statefiles
 from repmgr_vip.adapters.privileges import effective_mode, privileged
 from repmgr_vip.adapters.process import alive, describe, first_line, popen_text, run
 from repmgr_vip.config import statepaths
@@ -174,9 +174,17 @@ class VipNetwork:
                    privileged=True)
 
     def interface_state(self) -> InterfaceState:
-        """Unprivileged read of the interface (`ip -j`), exact address comparison later."""
+        """Unprivileged read of the interface, exact address comparison later: rtnetlink
+        in-process (no fork: the daemon reads it several times a period), `ip -j` if that
+        fails."""
         iface = self.config.vip.interface
-        family = ["-4"] if all(c.version == 4 for c in self.members) else []
+        ipv4_only = all(c.version == 4 for c in self.members)
+        with contextlib.suppress(OSError):
+            return rtnl.read_interface(iface, ipv6=not ipv4_only, timeout=QUERY_TIMEOUT)
+        return self._interface_state_from_ip(iface, ipv4_only)
+
+    def _interface_state_from_ip(self, iface: str, ipv4_only: bool) -> InterfaceState:
+        family = ["-4"] if ipv4_only else []
         result = run([self.config.commands.ip, "-j", *family, "address", "show", "dev", iface],
                      timeout=QUERY_TIMEOUT)
         if result.returncode != 0:
