@@ -12,8 +12,9 @@ promoted). In that lab, in order:
 2. replay is paused on the new holder (node3) and the primary writes 20 000 rows of 200
    bytes: seconds from the end of the writes until another standby alone holds it;
 3. `kill -9` of the primary's postmaster: from the promoted server's "ready to accept
-   connections" (PostgreSQL's log) to the VIP's add in the new primary's decision journal,
-   to both addresses held by it (sampler), and to the client's IPv6 neighbour entry showing
+   connections" (PostgreSQL's log) to the VIP step's "held" entry in the new primary's
+   decision journal (written once the addresses are added and announced), to both addresses
+   held by it (sampler), and to the client's IPv6 neighbour entry showing
    its MAC (the client sends nothing meanwhile: only the unsolicited advertisement can change
    it); and when the replica VIP is on the remaining standby.
 
@@ -238,7 +239,8 @@ ROWS = (
     ("**Dual-stack VIP, `kill -9` of the primary's postmaster, daemons up**", "", "s"),
     ("fault → PostgreSQL promoted (its log: ready to accept connections)",
      "promoted_after_kill_s", "s"),
-    ("promoted → VIP added (new primary's decision journal)", "added_after_promoted_s", "s"),
+    ("promoted → the VIP step's \"held\" entry in the new primary's decision journal "
+     "(written once added and announced)", "added_after_promoted_s", "s"),
     ("promoted → both addresses held by the new primary (sampler)", "both_after_promoted_s", "s"),
     ("IPv6 address held minus IPv4 address held", "ipv6_minus_ipv4_s", "s"),
     ("promoted → client's IPv6 neighbour entry shows the new MAC (client silent)",
