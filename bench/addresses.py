@@ -288,15 +288,24 @@ def measure(say: Say, runs: int | None = None) -> tuple[list[dict[str, Any]],
 
 
 def main() -> int:
+    from bench.__main__ import machine, measured_version  # not at import: __main__ imports us
+
     say: Say = lambda text: print(text, flush=True)  # noqa: E731
-    load = os.getloadavg()[0]
+    meta = machine()
+    meta["measured_version"] = measured_version()
+    started = time.monotonic()
     done, failed = measure(say)
     text = table(done) if done else "no run worked"
+    header = (f"Measured {meta['date']} on {meta['nproc']} CPUs, kernel {meta['kernel']}, "
+              f"{meta['repmgr_vip']} ({meta['measured_version']}); load average at start "
+              f"{meta['loadavg_start'][0]:.2f}, at the end {os.getloadavg()[0]:.2f}, other "
+              f"labs running at start: {len(meta['other_labs_at_start'])}; took "
+              f"{time.monotonic() - started:.0f} s.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "addresses.json").write_text(json.dumps(
-        {"runs": done, "failed": failed, "loadavg_start": load,
-         "loadavg_end": os.getloadavg()[0], "table_markdown": text}, indent=2) + "\n")
-    say(f"\nload average at start {load:.2f}, at the end {os.getloadavg()[0]:.2f}\n")
+        {"meta": meta, "runs": done, "failed": failed, "header": header,
+         "table_markdown": text}, indent=2, default=str) + "\n")
+    say(f"\n{header}\n")
     say(text)
     if done:
         say("\nmedians: " + ", ".join(
