@@ -125,8 +125,11 @@ def main() -> int:
     if missing:
         say("bench: cannot build the lab: " + "; ".join(missing) + " (run `make setup` as root)")
         return 2
+    if not _parts() or _parts() - {"failover", "addresses"}:
+        say("bench: BENCH_PARTS takes failover and/or addresses (comma-separated)")
+        return 2
     if "failover" not in _parts():
-        return addresses.main() if "addresses" in _parts() else 2
+        return addresses.main()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine()
     meta["installed_digest_start"] = installed_digest()
