@@ -6,7 +6,9 @@ daemons, repmgr-vip hooks only. Environment: BENCH_RUNS=N repetitions per cluste
 (default 3 at 3 nodes, 2 at 7; quick: BENCH_SIZES=3 BENCH_RUNS=1), BENCH_SIZES=3,7 cluster
 sizes, BENCH_DAEMON_SECONDS=30 how long the quiet daemons are watched (0 skips it),
 BENCH_FROZEN_LEASE=4,20 adds a frozen-primary failover per vip.lease value
-(bench/frozen.py; off by default). Prints a Markdown table; writes bench/results/latest.json and
+(bench/frozen.py; off by default), BENCH_PARTS=failover,addresses which parts run
+(`addresses`: the dual-stack VIP and the replica VIP, bench/addresses.py; alone it is
+`python -m bench.addresses`). Prints a Markdown table; writes bench/results/latest.json and
 bench/results/failover.png (the first failover at the smallest size).
 """
 
@@ -24,6 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from bench import addresses
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
@@ -112,11 +115,21 @@ def _runs_for(size: int) -> int:
     return DEFAULT_RUNS.get(size, 2)
 
 
+def _parts() -> set[str]:
+    return {p.strip() for p in os.environ.get("BENCH_PARTS", "failover,addresses").split(",")
+            if p.strip()}
+
+
 def main() -> int:
     missing = missing_prerequisites()
     if missing:
         say("bench: cannot build the lab: " + "; ".join(missing) + " (run `make setup` as root)")
         return 2
+    if not _parts() or _parts() - {"failover", "addresses"}:
+        say("bench: BENCH_PARTS takes failover and/or addresses (comma-separated)")
+        return 2
+    if "failover" not in _parts():
+        return addresses.main()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine()
     meta["installed_digest_start"] = installed_digest()
@@ -160,6 +173,12 @@ def main() -> int:
                 daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
     period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
     table = markdown(runs, daemon, period) + (f"\n\n{frozen_table(frozen)}" if frozen else "")
+    more: list[dict[str, Any]] = []
+    if "addresses" in _parts():
+        more, more_failed = addresses.measure(say)
+        failed += more_failed
+        if more:
+            table += f"\n\n{addresses.table(more)}"
     meta["loadavg_end"] = os.getloadavg()
     meta["installed_digest_end"] = installed_digest()
     if meta["installed_digest_end"] != meta["installed_digest_start"]:
@@ -173,6 +192,7 @@ def main() -> int:
               f"{meta['wall_seconds']:.0f} s.")
     (RESULTS / "latest.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "failed": failed, "daemon": daemon, "frozen": frozen,
+         "addresses": more,
          "table_markdown": table, "header": header}, indent=2, default=str) + "\n")
     (RESULTS / "latest.md").write_text(f"{header}\n\n{table}\n")
     say("")
