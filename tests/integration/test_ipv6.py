@@ -188,9 +188,9 @@ def test_daemon_direct_mode_dual_stack_conflict_and_repair(
                 user="root")
         _wait(lab, "node2's copy fenced away by node1", lambda: VIP6_IP not in str(
             lab._link_json(node2.netns, "addr", "show", "dev", "eth0")), 30)
-        # the decision journal: node1 saw node2's MAC answer for the VIP and fenced it
-        assert any(node2.mac in e.get("inputs", {}).get("answering", [])
-                   for e in journal_entries(node1, action="fence", alarm=CONFLICT)), \
+        # the decision journal: node1 decided to fence because node2's MAC answered too
+        assert any(node2.mac in e.get("inputs", {}).get("foreign", [])
+                   for e in journal_entries(node1, action="fence-conflict", alarm=CONFLICT)), \
             vip_log(node1)
         assert lab.vip_holders(VIP6_IP) == ["node1"]
         assert lab.vip_holders(VIP_IP) == ["node1"]
@@ -271,9 +271,9 @@ def test_sudo_mode_daemon_probes_and_reannounces_ipv6(lab_factory: Callable[...,
         gone = _wait(lab, "node2's copy fenced away by node1", lambda: VIP6_IP not in str(
             lab._link_json(node2.netns, "addr", "show", "dev", "eth0")), 30)
         print(f"sudo mode: a second IPv6 holder fenced after {gone:.2f} s")
-        # the decision journal: node1 saw node2's MAC answer for the VIP and fenced it
-        assert any(node2.mac in e.get("inputs", {}).get("answering", [])
-                   for e in journal_entries(node1, action="fence", alarm=CONFLICT)), \
+        # the decision journal: node1 decided to fence because node2's MAC answered too
+        assert any(node2.mac in e.get("inputs", {}).get("foreign", [])
+                   for e in journal_entries(node1, action="fence-conflict", alarm=CONFLICT)), \
             vip_log(node1)
         assert lab.vip_holders(VIP6_IP) == ["node1"]
     finally:
