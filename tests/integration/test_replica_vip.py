@@ -5,6 +5,7 @@ client reading through it only ever reaches a node in recovery, and it is never 
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class RecoveryReader:
         self.pause = pause
         self.answers: list[tuple[float, str]] = []
         self.failures = 0
+        self.crashed: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="reader")
 
@@ -54,16 +56,24 @@ class RecoveryReader:
         self._thread.join(timeout=15)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            result = self.lab.client_psql("SELECT pg_is_in_recovery()", host=self.ip,
-                                          check=False, timeout=3)
-            if result.returncode == 0:
-                self.answers.append((time.monotonic(), result.stdout.strip()))
-            else:
-                self.failures += 1
-            self._stop.wait(self.pause)
+        try:
+            while not self._stop.is_set():
+                try:  # psql's own connect_timeout is 3 s: a hung attempt is a failed read
+                    result = self.lab.client_psql("SELECT pg_is_in_recovery()", host=self.ip,
+                                                  check=False, timeout=6)
+                except subprocess.TimeoutExpired:
+                    self.failures += 1
+                    continue
+                if result.returncode == 0:
+                    self.answers.append((time.monotonic(), result.stdout.strip()))
+                else:
+                    self.failures += 1
+                self._stop.wait(self.pause)
+        except BaseException as exc:  # reported by the assertion: a dead reader proves nothing
+            self.crashed = exc
 
     def assert_always_in_recovery(self) -> None:
+        assert self.crashed is None, f"the reader stopped early: {self.crashed!r}"
         assert self.answers, "the reader never connected"
         wrong = [a for _, a in self.answers if a != "t"]
         assert not wrong, f"{len(wrong)} of {len(self.answers)} reads reached a primary"
