@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,23 +120,21 @@ def test_the_schedule_follows_rfc_5227_probe_num_with_lan_intervals() -> None:
     assert arp.LAN_WINDOW <= 0.1  # a LAN proof: well under the 0.3 s arping listens
 
 
-def _config(tmp_path: Path, extra: str = "") -> network.Config:
-    repmgr_conf = tmp_path / "repmgr.conf"
-    repmgr_conf.write_text(f"node_id=1\nnode_name='n1'\nconninfo='host=n1 dbname=repmgr'\n"
-                           f"data_directory='{tmp_path}'\n")
-    toml = tmp_path / "vip.toml"
-    toml.write_text(f'repmgr_config = "{repmgr_conf}"\nstate_dir = "{tmp_path}"\n'
-                    f'[vip]\naddress = "{VIP}/24"\ninterface = "eth0"\n'
-                    '[privileges]\nmode = "direct"\n' + extra)
-    return load_config(toml)
+def _config(write_config: Callable[..., Path], tmp_path: Path,
+            extra: str = "") -> network.Config:
+    """conftest's config, in direct mode on eth0 (never probed: the probes are replaced)."""
+    body = f'state_dir = "{tmp_path}"\n[privileges]\nmode = "direct"\n' + extra
+    return load_config(write_config(address=f"{VIP}/24", interface="eth0", extra=body),
+                       check_host=False)
 
 
 def test_the_daemons_network_uses_the_lan_proof_and_hooks_keep_the_configured_one(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        write_config: Callable[..., Path]) -> None:
     calls: list[tuple[object, ...]] = []
     monkeypatch.setattr(arp, "probe", lambda *a: calls.append(a) or ())
     monkeypatch.setattr(network, "effective_mode", lambda _mode: "direct")
-    config = _config(tmp_path)
+    config = _config(write_config, tmp_path)
     network.VipNetwork(config, lan_proof=True).probe()
     network.VipNetwork(config).probe()
     assert calls[0] == ("eth0", VIP, arp.LAN_PROBES, arp.LAN_WINDOW, arp.LAN_SPACING)
@@ -144,7 +142,8 @@ def test_the_daemons_network_uses_the_lan_proof_and_hooks_keep_the_configured_on
 
 
 def test_the_daemon_builds_its_network_with_the_lan_proof(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        write_config: Callable[..., Path]) -> None:
     from repmgr_vip.app import daemon
 
     made: list[bool] = []
@@ -157,8 +156,9 @@ def test_the_daemon_builds_its_network_with_the_lan_proof(
 
     monkeypatch.setattr(daemon, "VipNetwork", Recorder)
     with pytest.raises(RuntimeError, match="enough"):
-        daemon.Daemon(_config(tmp_path))
+        daemon.Daemon(_config(write_config, tmp_path))
     # a DBA whose segment answers ARP slowly (stretched L2) keeps vip.probe_* in the daemon too
     with pytest.raises(RuntimeError, match="enough"):
-        daemon.Daemon(_config(tmp_path, "[daemon]\nlan_proof = false\nmetrics_port = 0\n"))
+        daemon.Daemon(_config(write_config, tmp_path,
+                              "[daemon]\nlan_proof = false\nmetrics_port = 0\n"))
     assert made == [True, False]

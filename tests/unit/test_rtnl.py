@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,9 @@ from repmgr_vip.config.schema import Config, load_config
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
 
-def _config(tmp_path: Path, interface: str, address: str = "192.0.2.115/24") -> Config:
-    repmgr_conf = tmp_path / "repmgr.conf"
-    repmgr_conf.write_text(f"node_id=1\nnode_name='n1'\nconninfo='host=n1 dbname=repmgr'\n"
-                           f"data_directory='{tmp_path}'\n")
-    toml = tmp_path / "vip.toml"
-    toml.write_text(f'repmgr_config = "{repmgr_conf}"\nstate_dir = "{tmp_path}"\n'
-                    f'[vip]\naddress = {json.dumps(address)}\n'
-                    f'interface = "{interface}"\n')
-    return load_config(toml, check_host=False)
+def _config(write_config: Callable[..., Path], interface: str) -> Config:
+    """conftest's config with the VIP on `interface` (never added: only read here)."""
+    return load_config(write_config(interface=interface), check_host=False)
 
 
 def _links() -> dict[str, str]:
@@ -40,11 +35,12 @@ def _links() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("ipv4_only", [True, False], ids=["ipv4", "both"])
-def test_netlink_reads_what_ip_reads_on_every_interface(tmp_path: Path, ipv4_only: bool) -> None:
+def test_netlink_reads_what_ip_reads_on_every_interface(write_config: Callable[..., Path],
+                                                        ipv4_only: bool) -> None:
     links = _links()
     assert "lo" in links
     for name, mac in links.items():
-        vip = network.VipNetwork(_config(tmp_path, name))
+        vip = network.VipNetwork(_config(write_config, name))
         by_netlink = rtnl.read_interface(name, ipv6=not ipv4_only)
         # `ip -4` leaves out the link's MAC (check printed "mac ,") and an interface without
         # IPv4 address altogether (read as missing); so compare with the full read, filtered
@@ -59,17 +55,17 @@ def test_netlink_reads_what_ip_reads_on_every_interface(tmp_path: Path, ipv4_onl
     assert lo.exists and lo.up and "127.0.0.1/8" in lo.addresses
 
 
-def test_a_missing_interface_reads_as_missing(tmp_path: Path) -> None:
-    state = network.VipNetwork(_config(tmp_path, "nosuch0")).interface_state()
+def test_a_missing_interface_reads_as_missing(write_config: Callable[..., Path]) -> None:
+    state = network.VipNetwork(_config(write_config, "nosuch0")).interface_state()
     assert (state.exists, state.up, state.addresses) == (False, False, ())
     assert rtnl.read_interface("nosuch0") == state
 
 
-def test_a_failing_netlink_read_falls_back_to_ip(tmp_path: Path,
+def test_a_failing_netlink_read_falls_back_to_ip(write_config: Callable[..., Path],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*_args: object, **_kwargs: object) -> object:
         raise OSError("netlink refused")
 
     monkeypatch.setattr(rtnl, "read_interface", broken)
-    state = network.VipNetwork(_config(tmp_path, "lo")).interface_state()
+    state = network.VipNetwork(_config(write_config, "lo")).interface_state()
     assert state.exists and "127.0.0.1/8" in state.addresses
