@@ -18,7 +18,7 @@ import contextlib
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -483,18 +483,26 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
     if status is not None:
         return status
     hands = _own(config, own, why)
+    with _locked_promotion(config, hands) as promotion:
+        refused = promotion.fence()
+        if refused is not None:
+            return refused
+        run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
+        promotion.watch(lambda: run.poll() is None)
+        status = promotion.finish(run.finish())
+        promotion.checkpoint()
+        return status
+
+
+@contextlib.contextmanager
+def _locked_promotion(config: Config, hands: Hands) -> Iterator[Promotion]:
+    """A promotion under the node's VIP lock, hook or daemon alike; its lock wait is journaled
+    with the fencing verdict, and its watchers end whatever happens."""
     asked = time.monotonic()
     with hands.lock(LOCK_TIMEOUT):
         promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
         try:
-            refused = promotion.fence()
-            if refused is not None:
-                return refused
-            run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
-            promotion.watch(lambda: run.poll() is None)
-            status = promotion.finish(run.finish())
-            promotion.checkpoint()
-            return status
+            yield promotion
         finally:
             promotion.close()
 
@@ -575,44 +583,39 @@ def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) 
 def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> None:
     """The daemon's side of promote: fence, hand the verdict over, and while the hook runs
     repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock."""
-    asked = time.monotonic()
-    with hands.lock(LOCK_TIMEOUT):
-        promotion = Promotion(config, hands, lock_waited=time.monotonic() - asked)
-        try:
-            refused = promotion.fence()
-            if refused is not None:
-                conv.send({"ok": True, "exit": int(refused)})
-                return
-            if not conv.send({"ok": True, "want_vip": promotion.want_vip,
-                              "unconfirmed": promotion.unconfirmed}):
-                LOG.warning("promote: the hook stopped waiting before the verdict; "
-                            "it fences and promotes by itself")
-                return
-            status: int | None = None
-            deadline = time.monotonic() + PROMOTION_WATCH
+    with _locked_promotion(config, hands) as promotion:
+        refused = promotion.fence()
+        if refused is not None:
+            conv.send({"ok": True, "exit": int(refused)})
+            return
+        if not conv.send({"ok": True, "want_vip": promotion.want_vip,
+                          "unconfirmed": promotion.unconfirmed}):
+            LOG.warning("promote: the hook stopped waiting before the verdict; "
+                        "it fences and promotes by itself")
+            return
+        status: int | None = None
+        deadline = time.monotonic() + PROMOTION_WATCH
 
-            def running() -> bool:
-                nonlocal status, deadline
-                message = conv.receive(0.0)
-                if message is not None and message.get("op") == "promoted":
-                    status = _int(message.get("status"), 1)
-                if conv.closed:  # the hook was killed: its repmgr may still be promoting
-                    deadline = min(deadline, time.monotonic() + HOOK_GONE_WATCH)
-                return status is None and time.monotonic() < deadline
+        def running() -> bool:
+            nonlocal status, deadline
+            message = conv.receive(0.0)
+            if message is not None and message.get("op") == "promoted":
+                status = _int(message.get("status"), 1)
+            if conv.closed:  # the hook was killed: its repmgr may still be promoting
+                deadline = min(deadline, time.monotonic() + HOOK_GONE_WATCH)
+            return status is None and time.monotonic() < deadline
 
-            promotion.watch(running)
-            while status is None and not conv.closed and time.monotonic() < deadline:
-                running()
-                time.sleep(PROMOTION_POLL)
-            if status is None:  # the hook is gone: judge by what PostgreSQL says
-                from repmgr_vip.adapters import cluster
+        promotion.watch(running)
+        while status is None and not conv.closed and time.monotonic() < deadline:
+            running()
+            time.sleep(PROMOTION_POLL)
+        if status is None:  # the hook is gone: judge by what PostgreSQL says
+            from repmgr_vip.adapters import cluster
 
-                status = 0 if cluster.local_view(config, timeout=2.0).is_primary else 1
-            promotion.finish(status)
-            conv.send({"ok": True, "vip": bool(promotion.outcome)})
-            promotion.checkpoint()  # after the reply: the hook does not wait for it
-        finally:
-            promotion.close()
+            status = 0 if cluster.local_view(config, timeout=2.0).is_primary else 1
+        promotion.finish(status)
+        conv.send({"ok": True, "vip": bool(promotion.outcome)})
+        promotion.checkpoint()  # after the reply: the hook does not wait for it
 
 
 def _int(value: Any, default: int) -> int:
