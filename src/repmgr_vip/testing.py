@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.lock import LockBusy
 from repmgr_vip.adapters.log import LOG
+from repmgr_vip.app.fencing import PRIOR_FRESH
 from repmgr_vip.app.lease import lease_seconds
 from repmgr_vip.config.schema import Config, load_config
 from repmgr_vip.core.decide import Peer
@@ -122,6 +123,7 @@ class FakeCluster:
                       for i, n in enumerate(names)}
         self.blocked: set[tuple[str, str]] = set()  # (a, b): a's packets do not reach b
         self.foreign: set[str] = set()  # MACs outside the cluster answering for the VIP
+        self.foreign_since: dict[str, float] = {}  # when each one was first seen (tick)
         self.fence_mode = "ok"  # ok | fail | hang
         self.fence_timeout = 30.0
         self.ssh_connect_timeout = 3.0
@@ -146,6 +148,8 @@ class FakeCluster:
         for retrier in self.retriers:
             retrier.tick()
         self.retriers = [r for r in self.retriers if r.pending]
+        self.foreign_since = {mac: self.foreign_since.get(mac, self.clock.now)
+                              for mac in self.foreign}
 
     # --- the segment --------------------------------------------------------------------
 
@@ -312,9 +316,14 @@ class FakeAddress:
     def add(self) -> bool:
         if self.host.vip:
             return False
-        if self.world.foreign:  # README rule 2: a host outside the cluster holds it
+        # README rule 2: a host outside the cluster holds it. One that started answering
+        # less than fencing.PRIOR_FRESH ago may be missed (a daemon's proof taken before the
+        # fencing round); the holder's conflict probe finds it afterwards.
+        now, since = self.world.clock.now, self.world.foreign_since
+        seen = sorted(m for m in self.world.foreign if now - since.get(m, now) > PRIOR_FRESH)
+        if seen:
             self.world.violations.append(f"{self.host.name} added the VIP while "
-                                         f"{', '.join(sorted(self.world.foreign))} answers for it")
+                                         f"{', '.join(seen)} answers for it")
         self._create()
         return True
 
@@ -392,6 +401,7 @@ class FakeProber:
 class FakeResult:
     returncode: int
     stdout: str = ""
+    macs: tuple[str, ...] = ()  # the interface it released from (the control link says it)
 
     @property
     def ok(self) -> bool:
@@ -426,7 +436,7 @@ class FakeSession:
                 host.release_request_at = now
             host.confirmed_to[self.origin] = now
             self.world.event(host.name, f"released for {self.origin}")
-            self.outcome = FakeResult(0, "released" if was else "not held")
+            self.outcome = FakeResult(0, "released" if was else "not held", (host.mac,))
         return self.outcome is not None
 
     def result(self) -> FakeResult:

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -145,17 +146,40 @@ def test_sd_notify_readiness(cluster3: Cluster) -> None:
     assert any(m.startswith("STATUS=") and "standby" in m for m in messages)
 
 
-def test_local_postgres_stopped_with_repmgrd_paused(cluster3: Cluster) -> None:
-    lab = cluster3.lab
+KEEP_WHILE_DOWN = 6.0
+
+
+@pytest.fixture
+def keeping3(lab_factory: Callable[..., Lab]) -> Iterator[Cluster]:
+    cluster = Cluster(lab_factory(nodes=3), f"[daemon]\nkeep_while_down = {KEEP_WHILE_DOWN}\n")
+    yield cluster
+    cluster.stop()
+
+
+def test_local_postgres_stopped_with_repmgrd_paused(keeping3: Cluster) -> None:
+    """No failover comes (repmgrd paused): the dead primary keeps the VIP for
+    daemon.keep_while_down, so a client is refused at once instead of waiting on silence;
+    then it lets go; PostgreSQL back, the VIP is back."""
+    lab = keeping3.lab
     node1 = lab.nodes[0]
     lab.repmgr(node1, "daemon", "pause")
     with VipSampler(lab) as sampler:
         lab.stop_postgres(node1)
-        gone = wait_until(lab, "VIP released on node1", lambda: not has_vip(lab, node1), 10)
+        stopped = time.monotonic()
+        never_during(lambda: not has_vip(lab, node1), 3.0)
+        asked = time.monotonic()
+        refused = lab.client_psql("SELECT 1", timeout=5, check=False)
+        answered_in = time.monotonic() - asked
+        assert refused.returncode != 0 and answered_in < 0.5, (refused.stderr, answered_in)
+        gone = wait_until(lab, "VIP released on node1", lambda: not has_vip(lab, node1), 15)
+        held_for = time.monotonic() - stopped
         lab.start_postgres(node1)
         back = wait_until(lab, "VIP back on node1", lambda: has_vip(lab, node1), 15)
     sampler.assert_never_two()
-    assert gone < 3.0 and back < 5.0, (gone, back)
+    print(f"kept {held_for:.1f} s with PostgreSQL down (keep_while_down {KEEP_WHILE_DOWN:g}); "
+          f"a client was refused in {answered_in * 1000:.0f} ms; back {back:.1f} s after start")
+    assert KEEP_WHILE_DOWN - 0.5 <= held_for <= KEEP_WHILE_DOWN + 4.0, (held_for, gone)
+    assert back < 5.0, back
     lab.repmgr(node1, "daemon", "unpause")
 
 

@@ -137,7 +137,7 @@ def test_the_daemons_network_uses_the_lan_proof_and_hooks_keep_the_configured_on
     config = _config(write_config, tmp_path)
     network.VipNetwork(config, lan_proof=True).probe()
     network.VipNetwork(config).probe()
-    assert calls[0] == ("eth0", VIP, arp.LAN_PROBES, arp.LAN_WINDOW, arp.LAN_SPACING)
+    assert calls[0][:5] == ("eth0", VIP, arp.LAN_PROBES, arp.LAN_WINDOW, arp.LAN_SPACING)
     assert calls[1] == ("eth0", VIP, config.vip.probe_count, config.vip.probe_timeout)
 
 

@@ -56,7 +56,7 @@ def test_promote_removes_the_vip_everywhere_before_adding_it(tmp_path: Path) -> 
     assert world.hosts["pg2"].role == "primary" and world.hosts["pg2"].vip
     assert not world.hosts["pg1"].vip
     assert _at(world, "pg1", "released for pg2") < _at(world, "pg2", "promoted")
-    assert _at(world, "pg2", "promoted") <= _at(world, "pg2", "add")
+    assert _at(world, "pg1", "released for pg2") < _at(world, "pg2", "add")
 
 
 def test_promote_adds_the_vip_only_after_an_arp_proof(tmp_path: Path) -> None:
@@ -133,6 +133,57 @@ def test_with_a_lease_promote_waits_out_a_frozen_holder(tmp_path: Path) -> None:
     added_at = world.events[_at(world, "pg2", "add")][0]
     assert added_at - started <= wait_budget(configs["pg2"]) + ARP_SILENCE + 1.0
     assert world.hosts["pg2"].vip and not world.hosts["pg1"].vip
+
+
+def _promote_with_prior_proof(world: FakeCluster, configs: dict[str, Config],
+                              answered: tuple[str, ...], age: float) -> int:
+    """promote as the daemon runs it: with the ARP proof its cycle took `age` s before."""
+    hands = world.hook_ports("pg2", configs["pg2"])
+    taken = world.clock.now - age
+    hands.fencing["prior_proof"] = lambda: (taken, answered)
+    return hooks.promote(configs["pg2"], own=hands)
+
+
+def test_a_proof_taken_before_the_failover_moves_the_vip_on_the_release(
+        tmp_path: Path) -> None:
+    """The old holder (PostgreSQL dead, its daemon keeping the VIP) answered the standby
+    daemon's proof a moment ago and confirms its release with that MAC: the VIP goes up at
+    once, before `repmgr standby promote`, with no second probe (no dark window)."""
+    world, configs = _world(tmp_path)
+    world.hosts["pg1"].running = False
+    started = world.clock.now
+    assert _promote_with_prior_proof(world, configs, (world.hosts["pg1"].mac,), 0.5) == 0
+    released = world.events[_at(world, "pg1", "released for pg2")][0]
+    added = world.events[_at(world, "pg2", "add")][0]
+    assert _at(world, "pg1", "released for pg2") < _at(world, "pg2", "add")
+    assert _at(world, "pg2", "add") < _at(world, "pg2", "promoted")
+    assert added - released < 0.1 and added < started + ARP_SILENCE
+    assert world.hosts["pg2"].vip and not world.hosts["pg1"].vip and not world.violations
+
+
+@pytest.mark.parametrize("case", ["stale", "foreign"])
+def test_a_stale_or_unaccounted_prior_proof_is_not_enough(tmp_path: Path, case: str) -> None:
+    """Older than 2.5 periods, or naming a MAC that no confirming node released: the VIP
+    waits for this round's own proof, as without a daemon."""
+    world, configs = _world(tmp_path)
+    answered = (world.hosts["pg1"].mac, *((FOREIGN,) if case == "foreign" else ()))
+    started = world.clock.now
+    age = 3.0 if case == "stale" else 0.5
+    assert _promote_with_prior_proof(world, configs, answered, age) == 0
+    added_at = world.events[_at(world, "pg2", "add")][0]
+    assert added_at >= started + ARP_SILENCE
+
+
+def test_a_failed_promotion_takes_back_the_vip_it_added_first(tmp_path: Path) -> None:
+    """The VIP went up before `repmgr standby promote`, which then failed: PostgreSQL is
+    still in recovery, and a standby does not keep the VIP."""
+    world, configs = _world(tmp_path)
+    world.clock.hooks.append(lambda: setattr(world.hosts["pg2"], "running", False)
+                             if world.hosts["pg2"].vip else None)
+    assert _promote_with_prior_proof(world, configs, (world.hosts["pg1"].mac,), 0.5) == 1
+    assert _at(world, "pg2", "add") < _at(world, "pg2", "remove")
+    assert not any(h.vip for h in world.hosts.values())
+    assert world.hosts["pg2"].journal[-1]["action"] == "promote-failed"
 
 
 def test_promote_of_a_node_whose_postgresql_died_takes_no_vip(tmp_path: Path) -> None:

@@ -97,11 +97,13 @@ Judge = Callable[[bytes, Any], "tuple[str, bool] | None"]
 
 
 def solicit(sock: socket.socket, frame: bytes, count: int, wait: float,
-            judge: Judge, spacing: float | None = None) -> tuple[str, ...]:
+            judge: Judge, spacing: float | None = None,
+            complete: bool = False) -> tuple[str, ...]:
     """Sends `frame` `count` times, `spacing` apart (default: spread over `wait`), and
     listens until `wait` seconds after the first.
 
-    Returns the MACs `judge` found in the answers; a conclusive answer ends it at once.
+    Returns the MACs `judge` found in the answers; a conclusive answer ends it at once,
+    unless `complete`: then every host that answers within `wait` is named.
     The one loop behind the ARP (RFC 5227), the LAN proof and the IPv6 (DAD) probe.
     """
     seen: dict[str, None] = {}
@@ -124,13 +126,13 @@ def solicit(sock: socket.socket, frame: bytes, count: int, wait: float,
         verdict = judge(*sock.recvfrom(2048))
         if verdict is not None:
             seen[verdict[0]] = None
-            if verdict[1]:
+            if verdict[1] and not complete:
                 break
     return tuple(seen)
 
 
 def probe(interface: str, address: str, count: int, wait: float,
-          spacing: float | None = None) -> tuple[str, ...]:
+          spacing: float | None = None, complete: bool = False) -> tuple[str, ...]:
     """MACs of other hosts that claim `address`: RFC 5227 probes (sender IP 0.0.0.0)."""
     own = interface_mac(interface)
     target = ipaddress.IPv4Address(address).packed
@@ -146,12 +148,12 @@ def probe(interface: str, address: str, count: int, wait: float,
         return mac_text(sender_mac), op == REPLY  # one reply proves it is in use
 
     with _open(interface) as sock:
-        return solicit(sock, frame, count, wait, judge, spacing)
+        return solicit(sock, frame, count, wait, judge, spacing, complete)
 
 
-def lan_probe(interface: str, address: str) -> tuple[str, ...]:
+def lan_probe(interface: str, address: str, complete: bool = False) -> tuple[str, ...]:
     """The LAN proof: LAN_PROBES probes LAN_SPACING apart, listening LAN_WINDOW in all."""
-    return probe(interface, address, LAN_PROBES, LAN_WINDOW, LAN_SPACING)
+    return probe(interface, address, LAN_PROBES, LAN_WINDOW, LAN_SPACING, complete)
 
 
 def announce_once(interface: str, address: str) -> None:

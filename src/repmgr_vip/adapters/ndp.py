@@ -117,8 +117,10 @@ def _open(interface: str) -> socket.socket:
     return packet_socket(interface, ETH_P_IPV6)
 
 
-def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, ...]:
-    """MACs of other hosts that advertise `address`, answering our DAD solicitations."""
+def probe(interface: str, address: str, count: int, wait: float,
+          complete: bool = False) -> tuple[str, ...]:
+    """MACs of other hosts that advertise `address`, answering our DAD solicitations
+    (`complete`: all of them within `wait`, not only the first)."""
     own = interface_mac(interface)
     target = ipaddress.IPv6Address(address)
     frame = solicitation_frame(own, target)
@@ -136,7 +138,7 @@ def probe(interface: str, address: str, count: int, wait: float) -> tuple[str, .
         return mac_text(mac), True  # one advertisement proves it is in use
 
     with _open(interface) as sock:
-        return solicit(sock, frame, count, wait, judge)
+        return solicit(sock, frame, count, wait, judge, complete=complete)
 
 
 def announce_once(interface: str, address: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repmgr_vip.adapters import arp, ndp, rtnl, statefiles
+from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.privileges import effective_mode, privileged
 from repmgr_vip.adapters.process import alive, describe, first_line, popen_text, run
 from repmgr_vip.config import statepaths
@@ -357,6 +358,26 @@ class VipNetwork:
             macs.update(dict.fromkeys(result))
         return ProbeResult(tuple(macs))
 
+    def probe_all(self) -> tuple[str, ...]:
+        """Direct mode with the LAN proof: every MAC that answers for any address of the VIP
+        within the whole window, not only the first (a prior proof for fencing.Fencing)."""
+        vip = self.config.vip
+        if self.mode != "direct" or not self.lan_proof:
+            raise CommandFailed("a complete proof needs direct mode and daemon.lan_proof")
+        macs: dict[str, None] = {}
+        try:
+            for member in self.members:
+                if member.version == 6:
+                    found = ndp.probe(vip.interface, member.address, arp.LAN_PROBES,
+                                      arp.LAN_WINDOW, complete=True)
+                else:
+                    found = arp.lan_probe(vip.interface, member.address, complete=True)
+                macs.update(dict.fromkeys(found))
+        except OSError as exc:
+            raise CommandFailed(f"probe on {vip.interface} failed: {exc.strerror}; direct "
+                                "mode needs CAP_NET_RAW") from exc
+        return tuple(macs)
+
     def _probe_one(self, member: PrivilegedCommands) -> tuple[str, ...]:
         vip = self.config.vip
         if member.version == 6:
@@ -443,21 +464,35 @@ class VipNetwork:
             )
 
     def _announce_direct(self) -> None:
+        """The first round now (a failure is the caller's), the rest from a thread: a
+        promotion adds the VIP before `repmgr standby promote` and must not wait for them."""
+        vip = self.config.vip
+        self._announce_round(vip.interface)
+        if vip.announce_count > 1:
+            threading.Thread(target=self._announce_rest, args=(vip.interface,),
+                             name="announce", daemon=True).start()
+
+    def _announce_round(self, interface: str) -> None:
+        try:
+            for member in self.members:
+                if member.version == 6:
+                    ndp.announce_once(interface, member.address)
+                else:
+                    arp.announce_once(interface, member.address)
+        except OSError as exc:
+            raise CommandFailed(f"announcing the VIP on {interface} failed: "
+                                f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
+
+    def _announce_rest(self, interface: str) -> None:
         vip = self.config.vip
         try:
-            for index in range(vip.announce_count):
-                if index:
-                    time.sleep(vip.announce_interval)
-                    if not self.holds():
-                        return  # released meanwhile: never advertise an address we gave up
-                for member in self.members:
-                    if member.version == 6:
-                        ndp.announce_once(vip.interface, member.address)
-                    else:
-                        arp.announce_once(vip.interface, member.address)
-        except OSError as exc:
-            raise CommandFailed(f"announcing the VIP on {vip.interface} failed: "
-                                f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
+            for _ in range(vip.announce_count - 1):
+                time.sleep(vip.announce_interval)
+                if not self.holds():
+                    return  # released meanwhile: never advertise an address we gave up
+                self._announce_round(interface)
+        except VipError as exc:
+            LOG.warning("%s", exc)
 
     def _remember_announcer(self, pid: int) -> None:
         # best effort: without the file a release cannot cut a running announcement short

@@ -31,12 +31,12 @@ from repmgr_vip.adapters.network import VipNetwork
 from repmgr_vip.adapters.process import alive
 from repmgr_vip.adapters.system import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.app import claim, hooks
-from repmgr_vip.app.fencing import fence_others
+from repmgr_vip.app.fencing import PriorProof, fence_others
 from repmgr_vip.app.lease import LeaseKeeper
 from repmgr_vip.app.metrics import Metrics
 from repmgr_vip.app.replica import start_replica_keeper
 from repmgr_vip.config import statepaths
-from repmgr_vip.config.schema import Config
+from repmgr_vip.config.schema import Config, keep_while_down
 from repmgr_vip.core import ports
 from repmgr_vip.core.decide import (
     CONFLICT,
@@ -59,6 +59,8 @@ LOCK_WAIT = 0.2
 CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event")
 CONTROL_STOP_WAIT = 10.0  # on stop, steps under way get this long to finish (then the hook)
 REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
+LOOMING_EVERY = 0.15  # seconds between proofs while a failover looms (each takes 80 ms)
+LOOMING_MARGIN = 10.0  # proofs stop this long after the old holder has let the VIP go
 T = TypeVar("T")
 
 
@@ -102,6 +104,52 @@ class SingleFlight(Generic[T]):
             raise
         self._pending = None
         return result, 0.0
+
+
+class LoomingProof(threading.Thread):
+    """While no primary answers, proves who answers for the VIP every LOOMING_EVERY s, so a
+    promotion handed to this daemon finds a proof that ended a moment ago (fencing.PRIOR_FRESH)
+    and can take the VIP the instant the old holder confirms its release: no dark window.
+    Probing stops when the failover is over, and after `limit` seconds of a primary missing
+    (the old holder's daemon has let the VIP go by then: daemon.keep_while_down)."""
+
+    def __init__(self, probe: Callable[[], tuple[str, ...]], limit: float,
+                 stop: threading.Event) -> None:
+        super().__init__(daemon=True, name="looming-proof")
+        self.probe = probe
+        self.limit = limit
+        self.stop_event = stop
+        self.wake = threading.Event()  # set while a failover looms (and to stop)
+        self.since: float | None = None
+        self.latest: PriorProof | None = None
+
+    def looming(self, now_looming: bool) -> None:
+        if now_looming:
+            if self.since is None:
+                self.since = time.monotonic()
+            self.wake.set()
+        else:
+            self.since, self.latest = None, None
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.wake.set()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.wake.wait()
+            since = self.since
+            if self.stop_event.is_set():
+                return
+            if since is None or time.monotonic() - since > self.limit:
+                self.stop_event.wait(LOOMING_EVERY)
+                continue
+            try:
+                self.latest = (time.monotonic(), self.probe())
+            except VipError as exc:
+                LOG.warning("ARP proof ahead of a failover failed: %s", exc)
+                self.latest = None
+            self.stop_event.wait(LOOMING_EVERY)
 
 
 class PeerWatcher(threading.Thread):
@@ -151,6 +199,9 @@ class DaemonState:
     last_probe: float = 0.0
     last_announce: float = 0.0
     last_conflict_fence: float = 0.0
+    # a standby whose primary is gone proves each period who answers for the VIP, so that a
+    # promotion handed to it can take the VIP the moment the old holder confirms (fencing)
+    prior_proof: PriorProof | None = None
 
 
 class DaemonViews:
@@ -199,12 +250,13 @@ class Daemon:
                                           else VipNetwork(config, lan_proof=lan_proof))
         self.files: ports.StateFiles = files if files is not None else FileState(config)
         self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
-                              "prober": prober}
+                              "prober": prober, "prior_proof": self._prior_proof}
         self.stop_event = threading.Event()
         self.watchers: dict[int, PeerWatcher] = {}
         self.records: list[NodeRecord] = []
         self.policy = Policy(isolation_grace=effective_isolation_grace(config),
-                             release_request_hold=2.5 * config.daemon.interval)
+                             release_request_hold=2.5 * config.daemon.interval,
+                             keep_while_down=keep_while_down(config))
         self.state = DaemonState(Memory(majority_seen_at=self.clock.monotonic()))
         self.metrics = Metrics(config.daemon.metrics_address, config.daemon.metrics_port)
         self.last_decision: Decision | None = None
@@ -229,6 +281,7 @@ class Daemon:
             lease = LeaseKeeper(config, real, self.metrics) if real else NoLease()
         self.lease = lease
         self.control: control.ControlServer | None = None  # see serve_control
+        self.looming_proof: LoomingProof | None = None  # see run(); None: once per cycle
         self.refusal_logged = -REFUSAL_LOG_EVERY
 
     # --- snapshot ---------------------------------------------------------------------
@@ -298,6 +351,12 @@ class Daemon:
             except VipError as exc:
                 LOG.warning("conflict probe failed: %s", exc)
             self.state.last_probe = now
+        looming = bool(local.reachable and local.in_recovery and not holds and not any(
+            p.is_data_primary for p in peers))
+        if self.looming_proof is not None:
+            self.looming_proof.looming(looming)
+        elif looming:
+            self._prove_before_failover()
         reannounce = self.config.daemon.reannounce_interval
         return Snapshot(
             now=now, local_name=self.config.repmgr.node_name, local=local,
@@ -308,6 +367,23 @@ class Daemon:
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
+    def _prior_proof(self) -> PriorProof | None:
+        if self.looming_proof is not None:
+            return self.looming_proof.latest
+        return self.state.prior_proof
+
+    def _prove_before_failover(self) -> None:
+        """No primary answers: repmgrd may promote this standby any moment. Who answers for
+        the VIP now (the old holder, whose daemon keeps it while its PostgreSQL is down) is
+        what the promotion's fencing round needs to know before the release, not after it."""
+        try:
+            answered = self.network.probe().answered_by
+        except VipError as exc:
+            LOG.warning("ARP proof ahead of a failover failed: %s", exc)
+            self.state.prior_proof = None
+            return
+        self.state.prior_proof = (self.clock.monotonic(), answered)
+
     # --- act --------------------------------------------------------------------------
 
     def act(self, decision: Decision, snapshot: Snapshot) -> None:
@@ -316,6 +392,9 @@ class Daemon:
         conflict: tuple[tuple[str, ...], str] | None = None
         try:
             with self.files.lock(LOCK_WAIT):
+                if self._promoted_since(decision, snapshot):
+                    LOG.info("PostgreSQL left recovery since this cycle looked: deciding again")
+                    return
                 conflict = self._act_locked(decision, snapshot)
         except LockBusy:
             LOG.info("another repmgr-vip action is running; acting next cycle")
@@ -323,6 +402,15 @@ class Daemon:
             # outside the lock: the other holder's daemon may be asking us the same thing at
             # this very moment, and its release over SSH needs our lock
             self._conflict(*conflict)
+
+    def _promoted_since(self, decision: Decision, snapshot: Snapshot) -> bool:
+        """A standby's VIP is released only if it is still a standby under the lock: a
+        promotion adds the VIP before `repmgr standby promote` and may have ended between
+        this cycle's snapshot and the lock it held meanwhile."""
+        if decision.action is not Action.RELEASE or not snapshot.local.in_recovery:
+            return False
+        now = self.views.local()
+        return now.reachable and not now.in_recovery
 
     def _act_locked(self, decision: Decision,
                     snapshot: Snapshot) -> tuple[tuple[str, ...], str] | None:
@@ -485,6 +573,13 @@ class Daemon:
         self.metrics.start()
         self.ssh_keeper.start()
         self.serve_control()
+        if isinstance(self.network, VipNetwork) and self.network.mode == "direct" and (
+                self.config.daemon.lan_proof):  # a proof of 80 ms on our raw socket
+            network = self.network
+            self.looming_proof = LoomingProof(
+                network.probe_all,
+                keep_while_down(self.config) + LOOMING_MARGIN, self.stop_event)
+            self.looming_proof.start()
         LOG.info("daemon started: VIP %s on %s, period %g s, isolation grace %g s, mode %s",
                  self.config.vip.cidr, self.config.vip.interface, self.config.daemon.interval,
                  self.policy.isolation_grace, self.network.mode)
@@ -505,6 +600,8 @@ class Daemon:
             self.stop_event.wait(max(0.0, self.config.daemon.interval
                                      - (time.monotonic() - started)))
         sd_notify("STOPPING=1")
+        if self.looming_proof is not None:
+            self.looming_proof.stop()
         if self.control is not None:  # from now on hooks do their steps themselves
             self.control.close(wait=CONTROL_STOP_WAIT)
         if replica is not None:

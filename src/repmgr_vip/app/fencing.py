@@ -15,7 +15,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,8 @@ from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.process import first_line, run
 from repmgr_vip.adapters.remote import remote_vip_command, start_remote
 from repmgr_vip.adapters.system import SYSTEM_CLOCK
-from repmgr_vip.app.lease import await_expiry, lease_seconds, wait_budget
-from repmgr_vip.config.schema import Config
+from repmgr_vip.app.lease import EXPIRY_LATE, await_expiry, lease_seconds, wait_budget
+from repmgr_vip.config.schema import Config, keep_while_down
 from repmgr_vip.core.errors import VipError
 from repmgr_vip.core.model import NodeRecord
 from repmgr_vip.core.ports import Clock, FenceRunner, ProberFactory, RemoteRelease, VipAddress
@@ -32,6 +32,12 @@ from repmgr_vip.core.ports import Prober as ProberPort
 from repmgr_vip.core.ports import ReleaseSession as RemoteSession
 
 IN_USE_RETRY = 0.05
+# a prior proof (the daemon's, taken before this round) counts if it ended this recently: a
+# host outside the cluster that starts answering within this window is found by the holder's
+# conflict probe afterwards, not before the add
+PRIOR_FRESH = 0.5
+# (when it ended, monotonic; the MACs that answered): a proof the daemon took just before
+PriorProof = tuple[float, tuple[str, ...]]
 
 
 @dataclass
@@ -152,6 +158,14 @@ class Prober(threading.Thread):
         self.stopped.set()
 
 
+def holder_wait(config: Config) -> float:
+    """Seconds from the start of fencing that an unconfirmed holder may take to let go by
+    itself (0: it never does; see Fencing._await_lease)."""
+    lease = wait_budget(config) if lease_seconds(config) else 0.0
+    keep = keep_while_down(config)
+    return max(lease, keep + EXPIRY_LATE if keep else 0.0)
+
+
 class SshRelease:
     """The real RemoteRelease: `repmgr-vip release` on the node, over ssh, in the background."""
 
@@ -172,7 +186,8 @@ class Fencing:
     def __init__(self, config: Config, network: VipAddress, nodes: Sequence[NodeRecord], *,
                  remote: RemoteRelease | None = None, clock: Clock | None = None,
                  fence_runner: FenceRunner | None = None,
-                 prober: ProberFactory | None = None) -> None:
+                 prober: ProberFactory | None = None,
+                 prior_proof: Callable[[], PriorProof | None] | None = None) -> None:
         self.config = config
         self.network = network
         self.nodes = list(nodes)
@@ -181,6 +196,8 @@ class Fencing:
         self.fence_runner = fence_runner or (lambda node: _run_fence_command(config, node))
         self.proof_pending = False  # wait() returned on confirmations before any probe ended
         self.started = self.clock.monotonic()
+        self.prior = self._fresh(prior_proof() if prior_proof is not None else None)
+        self.confirmed_macs: set[str] = set()  # the interfaces the confirming nodes released
         self.report = FenceReport()
         self.confirmed_at: float | None = None
         self.last_finished = self.started  # when the latest SSH session ended
@@ -214,6 +231,7 @@ class Fencing:
             self.last_finished = self.clock.monotonic()
             if result.ok:
                 self.report.released.append(name)
+                self.confirmed_macs.update(mac.lower() for mac in getattr(result, "macs", ()))
                 LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
             else:
                 self.report.failed.append(name)
@@ -245,7 +263,7 @@ class Fencing:
                 self.report.pending = sorted(self.sessions)  # they finish on their own
                 break
             if confirmations_suffice and self.all_confirmed:
-                answered = latest
+                answered = () if self._accounted() else latest
                 break
             if not self.sessions:
                 # judge by a probe that saw the segment after the last release took effect
@@ -278,18 +296,39 @@ class Fencing:
         self.report.seconds = self.clock.monotonic() - self.started
         return self.report
 
+    def _fresh(self, prior: PriorProof | None) -> tuple[str, ...] | None:
+        """The answers of a proof that ended at most PRIOR_FRESH before this round, else None."""
+        if prior is None:
+            return None
+        ended, answered = prior
+        return answered if self.started - ended <= PRIOR_FRESH else None
+
+    def _accounted(self) -> bool:
+        """Every node confirmed its release, and every MAC that answered for the VIP in the
+        daemon's proof taken just before this round belongs to one of them: the VIP is free
+        without waiting for another probe. This lets the old holder keep the VIP until the
+        very moment it is asked for it (a probe of this round could have started after a
+        confirmation, and an answer then is a holder: those are judged as before)."""
+        if self.prior is None:
+            return False
+        return {mac.lower() for mac in self.prior} <= self.confirmed_macs
+
     def _await_lease(self, answered: tuple[str, ...]) -> tuple[str, ...]:
-        """vip.lease > 0: a node that neither released nor was fenced loses the VIP on its own
-        within the lease (its kernel expires it once nobody renews it), so wait for that."""
+        """A node that neither released nor was fenced may still let go on its own: with
+        vip.lease its kernel expires the VIP (a frozen holder); with daemon.keep_while_down
+        its daemon drops it once its dead PostgreSQL has been down that long (a holder SSH
+        cannot reach). Wait for ARP silence that long from the start of fencing."""
         done = set(self.report.released) | set(self.report.fenced)
         silent = [n.node_name for n in self.nodes if n.node_name not in done]
-        if not lease_seconds(self.config) or not silent:
+        budget = holder_wait(self.config)
+        if not budget or not silent:
             return answered
-        deadline = self.started + wait_budget(self.config)
+        deadline = self.started + budget
         LOG.warning("VIP still answers from %s and %s neither released nor was fenced: "
-                    "waiting up to %.1f s more for its %d s lease to expire",
-                    ", ".join(answered), ",".join(silent), deadline - self.clock.monotonic(),
-                    lease_seconds(self.config))
+                    "waiting up to %.1f s more for it to let go (vip.lease %d s, "
+                    "daemon.keep_while_down %g s)", ", ".join(answered), ",".join(silent),
+                    deadline - self.clock.monotonic(), lease_seconds(self.config),
+                    keep_while_down(self.config))
         window = math.ceil(self.config.vip.probe_timeout) * self.config.vip.probe_count + 10
         return await_expiry(self.prober.result_since, answered, deadline, window,
                             self.clock.monotonic)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
+TAKE_BACK_ASKS = 3  # a failed promotion: how often PostgreSQL is asked before the VIP goes
 PROMOTION_POLL = 0.05
 PROMOTION_WATCH = 90.0  # the daemon watches for PostgreSQL leaving recovery at most this long
 HOOK_GONE_WATCH = 10.0  # ... but only this long once the hook is gone (killed)
@@ -159,8 +160,10 @@ def step_wait(config: Config, *, fencing: bool) -> float:
     the lease), and a margin. Only a daemon that hangs after its greeting costs this."""
     if not fencing:
         return LOCK_TIMEOUT + 15.0
+    from repmgr_vip.app.fencing import holder_wait
+
     f = config.fencing
-    return LOCK_TIMEOUT + f.ssh_command_timeout + f.fence_timeout + config.vip.lease + 30.0
+    return LOCK_TIMEOUT + f.ssh_command_timeout + f.fence_timeout + holder_wait(config) + 30.0
 
 
 def ask_daemon(config: Config, op: str, timeout: float,
@@ -340,6 +343,7 @@ class Promotion:
         self.verdict: PromotionVerdict | None = None
         self.want_vip = False
         self.outcome: bool | None = None  # None: nothing tried yet; else whether it was added
+        self.settled = False  # journaled as held and the release retrier started
 
     def fence(self) -> int | None:
         """Releases the VIP everywhere else and judges; None: promote now, else exit code.
@@ -387,25 +391,40 @@ class Promotion:
     def unconfirmed(self) -> list[str]:
         return self.verdict.report.unconfirmed if self.verdict else []
 
+    def before_promote(self) -> None:
+        """Adds the VIP now when the fencing round proved it free already: the old holder let
+        it go a moment ago, so clients find it again at once (a standby refuses their writes
+        until the promotion ends) instead of losing SYNs into silence, each of which costs a
+        full TCP retransmission. No write can reach the old primary: it released first."""
+        if self.want_vip and self.verdict is not None and self.verdict.proof is None:
+            self.outcome = self.add_vip(None)
+
     def watch(self, running: Callable[[], bool]) -> None:
-        """Adds the VIP the moment PostgreSQL leaves recovery, not when repmgr's polling
-        returns: `repmgr standby promote` checks once per promote_check_interval (1 s) and
-        clients should not wait for that. `running`: repmgr has not returned yet."""
+        """While repmgr runs: adds the VIP once the owed proof passes (if before_promote could
+        not), then settles it the moment PostgreSQL leaves recovery, not when repmgr's polling
+        returns (`repmgr standby promote` checks once per promote_check_interval, 1 s).
+        `running`: repmgr has not returned yet."""
         if not self.want_vip:
+            return
+        if self.outcome is None:
+            self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
+        if not self.outcome:
             return
         while running():
             if self.hands.local(self.config).view(1.0).is_primary:
                 LOG.info("promote: PostgreSQL left recovery")
-                self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
-                if self.outcome:  # at once: a cut-off node may come back any moment
-                    self._after_vip_added()
+                self._after_vip_added()  # at once: a cut-off node may come back any moment
                 return
             self.hands.sleep(PROMOTION_POLL)
 
     def finish(self, status: int) -> int:
-        """Once repmgr returned with `status`: the VIP if it is not there yet; the status."""
+        """Once repmgr returned with `status`: the VIP settled, or taken back from a node that
+        stayed a standby; the status."""
         config = self.config
         if status != 0:
+            if self.outcome and not self._primary_after_all():
+                self._take_back(status)
+                return status
             if self.outcome:
                 LOG.error("promote: repmgr reported failure (exit %d) but PostgreSQL left "
                           "recovery: this node is primary and keeps the VIP", status)
@@ -418,11 +437,37 @@ class Promotion:
         if not self.want_vip:
             reason = self.verdict.decision.reason if self.verdict else "?"
             LOG.error("promote: promoted WITHOUT the VIP: %s", reason)
-        elif self.outcome is None:  # repmgr returned before we saw it
+        elif self.outcome is None:  # repmgr returned before the owed proof was asked for
             self.outcome = self.add_vip(self.verdict.proof if self.verdict else None)
-            if self.outcome:
-                self._after_vip_added()
+        if self.outcome:
+            self._after_vip_added()
         return status
+
+    def _primary_after_all(self) -> bool:
+        """Whether PostgreSQL left recovery although repmgr failed; a query that times out
+        is asked again, so a slow new primary does not lose the VIP to one late answer."""
+        for _ in range(TAKE_BACK_ASKS):
+            view = self.hands.local(self.config).view(2.0)
+            if view.reachable:
+                return view.is_primary
+        return False
+
+    def _take_back(self, status: int) -> None:
+        """The VIP went up for a promotion that failed: a standby must not keep it."""
+        from repmgr_vip.app import claim
+
+        try:
+            claim.release(self.hands.network)
+        except VipError as exc:
+            LOG.error("promote: repmgr failed (exit %d) and removing the VIP failed too: %s",
+                      status, exc)
+            return
+        self.outcome = False
+        LOG.error("promote: repmgr standby promote failed (exit %d) and PostgreSQL is still "
+                  "in recovery; the VIP added for it is removed", status)
+        _journal(self.config, self.hands, "promote", "promote-failed",
+                 f"repmgr exited {status}; the VIP added before it is removed",
+                 outcome="released")
 
     def checkpoint(self) -> None:
         """pg_rewind reads the new timeline from the control file: write it now, not at the
@@ -465,6 +510,9 @@ class Promotion:
         return True
 
     def _after_vip_added(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
         node = self.hands.local(self.config)
         local = node.view(2.0)
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
@@ -487,6 +535,7 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
         refused = promotion.fence()
         if refused is not None:
             return refused
+        promotion.before_promote()
         run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
         promotion.watch(lambda: run.poll() is None)
         status = promotion.finish(run.finish())
@@ -588,6 +637,7 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> 
         if refused is not None:
             conv.send({"ok": True, "exit": int(refused)})
             return
+        promotion.before_promote()
         if not conv.send({"ok": True, "want_vip": promotion.want_vip,
                           "unconfirmed": promotion.unconfirmed}):
             LOG.warning("promote: the hook stopped waiting before the verdict; "

@@ -83,6 +83,7 @@ def reload_daemon(daemon: Daemon) -> bool:
     """Re-reads the file and puts the result into the running daemon; False if nothing changed."""
     from repmgr_vip.adapters.network import VipNetwork
     from repmgr_vip.app.daemon import effective_isolation_grace
+    from repmgr_vip.config.schema import keep_while_down
 
     old = daemon.config
     new = reload_config(old)
@@ -97,7 +98,8 @@ def reload_daemon(daemon: Daemon) -> bool:
     if isinstance(daemon.network, VipNetwork):  # an injected port (a fake) has no commands
         daemon.network.reconfigure(new)
     daemon.policy = dataclasses.replace(daemon.policy,
-                                        isolation_grace=effective_isolation_grace(new))
+                                        isolation_grace=effective_isolation_grace(new),
+                                        keep_while_down=keep_while_down(new))
     for watcher in daemon.watchers.values():
         watcher.interval = new.daemon.interval
     LOG.info("configuration reloaded from %s: %s", new.path, "; ".join(diff),

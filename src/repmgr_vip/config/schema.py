@@ -116,6 +116,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "metrics_address": (str, "127.0.0.1"),
         "metrics_port": (int, 9853),
         "lan_proof": (bool, True),
+        "keep_while_down": (float, -1.0),
     },
 }
 
@@ -214,6 +215,7 @@ class DaemonSettings:
     metrics_address: str
     metrics_port: int
     lan_proof: bool  # the daemon's 80 ms raw-socket ARP proof instead of vip.probe_*
+    keep_while_down: float  # -1: auto (see keep_while_down()); 0: drop at once
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "fencing.ssh_command_timeout": (1, 86400),
     "daemon.interval": (0, 3600),
     "daemon.isolation_grace": (0, 86400),
+    "daemon.keep_while_down": (-1, 86400),
     "daemon.conflict_probe_interval": (0, 3600),
     "daemon.reannounce_interval": (0, 86400),
     "daemon.metrics_port": (0, 65535),
@@ -430,6 +433,9 @@ def build_config(raw: Mapping[str, Any], path: Path, *, check_host: bool = True)
         raise ConfigError("fencing.release_retry_for must be 0 (off) or more seconds; fix it")
     if values["daemon"]["isolation_grace"] < 0:
         raise ConfigError("daemon.isolation_grace must be 0 (auto) or more; fix it")
+    if values["daemon"]["keep_while_down"] < 0 and values["daemon"]["keep_while_down"] != -1:
+        raise ConfigError("daemon.keep_while_down must be -1 (auto), 0 (off) or more seconds; "
+                          "fix it")
     _choice("daemon", "on_stop", values["daemon"]["on_stop"], STOP_POLICIES)
     for name, binary in values["commands"].items():
         if not os.path.isabs(binary):
@@ -558,3 +564,20 @@ def render_toml(values: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in keys.items())
     return "\n".join(lines) + "\n"
+
+
+KEEP_WHILE_DOWN_MARGIN = 10.0  # seconds past repmgrd's detection for its promote_command
+
+
+def keep_while_down(config: Config) -> float:
+    """How long a primary whose PostgreSQL died keeps the VIP (daemon.keep_while_down).
+
+    Auto: repmgrd's own detection time (reconnect_attempts x reconnect_interval) plus a
+    margin, so the VIP stays until the promoted standby asks for it; a promoting node that
+    cannot reach the old one waits at most this long for it to let go (fencing).
+    """
+    configured = config.daemon.keep_while_down
+    if configured >= 0:
+        return configured
+    detection = config.repmgr.reconnect_attempts * config.repmgr.reconnect_interval
+    return detection + KEEP_WHILE_DOWN_MARGIN

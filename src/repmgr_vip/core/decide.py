@@ -131,6 +131,7 @@ class Memory:
     local_failures: int = 0  # consecutive failed local queries
     max_peer_timeline: int = 0  # highest timeline any peer has shown us
     self_fenced: bool = False  # this cycle's verdict; the daemon lifts the marker when False
+    local_down_since: float | None = None  # monotonic time local PostgreSQL stopped answering
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,11 @@ class Policy:
     # timeline, and re-adding meanwhile would put the VIP on two nodes; short, because a
     # promotion that never shows must not leave a legitimate primary without the VIP for long
     release_request_hold: float = 2.5
+    # local PostgreSQL is down and no other node is primary (yet): keep the VIP this long, so
+    # clients get "connection refused" at once instead of silence (a lost SYN costs them a
+    # full retransmission after the promotion); a promoting standby asks for it (fencing).
+    # 0: drop it as soon as PostgreSQL is known to be down
+    keep_while_down: float = 0.0
 
 
 def _majority(snapshot: Snapshot) -> tuple[bool, str]:
@@ -186,20 +192,12 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
         local_failures=0 if snapshot.local.reachable else memory.local_failures + 1,
         max_peer_timeline=max([memory.max_peer_timeline, *peer_timelines]),
         self_fenced=self_fenced,
+        local_down_since=None if snapshot.local.reachable else (
+            snapshot.now if memory.local_down_since is None else memory.local_down_since),
     )
     local = snapshot.local
     if not local.reachable:
-        if snapshot.local_surely_down or memory.local_failures >= policy.local_failures_to_release:
-            return _drop(snapshot, f"local PostgreSQL is down ({local.error})"), memory
-        other = next((p for p in snapshot.peers if p.is_data_primary), None)
-        if other is not None:
-            return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and "
-                         f"{other.node_name} is primary"), memory
-        if snapshot.foreign_macs:
-            return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and the "
-                         f"VIP also answers from {', '.join(snapshot.foreign_macs)}"), memory
-        return Decision(Action.KEEP, f"local query failed once ({local.error}); "
-                        "not acting on a single failure"), memory
+        return _local_unreachable(snapshot, memory, policy, has_majority, counted)
     if local.in_recovery:
         return _drop(snapshot, "local PostgreSQL is a standby"), memory
     timeline = local.timeline or 0
@@ -235,3 +233,34 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
         return Decision(Action.KEEP, f"holding: {why}; within isolation grace "
                         f"({isolated_for:.1f}/{policy.isolation_grace:g} s)"), memory
     return Decision(Action.KEEP, f"not acquiring: {why} is not a majority"), memory
+
+
+def _local_unreachable(snapshot: Snapshot, memory: Memory, policy: Policy, has_majority: bool,
+                       counted: str) -> tuple[Decision, Memory]:
+    """Local PostgreSQL does not answer. A dead primary's VIP is harmless (nothing accepts a
+    write behind it) and better than silence for clients, until someone else may take it."""
+    local = snapshot.local
+    other = next((p for p in snapshot.peers if p.is_data_primary), None)
+    if other is not None:
+        return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and "
+                     f"{other.node_name} is primary"), memory
+    if snapshot.foreign_macs:
+        return _drop(snapshot, f"local PostgreSQL does not answer ({local.error}) and the "
+                     f"VIP also answers from {', '.join(snapshot.foreign_macs)}"), memory
+    if not (snapshot.local_surely_down
+            or memory.local_failures >= policy.local_failures_to_release):
+        return Decision(Action.KEEP, f"local query failed once ({local.error}); "
+                        "not acting on a single failure"), memory
+    why = f"local PostgreSQL is down ({local.error})"
+    if memory.self_fenced:
+        return _drop(snapshot, f"{why}; self-fenced after losing the standbys"), memory
+    isolated_for = snapshot.now - memory.majority_seen_at
+    if not has_majority and isolated_for > policy.isolation_grace:
+        return _drop(snapshot, f"{why}; isolated: {counted} for {isolated_for:.1f} s"), memory
+    since = memory.local_down_since
+    down_for = snapshot.now - (snapshot.now if since is None else since)
+    if snapshot.holds_vip and down_for < policy.keep_while_down:
+        return Decision(Action.KEEP, f"holding: {why}, no other node is primary: clients are "
+                        "refused at once here until a promoted standby asks for the VIP "
+                        f"({down_for:.1f}/{policy.keep_while_down:g} s)"), memory
+    return _drop(snapshot, why), memory
