@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters import control, journal
 from repmgr_vip.adapters.log import LOG
+from repmgr_vip.adapters.procstart import process_start_time
 from repmgr_vip.config import statepaths
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.errors import CommandFailed, ExitCode, VipError
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 LOCK_TIMEOUT = 60.0
 PEER_QUERY_TIMEOUT = 2.0
+PROMOTE_ARGS = ("standby", "promote", "--log-to-file")
+DAEMON_SKIPPED: str | None = None  # cli/quick.py already asked the daemon and gave up: why
 TAKE_BACK_ASKS = 3  # a failed promotion: how often PostgreSQL is asked before the VIP goes
 PROMOTION_POLL = 0.05
 PROMOTION_WATCH = 90.0  # the daemon watches for PostgreSQL leaving recovery at most this long
@@ -93,7 +96,7 @@ class SystemNode:
     def start_promote(self) -> RepmgrRun:
         from repmgr_vip.adapters import repmgr
 
-        return repmgr.start_repmgr(self.config, "standby", "promote", "--log-to-file")
+        return repmgr.start_repmgr(self.config, *PROMOTE_ARGS)
 
     def start_retrier(self, timeline: int, nodes: Sequence[str]) -> None:
         from repmgr_vip.app.release_retry import start_retrier
@@ -203,7 +206,7 @@ def serve(config: Config, hands: Hands, request: Mapping[str, Any],
     op = request.get("op")
     try:
         if op == "promote":
-            _serve_promote(config, hands, conv)
+            _serve_promote(config, hands, conv, quick=bool(request.get("quick")))
             return
         if op == "start-repmgrd":
             message = start_repmgrd_vip_step(config, hands)
@@ -313,18 +316,6 @@ def stop_repmgrd(config: Config) -> tuple[int, str]:
 
 
 # --- promote -------------------------------------------------------------------------------
-
-
-def process_start_time() -> float | None:
-    """When this process started, on the wall clock (the kernel's ticks: 10 ms steps); what
-    the journal's "hook_ms" counts from, so the interpreter's own start-up is included."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks)
 
 
 class Promotion:
@@ -580,6 +571,8 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
     The conversation: {"op": "promote"} -> the verdict; the hook runs repmgr while the daemon
     adds the VIP once PostgreSQL leaves recovery; {"op": "promoted", "status"} -> done.
     """
+    if DAEMON_SKIPPED is not None:
+        return None, _fallback_note("promote", DAEMON_SKIPPED)
     asked = time.time()
     try:
         conv = control.connect(statepaths.control_socket(config.state_dir))
@@ -608,11 +601,11 @@ def _promote_via_daemon(config: Config, started: float | None) -> tuple[int | No
             LOG.error("promote: daemon %s after its verdict; taking the VIP step here",
                       exc.reason)
             if verdict.get("want_vip"):
-                _vip_after_lost_daemon(config, status, list(verdict.get("unconfirmed", [])))
+                vip_after_lost_daemon(config, status, list(verdict.get("unconfirmed", [])))
     return status, ""
 
 
-def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) -> None:
+def vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) -> None:
     """The daemon fenced, then vanished before the VIP was settled: add it here, after a
     fresh ARP proof, if PostgreSQL is out of recovery."""
     from repmgr_vip.adapters import cluster
@@ -629,17 +622,27 @@ def _vip_after_lost_daemon(config: Config, status: int, unconfirmed: list[str]) 
                      outcome="held", unconfirmed=unconfirmed)
 
 
-def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> None:
+def _serve_promote(config: Config, hands: Hands, conv: control.Conversation, *,
+                   quick: bool = False) -> None:
     """The daemon's side of promote: fence, hand the verdict over, and while the hook runs
-    repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock."""
+    repmgr, add the VIP the moment PostgreSQL leaves recovery; all under the lock.
+
+    quick: the hook is cli/quick.py, which reads no configuration: the verdict carries the
+    repmgr command line, and the hook reports when it started it and what repmgr printed."""
     with _locked_promotion(config, hands) as promotion:
         refused = promotion.fence()
         if refused is not None:
             conv.send({"ok": True, "exit": int(refused)})
             return
         promotion.before_promote()
-        if not conv.send({"ok": True, "want_vip": promotion.want_vip,
-                          "unconfirmed": promotion.unconfirmed}):
+        verdict: dict[str, Any] = {"ok": True, "want_vip": promotion.want_vip,
+                                   "unconfirmed": promotion.unconfirmed}
+        if quick:
+            from repmgr_vip.adapters import repmgr
+
+            verdict["argv"] = repmgr.repmgr_argv(config, *PROMOTE_ARGS)
+            verdict["env"] = {repmgr.INSIDE_HOOK_ENV: "1"}
+        if not conv.send(verdict):
             LOG.warning("promote: the hook stopped waiting before the verdict; "
                         "it fences and promotes by itself")
             return
@@ -649,8 +652,11 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> 
         def running() -> bool:
             nonlocal status, deadline
             message = conv.receive(0.0)
+            if message is not None and message.get("op") == "started":
+                _journal_quick_start(config, message)
             if message is not None and message.get("op") == "promoted":
                 status = _int(message.get("status"), 1)
+                _log_repmgr_output(message.get("output"))
             if conv.closed:  # the hook was killed: its repmgr may still be promoting
                 deadline = min(deadline, time.monotonic() + HOOK_GONE_WATCH)
             return status is None and time.monotonic() < deadline
@@ -666,6 +672,31 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation) -> 
         promotion.finish(status)
         conv.send({"ok": True, "vip": bool(promotion.outcome)})
         promotion.checkpoint()  # after the reply: the hook does not wait for it
+
+
+def _journal_quick_start(config: Config, message: Mapping[str, Any]) -> None:
+    """cli/quick.py started repmgr: the journal entry `_start_promote` writes for a hook."""
+    def wall(key: str) -> float | None:
+        value = message.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    started, at = wall("process_start"), wall("at")
+    hook_ms = round((at - started) * 1000) if started is not None and at is not None else None
+    extra: dict[str, Any] = {
+        f"{key}_ms": round((value - started) * 1000) for key in ("asked", "verdict")
+        if started is not None and (value := wall(key)) is not None}
+    LOG.info("promote: repmgr standby promote started %s ms after the quick hook started "
+             "(fenced by the daemon)", hook_ms)
+    journal.record(config.state_dir, config.repmgr.node_name, "promote", "repmgr-promote",
+                   "repmgr standby promote started", via="daemon", quick=True,
+                   process_start=started, repmgr_started=at, hook_ms=hook_ms, **extra)
+
+
+def _log_repmgr_output(output: Any) -> None:
+    if isinstance(output, str):
+        for line in output.splitlines():
+            if line.strip():
+                LOG.info("repmgr: %s", line.rstrip())
 
 
 def _int(value: Any, default: int) -> int:
@@ -813,12 +844,14 @@ def repmgr_conf_lines(config: Config) -> str:
         return "'" + command.replace("'", "''") + "'"
 
     events = ",".join(sorted(HANDLED_EVENTS))
+    # the quick start (cli/quick.py) finds the daemon without reading the configuration
+    control_socket = shlex.quote(str(statepaths.control_socket(config.state_dir)))
     replica = f"; replica VIP {config.replica.vip.cidr}" if config.replica else ""
     return "\n".join([
         "# repmgr-vip: add to repmgr.conf on this node, then restart repmgrd.",
         f"# addresses: VIP {config.vip.cidr}{replica}",
         "# event_notifications lists the events repmgr-vip acts on; keep any of your own.",
-        f"promote_command={value('promote')}",
+        f"promote_command={value('promote', '--control', control_socket)}",
         f"follow_command={value('follow', '%n')}",
         f"repmgrd_service_start_command={value('start-repmgrd')}",
         f"repmgrd_service_stop_command={value('stop-repmgrd')}",

@@ -350,9 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         "repmgrd_service_start_command: VIP if legitimate primary, then start repmgrd")
     add("stop-repmgrd", cmd_stop_repmgrd,
         "repmgrd_service_stop_command: stop repmgrd, leave the VIP alone")
-    add("promote", cmd_promote,
-        "promote_command: fence other nodes, promote, then take the VIP; exits with "
-        "repmgr's status (3 if refused for safety)")
+    p = add("promote", cmd_promote,
+            "promote_command: fence other nodes, promote, then take the VIP; exits with "
+            "repmgr's status (3 if refused for safety)")
+    p.add_argument("--control", metavar="SOCKET",
+                   help="the daemon's control socket, for the quick start (written by "
+                   "`repmgr-conf`; the configured one is used when it does not answer)")
     p = add("follow", cmd_follow, "follow_command: release the VIP here, then follow")
     p.add_argument("upstream_node_id", type=int, metavar="NODE_ID", help="repmgr's %%n")
     p = add("event", cmd_event, "event_notification_command: move the VIP on switchover, "
