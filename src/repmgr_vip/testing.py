@@ -392,6 +392,7 @@ class FakeProber:
 class FakeResult:
     returncode: int
     stdout: str = ""
+    macs: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -525,6 +526,11 @@ class FakeFiles:
     def release_request_age(self) -> float | None:
         at = self.host.release_request_at
         return None if at is None else self.world.clock.now - at
+
+    def write_release_request(self, reason: str) -> None:
+        if self.host.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.host.release_request_at = self.world.clock.now
 
     def clear_release_request(self) -> None:
         self.host.release_request_at = None
