@@ -454,8 +454,10 @@ class Daemon:
         if op in CONTROL_OPS:
             self.metrics.action(f"control_{op}")
         LOG.info("control: %s for pid %d", op, peer.pid)
+        # a peer's release writes its hold where our cycle reads it (our StateFiles port)
         hands = hooks.Hands(self.network, self.files.lock, via="daemon",
-                            fencing=self.fencing_ports)
+                            fencing=self.fencing_ports,
+                            files=self.files if op == "release" else None)
         hooks.serve(self.config, hands, request, conv)
 
     def _refused(self, peer: control.Peer) -> None:
