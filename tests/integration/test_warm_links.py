@@ -1,19 +1,36 @@
 """Warm SSH links: remote releases over the daemon's multiplexed masters, against fresh
-connections; a dead master is replaced by a fresh connection without anyone noticing."""
+connections; a dead master is replaced by a fresh connection without anyone noticing; and the
+warm link (a socket the master forwards to the peer's daemon): a release confirmed in about one
+round trip, no process started on the peer, ssh exec when the peer's daemon is not there."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
 import statistics
+import subprocess
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from bench.sshwarm import cold_rounds, masters, postgres_uid, probe, release_seconds
-from lab import Lab
-from tests.integration.vipconf import hooked_cluster, start_daemon, stop_daemon
+from lab import INTERFACE, VIP, Lab, Node
+from repmgr_vip.config import statepaths
+from tests.integration.vipconf import (
+    PYTHON,
+    config_path,
+    has_vip,
+    hooked_cluster,
+    journal_entries,
+    never_during,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -70,3 +87,141 @@ def test_release_over_warm_links_is_faster_and_a_dead_master_falls_back(
         assert all(release_seconds(lab, node1) < max(cold) for _ in range(2))
     finally:
         stop_daemon(daemon)
+
+
+# Run as postgres inside a node: one remote release round to TARGETS ("all": every other
+# node, in parallel, as a fencing round asks them) over the warm link (LinkRelease, which
+# falls back to ssh exec) or over ssh exec (SshRelease), timed from the first start to the
+# last confirmation; "answers": whether each target's daemon greets through its link.
+LINK_PROBE = r"""
+import json, sys, time
+from pathlib import Path
+from repmgr_vip.adapters import cluster, sshmux
+from repmgr_vip.adapters.link import LinkRelease
+from repmgr_vip.app.fencing import SshRelease
+from repmgr_vip.config.schema import load_config
+
+config = load_config(Path(sys.argv[1]))
+mode, targets = sys.argv[2], sys.argv[3].split(",")
+nodes = [n for n in cluster.registered_nodes(config)
+         if n.node_id != config.repmgr.node_id and (targets == ["all"] or n.node_name in targets)]
+if mode == "answers":
+    print(json.dumps({n.node_name: sshmux.link_answers(sshmux.link_path(config, n))
+                      for n in nodes}))
+    sys.exit(0)
+remote = (LinkRelease(lambda: config, lambda: SshRelease(config)) if mode == "link"
+          else SshRelease(config))
+began = time.monotonic()
+sessions = {n.node_name: remote.start_release(n) for n in nodes}
+while not all(s.finished() for s in sessions.values()):
+    time.sleep(0.0005)
+seconds = time.monotonic() - began
+out = {}
+for name, s in sessions.items():
+    r = s.result()
+    out[name] = {"ok": r.ok, "via": getattr(s, "via", "ssh"), "macs": list(r.macs),
+                 "out": r.stdout.strip()[-200:]}
+print(json.dumps({"seconds": seconds, "nodes": out}))
+"""
+
+
+def _probe(lab: Lab, node: Node, mode: str, targets: str = "all") -> dict[str, Any]:
+    result = lab.run(node, [PYTHON, "-c", LINK_PROBE, str(config_path(node)), mode, targets],
+                     timeout=60)
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _readd(lab: Lab, node: Node) -> None:
+    """The VIP back on node as root (its daemon, primary there, keeps it)."""
+    lab.run(node, ["ip", "addr", "replace", VIP, "dev", INTERFACE], user="root")
+
+
+class DaemonsUp:
+    """The daemon on every node, with the warm links from `origin` to every other node up."""
+
+    def __init__(self, lab: Lab, origin: Node) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {n.name: start_daemon(lab, n)
+                                                        for n in lab.nodes}
+        wait_until(lab, "every daemon serves its control socket", lambda: all(
+            statepaths.control_socket(n.dir).exists() for n in lab.nodes), 30)
+        wait_until(lab, f"{origin.name}'s warm links to every peer's daemon", lambda: not any(
+            _probe(lab, origin, "answers").values()), 60, interval=0.5)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        assert stop_daemon(proc) == 0
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                stop_daemon(proc)
+
+
+def _rounds(lab: Lab, origin: Node, holder: Node, rounds: int) -> dict[str, list[float]]:
+    """Interleaved parallel release rounds to every peer of origin, over the link and over
+    ssh exec (the same warm masters), each starting with the VIP on holder."""
+    seconds: dict[str, list[float]] = {"link": [], "ssh": []}
+    for _ in range(rounds):
+        for mode in ("link", "ssh"):
+            _readd(lab, holder)
+            result = _probe(lab, origin, mode)
+            assert all(n["ok"] for n in result["nodes"].values()), result
+            assert all(n["via"] == mode for n in result["nodes"].values()), result
+            assert not has_vip(lab, holder)
+            seconds[mode].append(result["seconds"])
+    return seconds
+
+
+def test_a_release_over_the_warm_link_is_one_round_trip_and_starts_nothing_there(
+        lab_factory: Callable[..., Lab]) -> None:
+    """node2's daemon side asks node1's daemon through the link: node1 lets go at once (its
+    daemon, no process started there), holds off re-adding for the hold, and replies its MAC;
+    with node1's daemon stopped the very same round releases over ssh exec.
+
+    RV_LINK_NODES=7 runs it with 7 nodes (the figures printed are the point then)."""
+    lab = lab_factory(nodes=int(os.environ.get("RV_LINK_NODES", "3")))
+    hooked_cluster(lab)
+    node1, node2 = lab.nodes[0], lab.nodes[1]
+    assert lab.vip_holders() == ["node1"]
+    daemons = DaemonsUp(lab, node2)
+    try:
+        result = _probe(lab, node2, "link", "node1")
+        one = result["nodes"]["node1"]
+        assert one["ok"] and one["via"] == "link", result
+        assert one["macs"] == [node1.mac.lower()]
+        assert not has_vip(lab, node1)
+        [entry] = journal_entries(node1, source="release", action="release")
+        assert entry["inputs"]["via"] == "link" and entry["outcome"] == "released"
+        assert entry["pid"] == daemons.procs["node1"].pid  # the daemon itself, no new process
+        assert statepaths.release_request_marker(node1.dir).exists()
+        print(f"\nwarm link: node1 released and confirmed in "
+              f"{result['seconds'] * 1000:.1f} ms")
+        assert result["seconds"] < 1.0  # ~ms; generous, so load cannot flake it
+        # node1 is still primary: its daemon keeps off for the hold (2.5 periods), then
+        # takes the VIP back (no newer timeline showed)
+        never_during(lambda: has_vip(lab, node1), 1.5)
+        wait_until(lab, "node1's daemon takes the VIP back after the hold",
+                   lambda: has_vip(lab, node1), 15)
+
+        seconds = _rounds(lab, node2, node1, int(os.environ.get("RV_LINK_ROUNDS", "10")))
+        link, ssh = (statistics.median(seconds[m]) * 1000 for m in ("link", "ssh"))
+        print(f"release round from node2 to {len(lab.nodes) - 1} peers in parallel, median "
+              f"of {len(seconds['link'])}: warm link {link:.1f} ms, ssh exec {ssh:.1f} ms "
+              f"(link {[round(s * 1000, 1) for s in seconds['link']]}, ssh "
+              f"{[round(s * 1000) for s in seconds['ssh']]})")
+        assert link < ssh
+
+        daemons.stop("node1")
+        _readd(lab, node1)
+        marker = statepaths.release_request_marker(node1.dir)
+        before = marker.stat().st_mtime if marker.exists() else 0.0  # (cleared after the hold)
+        time.sleep(0.05)
+        result = _probe(lab, node2, "link", "node1")
+        one = result["nodes"]["node1"]
+        assert one["ok"] and one["via"] == "ssh" and one["macs"] == [], result
+        assert not has_vip(lab, node1)
+        assert marker.stat().st_mtime > before  # `repmgr-vip release` over ssh held too
+        print(f"node1's daemon stopped: released over ssh exec in "
+              f"{result['seconds'] * 1000:.0f} ms")
+    finally:
+        daemons.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,13 +50,15 @@ def serve_release(config: Config, hands: Hands, request: Mapping[str, Any]) -> d
     from repmgr_vip.adapters.system import FileState
     from repmgr_vip.app.hooks import _journal
 
+    started = time.monotonic()
     asker = f"{str(request.get('from') or '?')[:MAX_ASKER]} over the link"
     files = hands.files if hands.files is not None else FileState(config)
     with hands.lock(LOCK_WAIT):
         released = release_for_peer(hands.network, files, asker)
     message = released_text(config, released)
     _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
-             f"requested by {asker}", outcome="released" if released else "not held")
+             f"requested by {asker}", outcome="released" if released else "not held",
+             release_ms=round((time.monotonic() - started) * 1000, 1))
     macs: list[str] = []
     with contextlib.suppress(VipError):
         mac = hands.network.interface_state().mac
