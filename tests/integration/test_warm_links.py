@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bench.sshwarm import cold_rounds, masters, postgres_uid, probe, release_seconds
-from lab import INTERFACE, VIP, Lab, Node
+from lab import INTERFACE, VIP, Lab, Node, VipSampler
 from repmgr_vip.config import statepaths
 from tests.integration.vipconf import (
     PYTHON,
@@ -225,3 +225,32 @@ def test_a_release_over_the_warm_link_is_one_round_trip_and_starts_nothing_there
               f"{result['seconds'] * 1000:.0f} ms")
     finally:
         daemons.close()
+
+
+def test_a_failover_with_daemons_up_fences_over_the_warm_links(
+        lab_factory: Callable[..., Lab]) -> None:
+    """kill -9 of node1's postmaster, daemons up: node2's promotion (run by its daemon) asks
+    every peer's daemon over its link; the VIP moves, never on two nodes."""
+    lab = lab_factory(nodes=3)
+    hooked_cluster(lab)
+    node1, node2, node3 = lab.nodes
+    daemons = DaemonsUp(lab, node2)
+    try:
+        with VipSampler(lab) as sampler:
+            lab.kill_postgres(node1)
+            wait_until(lab, "node2 promoted", lambda: lab.is_in_recovery(node2) is False, 60)
+            wait_until(lab, "VIP on node2 alone", lambda: lab.vip_holders() == ["node2"], 20)
+            wait_until(lab, "the promote hook's last step (CHECKPOINT)", lambda: bool(
+                journal_entries(node2, source="promote", action="checkpoint")), 30)
+        sampler.assert_never_two()
+    finally:
+        daemons.close()
+    for peer in (node1, node3):
+        asked = journal_entries(peer, source="release", action="release")
+        assert asked and all(e["inputs"]["via"] == "link" for e in asked), (peer.name, asked)
+    [verdict] = [e for e in journal_entries(node2, source="promote")
+                 if "fencing_ms" in e.get("inputs", {})]
+    release_ms = {p.name: journal_entries(p, source="release")[0]["inputs"]["release_ms"]
+                  for p in (node1, node3)}
+    print(f"\nfailover over the warm links: fencing {verdict['inputs']['fencing_ms']} ms "
+          f"(the peers' daemons' own release steps: {release_ms} ms)")
