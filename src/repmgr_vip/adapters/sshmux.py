@@ -97,7 +97,7 @@ def link_path(config: Config, node: NodeRecord) -> Path | None:
     """Where the master to node's host forwards node's daemon control socket (the warm
     link); None if no private directory. Named by a hash: short, whatever the host is."""
     directory = control_dir(config)
-    if directory is None or not node.host:
+    if directory is None or not node.host or ":" in str(directory):  # ssh splits -L at ":"
         return None
     digest = hashlib.sha256(f"{node.host}\0{node.node_name}".encode()).hexdigest()[:16]
     return directory / f"{LINK_PREFIX}{digest}"
