@@ -423,7 +423,7 @@ class FakeSession:
         else:
             was = host.vip
             host.vip = False
-            if not host.disk_full:  # as `repmgr-vip release` over ssh does (_hold_daemon_off)
+            if not host.disk_full:  # as `repmgr-vip release` over ssh does (release_for_peer)
                 host.release_request_at = now
             host.confirmed_to[self.origin] = now
             self.world.event(host.name, f"released for {self.origin}")
