@@ -105,9 +105,10 @@ config = load_config(Path(sys.argv[1]))
 mode, targets = sys.argv[2], sys.argv[3].split(",")
 nodes = [n for n in cluster.registered_nodes(config)
          if n.node_id != config.repmgr.node_id and (targets == ["all"] or n.node_name in targets)]
-if mode == "answers":
-    print(json.dumps({n.node_name: sshmux.link_answers(sshmux.link_path(config, n))
-                      for n in nodes}))
+if mode in ("answers", "sockets"):
+    paths = {n.node_name: sshmux.link_path(config, n) for n in nodes}
+    print(json.dumps({name: sshmux.link_answers(path) if mode == "answers"
+                      else path is not None and path.is_socket() for name, path in paths.items()}))
     sys.exit(0)
 remote = (LinkRelease(lambda: config, lambda: SshRelease(config)) if mode == "link"
           else SshRelease(config))
@@ -139,13 +140,14 @@ def _readd(lab: Lab, node: Node) -> None:
 class DaemonsUp:
     """The daemon on every node, with the warm links from `origin` to every other node up."""
 
-    def __init__(self, lab: Lab, origin: Node) -> None:
+    def __init__(self, lab: Lab, origin: Node, unlinked: tuple[str, ...] = ()) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {n.name: start_daemon(lab, n)
                                                         for n in lab.nodes}
         wait_until(lab, "every daemon serves its control socket", lambda: all(
             statepaths.control_socket(n.dir).exists() for n in lab.nodes), 30)
         wait_until(lab, f"{origin.name}'s warm links to every peer's daemon", lambda: not any(
-            _probe(lab, origin, "answers").values()), 60, interval=0.5)
+            why for name, why in _probe(lab, origin, "answers").items()
+            if name not in unlinked), 60, interval=0.5)
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -256,3 +258,43 @@ def test_a_failover_with_daemons_up_fences_over_the_warm_links(
                   for p in peers}
     print(f"\nfailover over the warm links: fencing {verdict['inputs']['fencing_ms']} ms "
           f"(the peers' daemons' own release steps: {release_ms} ms)")
+
+
+def _restart_sshd(lab: Lab, node: Node, *options: str) -> None:
+    """node's sshd again, with more options (sessions already open keep the old ones)."""
+    pid_file = node.socket_dir / "sshd.pid"
+    pid = int(pid_file.read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lab, "the old sshd gone", lambda: not os.path.exists(f"/proc/{pid}"), 10)
+    extra = [a for o in options for a in ("-o", o)]
+    lab.run(node, [*lab._sshd_argv(node), *extra], user="root", timeout=10)
+    wait_until(lab, "the new sshd's pid file", lambda: pid_file.exists() and
+               pid_file.read_text().strip() != str(pid), 10)
+
+
+def test_sshd_refusing_streamlocal_forwarding_keeps_the_ssh_exec_release(
+        lab_factory: Callable[..., Lab]) -> None:
+    """node1's sshd with AllowStreamLocalForwarding=no: node2's master to node1 forwards the
+    socket locally but every connection through it is refused there; the release to node1
+    goes over ssh exec in the same round, node3's over its link."""
+    lab = lab_factory(nodes=3)
+    hooked_cluster(lab)
+    node1, node2, node3 = lab.nodes
+    _restart_sshd(lab, node1, "AllowStreamLocalForwarding=no")
+    probe(lab, node2, "exit")  # masters opened by the hooks so far were allowed to forward
+    daemons = DaemonsUp(lab, node2, unlinked=("node1",))
+    try:
+        wait_until(lab, "node2's master to node1 forwards the socket", lambda: _probe(
+            lab, node2, "sockets")["node1"], 60, interval=0.5)
+        assert _probe(lab, node2, "answers")["node1"]  # nobody greets through it
+        result = _probe(lab, node2, "link")
+        nodes = result["nodes"]
+        assert nodes["node1"]["ok"] and nodes["node1"]["via"] == "ssh", result
+        assert nodes["node3"]["ok"] and nodes["node3"]["via"] == "link", result
+        assert not has_vip(lab, node1)
+        assert not journal_entries(node1, source="release")  # not node1's daemon: ssh exec
+        assert journal_entries(node3, source="release")[0]["inputs"]["via"] == "link"
+        print(f"\nnode1's sshd refuses streamlocal forwarding: round released over ssh exec "
+              f"(node1) and the link (node3) in {result['seconds'] * 1000:.0f} ms")
+    finally:
+        daemons.close()
