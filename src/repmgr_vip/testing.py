@@ -432,7 +432,7 @@ class FakeSession:
         else:
             was = host.vip
             host.vip = False
-            if not host.disk_full:  # as `repmgr-vip release` over ssh does (_hold_daemon_off)
+            if not host.disk_full:  # as `repmgr-vip release` over ssh does (release_for_peer)
                 host.release_request_at = now
             host.confirmed_to[self.origin] = now
             self.world.event(host.name, f"released for {self.origin}")
@@ -535,6 +535,11 @@ class FakeFiles:
     def release_request_age(self) -> float | None:
         at = self.host.release_request_at
         return None if at is None else self.world.clock.now - at
+
+    def write_release_request(self, reason: str) -> None:
+        if self.host.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.host.release_request_at = self.world.clock.now
 
     def clear_release_request(self) -> None:
         self.host.release_request_at = None

@@ -28,6 +28,7 @@ class RemoteResult:
     returncode: int  # 255: ssh itself failed (unreachable, auth); -1: timed out here
     stdout: str
     stderr: str
+    macs: tuple[str, ...] = ()  # the node's VIP interface MAC, when it answered over a link
 
     @property
     def ok(self) -> bool:

@@ -54,6 +54,10 @@ class FileState:
     def release_request_age(self) -> float | None:
         return statefiles.marker_age(statepaths.release_request_marker(self.config.state_dir))
 
+    def write_release_request(self, reason: str) -> None:
+        statefiles.write_atomic(statepaths.release_request_marker(self.config.state_dir),
+                                statefiles.marker_text(reason))
+
     def clear_release_request(self) -> None:
         statefiles.remove(statepaths.release_request_marker(self.config.state_dir))
 

@@ -25,13 +25,14 @@ from types import FrameType
 from typing import Any, Generic, TypeVar
 
 from repmgr_vip.adapters import cluster, control, pgsession, sshmux, statefiles
+from repmgr_vip.adapters.link import LinkRelease
 from repmgr_vip.adapters.lock import LockBusy
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.network import VipNetwork
 from repmgr_vip.adapters.process import alive
 from repmgr_vip.adapters.system import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.app import claim, hooks
-from repmgr_vip.app.fencing import PriorProof, fence_others
+from repmgr_vip.app.fencing import PriorProof, SshRelease, fence_others
 from repmgr_vip.app.lease import LeaseKeeper
 from repmgr_vip.app.metrics import Metrics
 from repmgr_vip.app.replica import start_replica_keeper
@@ -56,7 +57,7 @@ STATE_FILE = statepaths.DAEMON_STATE
 SELF_FENCE_FILE = statepaths.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
-CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event")
+CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event", "release")
 CONTROL_STOP_WAIT = 10.0  # on stop, steps under way get this long to finish (then the hook)
 REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
 LOOMING_EVERY = 0.15  # seconds between proofs while a failover looms (each takes 80 ms)
@@ -249,6 +250,8 @@ class Daemon:
         self.network: ports.VipAddress = (network if network is not None
                                           else VipNetwork(config, lan_proof=lan_proof))
         self.files: ports.StateFiles = files if files is not None else FileState(config)
+        if remote is None:  # peers' daemons over the warm links, else ssh exec (link.py)
+            remote = LinkRelease(lambda: self.config, lambda: SshRelease(self.config))
         self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
                               "prober": prober, "prior_proof": self._prior_proof}
         self.stop_event = threading.Event()
@@ -272,7 +275,7 @@ class Daemon:
         # warm SSH links for the hooks' remote releases (a thread: never blocks the cycle)
         self.ssh_keeper = sshmux.MasterKeeper(lambda: self.config,
                                               lambda: [r.host for r in self.records],
-                                              self.stop_event)
+                                              self.stop_event, peers=lambda: self.records)
         # hooks' entries written before this daemon started are history, not news
         self.journal_offset = self.files.read_journal(0)[1]
         self.views: ports.NodeViews = views if views is not None else DaemonViews(self)
@@ -520,7 +523,7 @@ class Daemon:
         server = control.ControlServer(
             path or statepaths.control_socket(self.config.state_dir), self._serve_request,
             allowed_uids={os.geteuid(), 0}, on_refused=self._refused,
-            replayable=("start-repmgrd", "follow", "fence-self", "event"))
+            replayable=("start-repmgrd", "follow", "fence-self", "event", "release"))
         try:
             server.bind()
         except OSError as exc:
@@ -539,8 +542,10 @@ class Daemon:
         if op in CONTROL_OPS:
             self.metrics.action(f"control_{op}")
         LOG.info("control: %s for pid %d", op, peer.pid)
+        # a peer's release writes its hold where our cycle reads it (our StateFiles port)
         hands = hooks.Hands(self.network, self.files.lock, via="daemon",
-                            fencing=self.fencing_ports)
+                            fencing=self.fencing_ports,
+                            files=self.files if op == "release" else None)
         hooks.serve(self.config, hands, request, conv)
 
     def _refused(self, peer: control.Peer) -> None:

@@ -231,7 +231,7 @@ class Fencing:
             self.last_finished = self.clock.monotonic()
             if result.ok:
                 self.report.released.append(name)
-                self.confirmed_macs.update(mac.lower() for mac in getattr(result, "macs", ()))
+                self.confirmed_macs.update(mac.lower() for mac in result.macs)
                 LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
             else:
                 self.report.failed.append(name)

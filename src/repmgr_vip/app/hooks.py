@@ -218,6 +218,11 @@ def serve(config: Config, hands: Hands, request: Mapping[str, Any],
             message = fence_self_step(config, hands)
         elif op == "event":
             message = event_step(config, hands, Event.from_request(request))
+        elif op == "release":  # a peer, over its warm link (peer_release.py)
+            from repmgr_vip.app.peer_release import serve_release
+
+            conv.send(serve_release(config, hands, request))
+            return
         else:
             conv.send({"ok": False, "error": f"unknown op {op!r}"})
             return

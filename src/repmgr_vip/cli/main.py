@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -110,9 +109,16 @@ def cmd_release(args: argparse.Namespace) -> int:
                   f"than {args.unless_newer_than}")
             return ExitCode.REFUSED
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        if os.environ.get("SSH_CONNECTION"):
-            _hold_daemon_off(config)
-        print(release(VipNetwork(config)))
+        connection = os.environ.get("SSH_CONNECTION")
+        if connection:  # a promoting peer's fencing: hold our daemon off, then release
+            from repmgr_vip.adapters.system import FileState
+            from repmgr_vip.app.peer_release import release_for_peer, released_text
+
+            asker = f"ssh from {connection.split(' ')[0]}"
+            released = release_for_peer(VipNetwork(config), FileState(config), asker)
+            print(released_text(config, released))
+        else:
+            print(release(VipNetwork(config)))
     return ExitCode.OK
 
 
@@ -132,19 +138,6 @@ def _release_replica(config: Config, unless_eligible: bool) -> int:
             return ExitCode.OK if released or not network.holds() else ExitCode.REFUSED
         print("replica VIP released" if claim.release(network) else "replica VIP not held")
     return ExitCode.OK
-
-
-def _hold_daemon_off(config: Config) -> None:
-    """Another node asked over SSH: it is promoting, and our daemon must not re-add the VIP
-    before the new timeline shows (decide: release_request_hold). Written before the release,
-    so no cycle can slip in between; a full disk only loses the hold, never the release."""
-    from repmgr_vip.adapters import statefiles
-    from repmgr_vip.config import statepaths
-
-    peer = os.environ.get("SSH_CONNECTION", "").split(" ")[0]
-    with contextlib.suppress(OSError):
-        statefiles.write_atomic(statepaths.release_request_marker(config.state_dir),
-                                statefiles.marker_text(f"release requested over ssh from {peer}"))
 
 
 def cmd_retry_release(args: argparse.Namespace) -> int:
@@ -244,6 +237,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     addresses = address_rows(rows, config)
     print(as_json(rows, found, addresses) if args.json else render(rows, found, addresses))
     return ExitCode.FAILED if found else ExitCode.OK
+
+
+def cmd_control_path(args: argparse.Namespace) -> int:
+    from repmgr_vip.config import statepaths
+
+    print(statepaths.control_socket(_load(args).state_dir))
+    return ExitCode.OK
 
 
 def cmd_local_status(args: argparse.Namespace) -> int:
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("daemon", cmd_daemon, "run the reconcile loop (SIGTERM stops it; see daemon.on_stop)")
     p = add("status", cmd_status, "one table of every node; exit 1 if there is a conflict")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add("control-path", cmd_control_path, "print this node's daemon control socket (what a "
+        "peer's daemon asks once over SSH, to forward its warm link there)")
     add("local-status", cmd_local_status, "this node's VIP and daemon state as JSON "
         "(what `status` asks each node over SSH)")
     return parser

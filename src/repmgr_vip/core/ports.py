@@ -49,6 +49,8 @@ class ReleaseResult(Protocol):
     def returncode(self) -> int: ...
     @property
     def stdout(self) -> str: ...
+    @property
+    def macs(self) -> tuple[str, ...]: ...  # the node's VIP interface MAC(s), if it said
 
 
 class ReleaseSession(Protocol):
@@ -95,6 +97,7 @@ class StateFiles(Protocol):
     def write_marker(self, reason: str) -> None: ...  # fence-self's marker; raises OSError
     def clear_marker(self) -> None: ...  # raises OSError
     def release_request_age(self) -> float | None: ...  # since a peer asked us to release
+    def write_release_request(self, reason: str) -> None: ...  # raises OSError
     def clear_release_request(self) -> None: ...  # raises OSError
     def journal(self, node: str, source: str, action: str, reason: str,
                 **kw: Any) -> None: ...  # never raises

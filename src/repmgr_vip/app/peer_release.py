@@ -1,0 +1,67 @@
+"""A peer is promoting and asks this node to let go of the VIP.
+
+It asks in one of two ways: `repmgr-vip release` run by its ssh (a fresh process here), or the
+`release` op of our daemon's control socket, reached over its SSH master's forwarded socket
+(sshmux: the warm link; no process started here). Both go through `release_for_peer`: the
+hold marker first, then the one release path (claim.release). The marker keeps our daemon
+from adding the VIP back before the peer's new timeline shows (decide: release_request_hold);
+both run under the node's VIP lock, and the daemon acts only under it, so no cycle slips in
+between the marker and the removal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from repmgr_vip.app import claim
+from repmgr_vip.config.schema import Config
+from repmgr_vip.core.errors import VipError
+from repmgr_vip.core.ports import StateFiles, VipAddress
+
+if TYPE_CHECKING:
+    from repmgr_vip.app.hooks import Hands
+
+LOCK_WAIT = 30.0  # as the CLI's release: a step under way here finishes first
+MAX_ASKER = 200  # characters of the asker's name kept in the marker and the journal
+
+
+def released_text(config: Config, released: bool) -> str:
+    vip = config.vip
+    if released:
+        return f"removed {vip.cidr} from {vip.interface}"
+    return f"{vip.cidr} not on {vip.interface}; nothing to do"
+
+
+def release_for_peer(network: VipAddress, files: StateFiles, asker: str) -> bool:
+    """Hold our daemon off, then release; True if the VIP was here. The caller holds the
+    node's VIP lock. A full disk only loses the hold, never the release."""
+    with contextlib.suppress(OSError):
+        files.write_release_request(f"release requested by {asker}")
+    return claim.release(network)
+
+
+def serve_release(config: Config, hands: Hands, request: Mapping[str, Any]) -> dict[str, Any]:
+    """The daemon's `release` op: a peer asked over its warm link. Replies with the MAC of the
+    VIP's interface, so the peer knows which ARP answers were ours. Idempotent."""
+    from repmgr_vip.adapters.system import FileState
+    from repmgr_vip.app.hooks import _journal
+
+    started = time.monotonic()
+    asker = f"{str(request.get('from') or '?')[:MAX_ASKER]} over the link"
+    files = hands.files if hands.files is not None else FileState(config)
+    with hands.lock(LOCK_WAIT):
+        released = release_for_peer(hands.network, files, asker)
+    message = released_text(config, released)
+    _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
+             f"requested by {asker}", outcome="released" if released else "not held",
+             release_ms=round((time.monotonic() - started) * 1000, 1))
+    macs: list[str] = []
+    with contextlib.suppress(VipError):
+        mac = hands.network.interface_state().mac
+        if mac:
+            macs.append(mac.lower())
+    return {"ok": True, "message": message, "macs": macs}
