@@ -277,3 +277,50 @@ def test_a_release_requested_by_a_promoting_peer_holds_acquisition_off_briefly()
     assert asked(1.0, holds=False) is Action.KEEP  # not re-added while the promotion shows
     assert asked(1.0, holds=True) is Action.KEEP  # a VIP our own promote hook added is kept
     assert asked(POLICY.release_request_hold + 0.1, holds=False) is Action.ACQUIRE
+
+
+# --- a dead primary keeps the VIP until someone else may take it (daemon.keep_while_down) ---
+
+KEEPING = dataclasses.replace(POLICY, keep_while_down=10.0)
+
+
+def _down_for(seconds: float, *peers: NodeView, holds: bool = True,
+              foreign: tuple[str, ...] | None = None) -> Action:
+    memory = dataclasses.replace(FRESH, local_down_since=100.0, local_failures=2)
+    s = snap(down(1, "connection refused"), *peers, holds=holds, now=100.0 + seconds,
+             surely_down=True, foreign=foreign)
+    return decide_cycle(s, memory, KEEPING)[0].action
+
+
+def test_a_dead_primary_keeps_the_vip_until_keep_while_down() -> None:
+    assert _down_for(9.0, standby(2, 1), standby(3, 1)) is Action.KEEP
+    assert _down_for(10.5, standby(2, 1), standby(3, 1)) is Action.RELEASE
+    assert _down_for(1.0, standby(2, 1), holds=False) is Action.KEEP  # never acquires
+
+
+def test_a_dead_primary_lets_go_at_once_for_a_primary_or_another_holder() -> None:
+    assert _down_for(1.0, primary(2, 2), standby(3, 2)) is Action.RELEASE
+    assert _down_for(1.0, standby(2, 1), foreign=("02:00:00:00:00:02",)) is Action.RELEASE
+
+
+def test_a_dead_isolated_primary_lets_go_after_the_grace() -> None:
+    memory = dataclasses.replace(FRESH, local_down_since=100.0, local_failures=2,
+                                 majority_seen_at=100.0)
+    s = snap(down(1, "connection refused"), down(2), down(3), now=103.0, surely_down=True)
+    assert decide_cycle(s, memory, KEEPING)[0].action is Action.RELEASE
+
+
+def test_the_down_clock_starts_at_the_first_failed_cycle() -> None:
+    first = snap(down(1, "connection refused"), standby(2, 1), now=100.0, surely_down=True)
+    _, memory = decide_cycle(first, FRESH, KEEPING)
+    assert memory.local_down_since == 100.0
+    back = snap(primary(1, 1), standby(2, 1), now=101.0)
+    _, memory = decide_cycle(back, memory, KEEPING)
+    assert memory.local_down_since is None
+
+
+def test_a_standby_under_promotion_keeps_the_vip_it_took_first() -> None:
+    s = dataclasses.replace(snap(standby(1, 1), standby(2, 1)), promoting=True)
+    assert decide_cycle(s, FRESH, POLICY)[0].action is Action.KEEP
+    s = dataclasses.replace(s, promoting=False)
+    assert decide_cycle(s, FRESH, POLICY)[0].action is Action.RELEASE

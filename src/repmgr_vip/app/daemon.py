@@ -49,7 +49,7 @@ from repmgr_vip.core.decide import (
     Snapshot,
     decide_cycle,
 )
-from repmgr_vip.core.errors import VipError
+from repmgr_vip.core.errors import CommandFailed, VipError
 from repmgr_vip.core.model import NodeRecord
 
 PEER_TIMEOUT = 2.0
@@ -57,6 +57,7 @@ STATE_FILE = statepaths.DAEMON_STATE
 SELF_FENCE_FILE = statepaths.SELF_FENCE
 CONFLICT_FENCE_EVERY = 10.0
 LOCK_WAIT = 0.2
+NODE_LIST_WAIT = 3.0  # a promotion's fresh repmgr.nodes on the kept connection (a hook's too)
 CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event", "release")
 CONTROL_STOP_WAIT = 10.0  # on stop, steps under way get this long to finish (then the hook)
 REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
@@ -105,6 +106,24 @@ class SingleFlight(Generic[T]):
             raise
         self._pending = None
         return result, 0.0
+
+
+class DaemonNode(hooks.SystemNode):
+    """The hooks' LocalNode inside the daemon: repmgr.nodes on its kept connection (a fresh
+    one costs a promotion's fencing round 10-20 ms); the rest as a hook has it."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(daemon.config)
+        self.daemon = daemon
+
+    def others(self, cached: bool = False) -> list[NodeRecord]:
+        if cached:
+            return super().others(cached=True)
+        records, waited = self.daemon.node_list.call(NODE_LIST_WAIT)
+        if records is None:
+            raise CommandFailed(f"repmgr.nodes gave no answer within {waited:.1f} s")
+        me = self.config.repmgr.node_id
+        return [r for r in records if r.node_id != me]
 
 
 class LoomingProof(threading.Thread):
@@ -285,6 +304,7 @@ class Daemon:
         self.lease = lease
         self.control: control.ControlServer | None = None  # see serve_control
         self.looming_proof: LoomingProof | None = None  # see run(); None: once per cycle
+        self.promoting = threading.Event()  # a promotion handed to us is under way
         self.refusal_logged = -REFUSAL_LOG_EVERY
 
     # --- snapshot ---------------------------------------------------------------------
@@ -367,6 +387,7 @@ class Daemon:
             holds_vip=holds, interface_up=state.up, foreign_macs=foreign,
             self_fence_age=self.files.marker_age(),
             release_request_age=self.files.release_request_age(),
+            promoting=self.promoting.is_set(),
             reannounce_due=bool(reannounce) and now - self.state.last_announce >= reannounce,
         )
 
@@ -543,10 +564,19 @@ class Daemon:
             self.metrics.action(f"control_{op}")
         LOG.info("control: %s for pid %d", op, peer.pid)
         # a peer's release writes its hold where our cycle reads it (our StateFiles port)
+        # its kept connection exists with its own views (injected ones have none)
+        node = DaemonNode(self) if isinstance(self.views, DaemonViews) else None
         hands = hooks.Hands(self.network, self.files.lock, via="daemon",
-                            fencing=self.fencing_ports,
+                            fencing=self.fencing_ports, node=node,
                             files=self.files if op == "release" else None)
-        hooks.serve(self.config, hands, request, conv)
+        if op != "promote":
+            hooks.serve(self.config, hands, request, conv)
+            return
+        self.promoting.set()
+        try:
+            hooks.serve(self.config, hands, request, conv)
+        finally:
+            self.promoting.clear()
 
     def _refused(self, peer: control.Peer) -> None:
         """A user other than ours or root knocked: refused, counted, logged now and then."""

@@ -32,6 +32,7 @@ from repmgr_vip.core.ports import Prober as ProberPort
 from repmgr_vip.core.ports import ReleaseSession as RemoteSession
 
 IN_USE_RETRY = 0.05
+WAIT_POLL = 0.005  # how often a round looks at its sessions and probes: a failover waits on it
 # a prior proof (the daemon's, taken before this round) counts if it ended this recently: a
 # host outside the cluster that starts answering within this window is found by the holder's
 # conflict probe afterwards, not before the add
@@ -278,7 +279,7 @@ class Fencing:
                 self.sessions.clear()
                 answered = self._proof(self.clock.monotonic())
                 break
-            self.clock.sleep(0.02)
+            self.clock.sleep(WAIT_POLL)
         self.proof_pending = answered is None
         self.report.answered_by = answered or ()
         # only a node that did not confirm its release can be the one answering: a node that

@@ -121,6 +121,7 @@ class Snapshot:
     self_fence_age: float | None  # seconds since child_nodes_disconnect_command fenced us
     reannounce_due: bool
     release_request_age: float | None = None  # since a promoting peer asked us to release
+    promoting: bool = False  # this daemon runs a promotion of its node (the VIP went up first)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,9 @@ def decide_cycle(snapshot: Snapshot, memory: Memory, policy: Policy) -> tuple[De
     if not local.reachable:
         return _local_unreachable(snapshot, memory, policy, has_majority, counted)
     if local.in_recovery:
+        if snapshot.promoting and snapshot.holds_vip:
+            return Decision(Action.KEEP, "holding: local PostgreSQL is being promoted (the VIP "
+                            "went up first; taken back if the promotion fails)"), memory
         return _drop(snapshot, "local PostgreSQL is a standby"), memory
     timeline = local.timeline or 0
     for peer in snapshot.peers:
