@@ -69,3 +69,57 @@ def test_a_failing_netlink_read_falls_back_to_ip(write_config: Callable[..., Pat
     monkeypatch.setattr(rtnl, "read_interface", broken)
     state = network.VipNetwork(_config(write_config, "lo")).interface_state()
     assert state.exists and "127.0.0.1/8" in state.addresses
+
+
+_CHANGE = """
+import json, subprocess, sys
+from repmgr_vip.adapters import rtnl
+cidr, lease = sys.argv[1], int(sys.argv[2])
+shown = lambda: [f"{a['local']}/{a['prefixlen']}" for link in json.loads(subprocess.run(
+    ["ip", "-j", "address", "show", "dev", "dummy0"], capture_output=True, text=True,
+    check=True).stdout) for a in link["addr_info"]]
+rtnl.change_address("dummy0", cidr, add=True, lifetime=lease, nodad=True)
+added = shown()
+try:
+    rtnl.change_address("dummy0", cidr, add=True)
+    again = "no error"
+except OSError as exc:
+    again = exc.errno
+valid = [a.get("valid_life_time") for link in json.loads(subprocess.run(
+    ["ip", "-j", "address", "show", "dev", "dummy0"], capture_output=True, text=True,
+    check=True).stdout) for a in link["addr_info"]]
+rtnl.change_address("dummy0", cidr, add=False)
+print(json.dumps({"added": added, "again": again, "valid": valid, "removed": shown()}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="needs root for a private network namespace")
+@pytest.mark.parametrize(("cidr", "lease"), [("192.0.2.10/24", 0), ("192.0.2.11/24", 30),
+                                             ("2001:db8::10/64", 0)])
+def test_netlink_adds_and_deletes_an_address_as_ip_does(cidr: str, lease: int) -> None:
+    """In a namespace of its own, on one end of a veth pair (no packet leaves it)."""
+    import errno
+    import os
+    import sys
+
+    namespace = f"rvt-rtnl-{os.getpid()}"
+    subprocess.run([IP, "netns", "add", namespace], check=True, timeout=10)
+    try:
+        def inside(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([IP, "netns", "exec", namespace, *argv], capture_output=True,
+                                  text=True, check=True, timeout=30)
+
+        inside(IP, "link", "add", "dummy0", "type", "veth", "peer", "name", "dummy1")
+        inside(IP, "link", "set", "dummy0", "up")
+        src = str(Path(rtnl.__file__).resolve().parents[2])
+        out = inside("env", f"PYTHONPATH={src}", sys.executable, "-c", _CHANGE, cidr,
+                     str(lease)).stdout
+        result = json.loads(out)
+    finally:
+        subprocess.run([IP, "netns", "delete", namespace], timeout=10, check=False)
+    assert cidr in result["added"]
+    assert result["again"] == errno.EEXIST
+    if lease:
+        assert all(0 < int(v) <= lease for v in result["valid"]), result["valid"]
+    assert cidr not in result["removed"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import ipaddress
 import json
@@ -174,6 +175,21 @@ class VipNetwork:
         return run(privileged(argv, self.mode, self.config.commands.sudo), timeout=timeout,
                    privileged=True)
 
+    def _change(self, member: PrivilegedCommands, argv: list[str], *, add: bool) -> str:
+        """Adds or deletes one address: in-process over rtnetlink in direct mode (no fork
+        while clients wait on the VIP), else (or if netlink refuses) `argv`; what went wrong,
+        "" if nothing. The callers check the interface afterwards either way."""
+        if self.mode == "direct":
+            try:
+                rtnl.change_address(member.interface, member.cidr, add=add,
+                                    lifetime=member.lease, nodad=add, timeout=CHANGE_TIMEOUT)
+                return ""
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.EADDRNOTAVAIL):
+                    return ""  # already as asked; the caller's check says so
+        result = self._privileged(argv, CHANGE_TIMEOUT)
+        return first_line(result.stderr) if result.returncode != 0 else ""
+
     def interface_state(self) -> InterfaceState:
         """Unprivileged read of the interface, exact address comparison later: rtnetlink
         in-process (no fork: the daemon reads it several times a period), `ip -j` if that
@@ -235,11 +251,11 @@ class VipNetwork:
                 if member in by_kernel:
                     continue
                 argv = member.add(nodad=True)
-                result = self._privileged(argv, CHANGE_TIMEOUT)
+                said = self._change(member, argv, add=True)
                 if self.interface_state().address_as(member.address) is None:
                     raise CommandFailed(
                         f"could not add {member.cidr} to {member.interface}: "
-                        f"{describe(argv)} said {first_line(result.stderr)!r}; "
+                        f"{describe(argv)} said {said!r}; "
                         "check `repmgr-vip check` (sudo rules, interface)"
                     )
                 added.append(member)
@@ -325,11 +341,8 @@ class VipNetwork:
                     f"remove it by hand (`ip address del {held} dev {member.interface}`) "
                     "or fix vip.address"
                 )
-        errors = []
-        for member, _ in present:
-            result = self._privileged(member.delete(), CHANGE_TIMEOUT)
-            if result.returncode != 0:
-                errors.append(first_line(result.stderr))
+        errors = [said for member, _ in present
+                  if (said := self._change(member, member.delete(), add=False))]
         if any(self.interface_state().present_as(m.address) for m, _ in present):
             raise CommandFailed(
                 f"could not remove {self.config.vip.cidr} from {self.config.vip.interface}: "

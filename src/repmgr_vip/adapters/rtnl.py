@@ -121,3 +121,60 @@ def read_interface(ifname: str, *, ipv6: bool = True, timeout: float = 1.0) -> I
             waiting = flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
             (pending if waiting else usable).append(text)
         return InterfaceState(True, up, mac, tuple(usable), tuple(pending))
+
+
+RTM_DELADDR = 21
+NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x4, 0x200, 0x400
+IFA_CACHEINFO = 6
+IFA_F_NODAD = 0x02
+_CACHEINFO = struct.Struct("=IIII")
+FOREVER = 0xFFFFFFFF
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = _RTATTR.size + len(payload)
+    return _RTATTR.pack(length, kind) + payload + b"\0" * (_align4(length) - length)
+
+
+def change_address(ifname: str, cidr: str, *, add: bool, lifetime: int = 0,
+                   nodad: bool = False, timeout: float = 1.0) -> None:
+    """`ip address add|del CIDR dev IFNAME [valid_lft N preferred_lft N] [nodad]` in-process.
+
+    The daemon moves the VIP in a failover: a fork+exec of `ip` from it costs milliseconds
+    while no node answers for the VIP. OSError on any refusal (EEXIST: already there;
+    EADDRNOTAVAIL: not there); the caller decides, and falls back to `ip` on others.
+    """
+    interface = ipaddress.ip_interface(cidr)
+    family = socket.AF_INET if interface.version == 4 else socket.AF_INET6
+    index = socket.if_nametoindex(ifname)
+    flags = IFA_F_NODAD if nodad and interface.version == 6 else 0
+    body = _IFADDRMSG.pack(family, interface.network.prefixlen, flags, 0, index)
+    raw = interface.ip.packed
+    body += _attribute(IFA_LOCAL, raw) + _attribute(IFA_ADDRESS, raw)
+    if add and lifetime:
+        body += _attribute(IFA_CACHEINFO, _CACHEINFO.pack(lifetime, lifetime, 0, 0))
+    kind = RTM_NEWADDR if add else RTM_DELADDR
+    request = NLM_F_REQUEST | NLM_F_ACK | ((NLM_F_CREATE | NLM_F_EXCL) if add else 0)
+    sequence = int.from_bytes(os.urandom(4), "little")
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_ROUTE) as sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, request, sequence, 0)
+                  + body)
+        while True:
+            data = sock.recv(_MAX_REPLY)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    raise OSError("rtnetlink: malformed reply")
+                reply = data[offset + _NLMSGHDR.size:offset + length]
+                offset += _align4(length)
+                if seq == sequence and mtype == NLMSG_ERROR:
+                    error = -struct.unpack_from("=i", reply)[0]
+                    if error:
+                        raise OSError(error, f"rtnetlink: {os.strerror(error)}")
+                    return
+            if not data:
+                raise OSError("rtnetlink: empty reply")

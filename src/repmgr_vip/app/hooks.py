@@ -221,7 +221,7 @@ def serve(config: Config, hands: Hands, request: Mapping[str, Any],
         elif op == "release":  # a peer, over its warm link (peer_release.py)
             from repmgr_vip.app.peer_release import serve_release
 
-            conv.send(serve_release(config, hands, request))
+            serve_release(config, hands, request, conv.send)
             return
         else:
             conv.send({"ok": False, "error": f"unknown op {op!r}"})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.app import claim
@@ -44,24 +44,27 @@ def release_for_peer(network: VipAddress, files: StateFiles, asker: str) -> bool
     return claim.release(network)
 
 
-def serve_release(config: Config, hands: Hands, request: Mapping[str, Any]) -> dict[str, Any]:
+def serve_release(config: Config, hands: Hands, request: Mapping[str, Any],
+                  reply: Callable[[dict[str, Any]], object]) -> None:
     """The daemon's `release` op: a peer asked over its warm link. Replies with the MAC of the
-    VIP's interface, so the peer knows which ARP answers were ours. Idempotent."""
+    VIP's interface, so the peer knows which ARP answers were ours. Idempotent.
+
+    The reply goes out the moment the address is gone and the journal is written after it:
+    the peer adds the VIP on this reply, and clients see no node answer until then."""
     from repmgr_vip.adapters.system import FileState
     from repmgr_vip.app.hooks import _journal
 
     started = time.monotonic()
     asker = f"{str(request.get('from') or '?')[:MAX_ASKER]} over the link"
     files = hands.files if hands.files is not None else FileState(config)
-    with hands.lock(LOCK_WAIT):
-        released = release_for_peer(hands.network, files, asker)
-    message = released_text(config, released)
-    _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
-             f"requested by {asker}", outcome="released" if released else "not held",
-             release_ms=round((time.monotonic() - started) * 1000, 1))
     macs: list[str] = []
-    with contextlib.suppress(VipError):
+    with contextlib.suppress(VipError):  # read before: nothing between removal and reply
         mac = hands.network.interface_state().mac
         if mac:
             macs.append(mac.lower())
-    return {"ok": True, "message": message, "macs": macs}
+    with hands.lock(LOCK_WAIT):
+        released = release_for_peer(hands.network, files, asker)
+        reply({"ok": True, "message": released_text(config, released), "macs": macs})
+    _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
+             f"requested by {asker}", outcome="released" if released else "not held",
+             release_ms=round((time.monotonic() - started) * 1000, 1))
