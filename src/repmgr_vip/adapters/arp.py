@@ -8,9 +8,11 @@ fraction of a second, which is what a LAN needs and what a fast handover wants.
 from __future__ import annotations
 
 import ipaddress
+import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,10 +158,30 @@ def lan_probe(interface: str, address: str, complete: bool = False) -> tuple[str
     return probe(interface, address, LAN_PROBES, LAN_WINDOW, LAN_SPACING, complete)
 
 
+_SENDERS: dict[int, socket.socket] = {}
+_SENDERS_LOCK = threading.Lock()
+
+
+def send_frames(interface: str, protocol: int, *frames: bytes) -> None:
+    """Sends frames on `interface` through one packet socket kept for the process.
+
+    Closing a packet socket waits for an RCU grace period in the kernel (synchronize_net:
+    10-20 ms here), and an announcement is on a failover's critical path. The kept socket is
+    created with protocol 0, so it is hooked to nothing and never receives anything.
+    """
+    with _SENDERS_LOCK:
+        sock = _SENDERS.get(os.getpid())
+        if sock is None:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+            _SENDERS.clear()  # a forked child does not use its parent's
+            _SENDERS[os.getpid()] = sock
+        for frame in frames:
+            sock.sendto(frame, (interface, protocol))
+
+
 def announce_once(interface: str, address: str) -> None:
     """One gratuitous ARP request and one reply, so both kinds of neighbours update."""
     own = interface_mac(interface)
     ip = ipaddress.IPv4Address(address).packed
-    with _open(interface) as sock:
-        sock.send(arp_frame(REQUEST, own, ip, ZERO_MAC, ip))
-        sock.send(arp_frame(REPLY, own, ip, own, ip))
+    send_frames(interface, ETH_P_ARP, arp_frame(REQUEST, own, ip, ZERO_MAC, ip),
+                arp_frame(REPLY, own, ip, own, ip))

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repmgr_vip.adapters.arp import interface_mac, mac_text, packet_socket, solicit
+from repmgr_vip.adapters.arp import interface_mac, mac_text, packet_socket, send_frames, solicit
 from repmgr_vip.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -144,8 +144,7 @@ def probe(interface: str, address: str, count: int, wait: float,
 def announce_once(interface: str, address: str) -> None:
     """One unsolicited neighbour advertisement for `address` to all nodes."""
     own = interface_mac(interface)
-    with _open(interface) as sock:
-        sock.send(advertisement_frame(own, ipaddress.IPv6Address(address)))
+    send_frames(interface, ETH_P_IPV6, advertisement_frame(own, ipaddress.IPv6Address(address)))
 
 
 def _sysctl(path: str) -> int | None:

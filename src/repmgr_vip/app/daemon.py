@@ -109,12 +109,21 @@ class SingleFlight(Generic[T]):
 
 
 class DaemonNode(hooks.SystemNode):
-    """The hooks' LocalNode inside the daemon: repmgr.nodes on its kept connection (a fresh
-    one costs a promotion's fencing round 10-20 ms); the rest as a hook has it."""
+    """The hooks' LocalNode inside the daemon: its own node's role and repmgr.nodes on its
+    kept connection (a fresh one costs a promotion's fencing round 10-20 ms, and a new
+    backend every poll while PostgreSQL promotes); the rest as a hook has it."""
 
     def __init__(self, daemon: Daemon) -> None:
         super().__init__(daemon.config)
         self.daemon = daemon
+
+    def view(self, timeout: float) -> cluster.NodeView:
+        """On the kept connection, not a new backend every poll while PostgreSQL promotes."""
+        view, waited = self.daemon.local_query.call(timeout)
+        if view is None:
+            return cluster.NodeView(self.config.repmgr.node_id, reachable=False,
+                                    error=f"no answer for {waited:.1f} s")
+        return view
 
     def others(self, cached: bool = False) -> list[NodeRecord]:
         if cached:

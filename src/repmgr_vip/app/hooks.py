@@ -340,6 +340,8 @@ class Promotion:
         self.want_vip = False
         self.outcome: bool | None = None  # None: nothing tried yet; else whether it was added
         self.settled = False  # journaled as held and the release retrier started
+        self.created = time.monotonic()
+        self.timings: dict[str, int] = {}  # ms, for the journal: where a promotion's time went
 
     def fence(self) -> int | None:
         """Releases the VIP everywhere else and judges; None: promote now, else exit code.
@@ -362,6 +364,7 @@ class Promotion:
         cached = node.others(cached=True)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-list") as pool:
             fresh = pool.submit(node.others)
+            self.timings["prepare_ms"] = round((time.monotonic() - self.created) * 1000)
             self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
             try:
                 self.fencing.expect(fresh.result())
@@ -375,7 +378,7 @@ class Promotion:
                  alarm=decision.alarm, answered_by=list(report.answered_by),
                  released=report.released, unconfirmed=report.unconfirmed,
                  fenced=report.fenced, fencing_ms=round(report.seconds * 1000),
-                 lock_ms=round(self.lock_waited * 1000))
+                 lock_ms=round(self.lock_waited * 1000), **self.timings)
         if decision.action is Action.REFUSE:
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
@@ -393,7 +396,9 @@ class Promotion:
         until the promotion ends) instead of losing SYNs into silence, each of which costs a
         full TCP retransmission. No write can reach the old primary: it released first."""
         if self.want_vip and self.verdict is not None and self.verdict.proof is None:
+            started = time.monotonic()
             self.outcome = self.add_vip(None)
+            self.timings["add_ms"] = round((time.monotonic() - started) * 1000)
 
     def watch(self, running: Callable[[], bool]) -> None:
         """While repmgr runs: adds the VIP once the owed proof passes (if before_promote could
@@ -442,10 +447,14 @@ class Promotion:
     def _primary_after_all(self) -> bool:
         """Whether PostgreSQL left recovery although repmgr failed; a query that times out
         is asked again, so a slow new primary does not lose the VIP to one late answer."""
+        standby = 0
         for _ in range(TAKE_BACK_ASKS):
             view = self.hands.local(self.config).view(2.0)
-            if view.reachable:
-                return view.is_primary
+            if view.reachable and view.is_primary:
+                return True
+            standby += 1 if view.reachable else 0
+            if standby >= 2:  # twice in a row: not an answer that predates the promotion
+                return False
         return False
 
     def _take_back(self, status: int) -> None:
@@ -512,7 +521,8 @@ class Promotion:
         node = self.hands.local(self.config)
         local = node.view(2.0)
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
-                 outcome="held", timeline=local.timeline, unconfirmed=self.unconfirmed)
+                 outcome="held", timeline=local.timeline, unconfirmed=self.unconfirmed,
+                 **self.timings)
         node.start_retrier(local.timeline or 0, self.unconfirmed)
 
 
