@@ -9,9 +9,11 @@ and the caller falls back to `ip`: a failed read must never look like "no addres
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 from repmgr_vip.core.model import InterfaceState
 
@@ -20,13 +22,15 @@ RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFLA_ADDRESS, IFLA_IFNAME = 1, 3
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_ADDRESS, IFA_LOCAL, IFA_CACHEINFO, IFA_FLAGS = 1, 2, 6, 8
+FOREVER = 0xFFFFFFFF  # INFINITY_LIFE_TIME
 IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 _NLMSGHDR = struct.Struct("=LHHLL")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTATTR = struct.Struct("=HH")
+_CACHEINFO = struct.Struct("=IIII")  # struct ifa_cacheinfo: prefered, valid, cstamp, tstamp
 _MAX_REPLY = 1 << 16
 
 
@@ -76,48 +80,93 @@ def _dump(sock: socket.socket, kind: int, payload: bytes) -> list[tuple[int, byt
             replies.append((mtype, body))
 
 
+def _open(timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _link(sock: socket.socket, ifname: str) -> tuple[int, bool, str] | None:
+    """(index, up, MAC) of `ifname`, or None when there is no such interface."""
+    found = None
+    for mtype, body in _dump(sock, RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
+        if mtype != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
+            continue
+        attributes = _attributes(body[_IFINFOMSG.size:])
+        if attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace") != ifname:
+            continue
+        _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body)
+        up = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
+        found = (index, up, ":".join(f"{byte:02x}" for byte in attributes.get(IFLA_ADDRESS, b"")))
+    return found
+
+
+def _addresses(sock: socket.socket, index: int, family: int
+               ) -> Iterator[tuple[int, int, int, dict[int, bytes]]]:
+    """(family, prefix length, flags, attributes) of every address on interface `index`."""
+    for mtype, body in _dump(sock, RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
+        if mtype != RTM_NEWADDR or len(body) < _IFADDRMSG.size:
+            continue
+        address_family, prefixlen, flags, _scope, address_index = _IFADDRMSG.unpack_from(body)
+        if address_index != index or address_family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        if family != socket.AF_UNSPEC and address_family != family:
+            continue
+        attributes = _attributes(body[_IFADDRMSG.size:])
+        if IFA_FLAGS in attributes and len(attributes[IFA_FLAGS]) >= 4:
+            flags = struct.unpack_from("=I", attributes[IFA_FLAGS])[0]
+        yield address_family, prefixlen, flags, attributes
+
+
 def read_interface(ifname: str, *, ipv6: bool = True, timeout: float = 1.0) -> InterfaceState:
     """The state of `ifname` as `ip -j [-4] address show dev IFNAME` reports it.
 
     Addresses as "ip/len"; an IPv6 address still in (or refused by) the kernel's DAD goes to
     `pending`. ipv6=False reads IPv4 only (`ip -4`).
     """
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_ROUTE) as sock:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        index = None
-        up = False
-        mac = ""
-        for mtype, body in _dump(sock, RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
-            if mtype != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
-                continue
-            attributes = _attributes(body[_IFINFOMSG.size:])
-            if attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace") != ifname:
-                continue
-            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body)
-            up = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
-            mac = ":".join(f"{byte:02x}" for byte in attributes.get(IFLA_ADDRESS, b""))
-        if index is None:
+    with _open(timeout) as sock:
+        link = _link(sock, ifname)
+        if link is None:
             return InterfaceState(False, False, "", ())
-        family = socket.AF_UNSPEC if ipv6 else socket.AF_INET
+        index, up, mac = link
         usable: list[str] = []
         pending: list[str] = []
-        for mtype, body in _dump(sock, RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
-            if mtype != RTM_NEWADDR or len(body) < _IFADDRMSG.size:
-                continue
-            address_family, prefixlen, flags, _scope, address_index = _IFADDRMSG.unpack_from(body)
-            if address_index != index or address_family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            if not ipv6 and address_family != socket.AF_INET:
-                continue
-            attributes = _attributes(body[_IFADDRMSG.size:])
+        family = socket.AF_UNSPEC if ipv6 else socket.AF_INET
+        for _family, prefixlen, flags, attributes in _addresses(sock, index, family):
             raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
             if raw is None:
                 continue
-            if IFA_FLAGS in attributes and len(attributes[IFA_FLAGS]) >= 4:
-                flags = struct.unpack_from("=I", attributes[IFA_FLAGS])[0]
             text = f"{ipaddress.ip_address(raw)}/{prefixlen}"
             waiting = flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
             (pending if waiting else usable).append(text)
         return InterfaceState(True, up, mac, tuple(usable), tuple(pending))
+
+
+def valid_lifetime(ifname: str, ip: str, *, timeout: float = 1.0) -> float | None:
+    """Seconds the IPv4 address `ip` on `ifname` has left, as `ip -j -4 address show` shows
+    `valid_life_time` (whole seconds, the kernel's own IFA_CACHEINFO figure): inf when
+    permanent, None when the interface or the address is not there.
+
+    Why: the lease keeper asks this every cycle, on every node; a fork of `ip` for it cost
+    each standby's daemon about 1.4 % of a core.
+    """
+    with _open(timeout) as sock:
+        link = _link(sock, ifname)
+        if link is None:
+            return None
+        for _family, _prefixlen, _flags, attributes in _addresses(sock, link[0],
+                                                                   socket.AF_INET):
+            raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+            if raw is None or str(ipaddress.ip_address(raw)) != ip:
+                continue
+            info = attributes.get(IFA_CACHEINFO, b"")
+            if len(info) < _CACHEINFO.size:
+                return math.inf  # no lifetime attached: ip prints none either (forever)
+            _preferred, valid, _created, _updated = _CACHEINFO.unpack_from(info)
+            return math.inf if valid >= FOREVER else float(valid)
+    return None
