@@ -8,7 +8,9 @@ and the caller falls back to `ip`: a failed read must never look like "no addres
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import itertools
 import math
 import os
 import socket
@@ -32,30 +34,44 @@ _IFADDRMSG = struct.Struct("=BBBBI")
 _RTATTR = struct.Struct("=HH")
 _CACHEINFO = struct.Struct("=IIII")  # struct ifa_cacheinfo: prefered, valid, cstamp, tstamp
 _MAX_REPLY = 1 << 16
+_LINK_WANTED = frozenset({IFLA_ADDRESS, IFLA_IFNAME})
+_ADDRESS_WANTED = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_CACHEINFO, IFA_FLAGS})
+_SEQUENCE = itertools.count(int.from_bytes(os.urandom(4), "little"))
 
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _attributes(data: bytes) -> dict[int, bytes]:
-    """Route attributes (type -> payload) of one message body; the first of a type wins."""
+def _attributes(data: bytes, wanted: frozenset[int] | None = None) -> dict[int, bytes]:
+    """Route attributes (type -> payload) of one message body; the first of a type wins.
+
+    With `wanted`, only those types, and the walk stops once it has them all: a link carries
+    dozens of attributes (statistics...) and the daemon needs two of them every read.
+    """
     found: dict[int, bytes] = {}
     offset = 0
-    while offset + _RTATTR.size <= len(data):
+    end = len(data)
+    while offset + 4 <= end:
         length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size:
+        if length < 4:
             break
-        found.setdefault(kind, data[offset + _RTATTR.size:offset + length])
-        offset += _align4(length)
+        if wanted is None or kind in wanted:
+            found.setdefault(kind, data[offset + 4:offset + length])
+            if wanted is not None and len(found) == len(wanted):
+                break
+        offset += (length + 3) & ~3
     return found
 
 
-def _dump(sock: socket.socket, kind: int, payload: bytes) -> list[tuple[int, bytes]]:
-    """One dump request; its (type, body) replies. OSError on any error or malformed reply."""
-    sequence = int.from_bytes(os.urandom(4), "little")
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP,
-                             sequence, 0) + payload)
+def _exchange(sock: socket.socket, kind: int, payload: bytes, *, dump: bool = True
+              ) -> list[tuple[int, bytes]]:
+    """One request; its (type, body) replies: a dump's until NLMSG_DONE, else the single
+    answer. OSError on any error (errno kept) or malformed reply."""
+    sequence = next(_SEQUENCE) & 0xFFFFFFFF
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, sequence, 0)
+              + payload)
     replies: list[tuple[int, bytes]] = []
     while True:
         data = sock.recv(_MAX_REPLY)
@@ -78,6 +94,8 @@ def _dump(sock: socket.socket, kind: int, payload: bytes) -> list[tuple[int, byt
                     raise OSError(error, f"rtnetlink: {os.strerror(error)}")
                 return replies
             replies.append((mtype, body))
+            if not dump:
+                return replies
 
 
 def _open(timeout: float) -> socket.socket:
@@ -92,24 +110,37 @@ def _open(timeout: float) -> socket.socket:
 
 
 def _link(sock: socket.socket, ifname: str) -> tuple[int, bool, str] | None:
-    """(index, up, MAC) of `ifname`, or None when there is no such interface."""
-    found = None
-    for mtype, body in _dump(sock, RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0)):
+    """(index, up, MAC) of `ifname`, or None when there is no such interface.
+
+    Asked by name (RTM_GETLINK with IFLA_IFNAME, no dump): one reply instead of every link of
+    the host with all their attributes.
+    """
+    name = ifname.encode() + b"\0"
+    attribute = _RTATTR.pack(_RTATTR.size + len(name), IFLA_IFNAME) + name
+    attribute += b"\0" * (_align4(len(attribute)) - len(attribute))
+    try:
+        replies = _exchange(sock, RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute,
+                            dump=False)
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return None
+        raise
+    for mtype, body in replies:
         if mtype != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
             continue
-        attributes = _attributes(body[_IFINFOMSG.size:])
+        attributes = _attributes(body[_IFINFOMSG.size:], _LINK_WANTED)
         if attributes.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace") != ifname:
-            continue
+            raise OSError(f"rtnetlink: asked for {ifname}, got another link")
         _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body)
         up = bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
-        found = (index, up, ":".join(f"{byte:02x}" for byte in attributes.get(IFLA_ADDRESS, b"")))
-    return found
+        return index, up, ":".join(f"{byte:02x}" for byte in attributes.get(IFLA_ADDRESS, b""))
+    raise OSError(f"rtnetlink: no answer for link {ifname}")
 
 
 def _addresses(sock: socket.socket, index: int, family: int
                ) -> Iterator[tuple[int, int, int, dict[int, bytes]]]:
     """(family, prefix length, flags, attributes) of every address on interface `index`."""
-    for mtype, body in _dump(sock, RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
+    for mtype, body in _exchange(sock, RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
         if mtype != RTM_NEWADDR or len(body) < _IFADDRMSG.size:
             continue
         address_family, prefixlen, flags, _scope, address_index = _IFADDRMSG.unpack_from(body)
@@ -117,7 +148,7 @@ def _addresses(sock: socket.socket, index: int, family: int
             continue
         if family != socket.AF_UNSPEC and address_family != family:
             continue
-        attributes = _attributes(body[_IFADDRMSG.size:])
+        attributes = _attributes(body[_IFADDRMSG.size:], _ADDRESS_WANTED)
         if IFA_FLAGS in attributes and len(attributes[IFA_FLAGS]) >= 4:
             flags = struct.unpack_from("=I", attributes[IFA_FLAGS])[0]
         yield address_family, prefixlen, flags, attributes

@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from repmgr_vip.adapters.lock import LockBusy, vip_lock
 from repmgr_vip.adapters import rtnl
+from repmgr_vip.adapters.lock import LockBusy, vip_lock
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.process import run
 from repmgr_vip.config.schema import Config
