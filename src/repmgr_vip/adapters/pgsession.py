@@ -184,10 +184,16 @@ class NodeSession:
             raise call.error
         return call.rows
 
-    def view(self, node_id: int) -> cluster.NodeView:
-        """What the node says about itself, like cluster.query_view, on the kept connection."""
+    def view(self, node_id: int, *, bounded: bool = True) -> cluster.NodeView:
+        """What the node says about itself, like cluster.query_view, on the kept connection.
+
+        bounded=False runs the query in the caller's own thread, with no deadline of ours:
+        only for a caller whose waiting harms nobody because its readers already judge its
+        answers by their age (daemon.PeerWatcher); it saves a thread hand-over per query.
+        """
         try:
-            rows = self.fetch(cluster.ROLE_QUERY)
+            rows = self.fetch(cluster.ROLE_QUERY) if bounded else self._run(cluster.ROLE_QUERY,
+                                                                            _Call())
             return cluster.NodeView(node_id, reachable=True, in_recovery=bool(rows[0][0]),
                                     timeline=int(rows[0][1]))
         except Exception as exc:  # any failure means "cannot tell", never a crash
