@@ -8,8 +8,10 @@ sizes, BENCH_DAEMON_SECONDS=30 how long the quiet daemons are watched (0 skips i
 BENCH_FROZEN_LEASE=4,20 adds a frozen-primary failover per vip.lease value
 (bench/frozen.py; off by default), BENCH_PARTS=failover,addresses which parts run
 (`addresses`: the dual-stack VIP and the replica VIP, bench/addresses.py; alone it is
-`python -m bench.addresses`). Prints a Markdown table; writes bench/results/latest.json and
-bench/results/failover.png (the first failover at the smallest size).
+`python -m bench.addresses`; `quiet`: only the quiet daemons' CPU, forks, memory and
+sessions at each size, as the failover part ends with: bench/results/quiet.md). Prints a
+Markdown table; writes bench/results/latest.json and bench/results/failover.png (the first
+failover at the smallest size).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from bench import addresses
 from bench.frozen import frozen_failover, frozen_table
-from bench.report import markdown
+from bench.report import NOTES, daemon_lines, markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
 from lab import PG_BIN, list_runs, missing_prerequisites
 from tests.integration.vipconf import REPMGR_VIP
@@ -125,11 +127,12 @@ def main() -> int:
     if missing:
         say("bench: cannot build the lab: " + "; ".join(missing) + " (run `make setup` as root)")
         return 2
-    if not _parts() or _parts() - {"failover", "addresses"}:
-        say("bench: BENCH_PARTS takes failover and/or addresses (comma-separated)")
+    if not _parts() or _parts() - {"failover", "addresses", "quiet"}:
+        say("bench: BENCH_PARTS takes failover, addresses and/or quiet (comma-separated)")
         return 2
     if "failover" not in _parts():
-        return addresses.main()
+        code = quiet() if "quiet" in _parts() else 0
+        return addresses.main() if "addresses" in _parts() else code
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = machine()
     meta["installed_digest_start"] = installed_digest()
@@ -205,6 +208,49 @@ def main() -> int:
     if failed:
         say(f"{len(failed)} run(s) failed; see 'failed' in latest.json")
     return 0 if all(runs.values()) else 1
+
+
+def quiet() -> int:
+    """BENCH_PARTS=quiet: the quiet daemons alone (the failover part ends with the same)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = machine()
+    meta["measured_version"] = measured_version()
+    seconds = float(os.environ.get("BENCH_DAEMON_SECONDS", "30")) or 30.0
+    available, why = daemon_available()
+    daemon: dict[int, dict[str, Any]] = {}
+    for size in _sizes():
+        if not available:
+            daemon[size] = {"error": why}
+            continue
+        say(f"bench: quiet daemons at {size} nodes ({seconds:.0f} s window)")
+        try:
+            daemon[size] = measure_daemon(size, seconds, say)
+        except Exception as exc:
+            daemon[size] = {"error": f"daemon run failed: {exc!r}"[:300]}
+    meta["loadavg_end"] = os.getloadavg()
+    period = next((str(d["period_s"]) for d in daemon.values() if "period_s" in d), "")
+    sizes = sorted(daemon)
+    table = "\n".join([
+        "| figure | " + " | ".join(f"{s} nodes" for s in sizes) + " | goal | met at "
+        + " / ".join(str(s) for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes) + "---|---|",
+        f"| **Daemon (`repmgr-vip daemon`, default settings, period {period} s)** |"
+        + " |" * len(sizes) + " | |",
+        *daemon_lines(daemon, sizes), "", f"11. {NOTES[11]}", f"12. {NOTES[12]}"])
+    header = (f"Measured {meta['date']} on {meta['nproc']} CPUs ({meta['cpu']}), kernel "
+              f"{meta['kernel']}, {meta['repmgr_vip']} ({meta['measured_version']}); load "
+              f"average at start {meta['loadavg_start'][0]:.2f}, at the end "
+              f"{meta['loadavg_end'][0]:.2f}, other labs running at start: "
+              f"{len(meta['other_labs_at_start'])}.")
+    (RESULTS / "quiet.json").write_text(json.dumps(
+        {"meta": meta, "daemon": daemon, "header": header, "table_markdown": table},
+        indent=2, default=str) + "\n")
+    (RESULTS / "quiet.md").write_text(f"{header}\n\n{table}\n")
+    say("")
+    say(header)
+    say("")
+    say(table)
+    return 0 if all("per_node" in d for d in daemon.values()) else 1
 
 
 if __name__ == "__main__":

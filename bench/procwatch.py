@@ -4,16 +4,23 @@ repmgr(d) starts the hooks, so nothing of ours logs the instant a hook process b
 kernel records it (/proc/PID/stat field 22, in clock ticks since boot, 10 ms here). A thread
 scans /proc for new processes whose command line names repmgr-vip and this lab's work
 directory (other labs may run beside us) and keeps their start time as wall-clock time.
+`count_forks` counts the processes a running daemon starts (the quiet daemon's figure).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # repmgr-vip's processes, and a plain `repmgr standby promote` (the ideal mover's
@@ -114,3 +121,43 @@ class ProcWatch:
             found = [p for p in self.procs.values() if p.start >= after
                      and contains in p.cmdline and word in p.cmdline.split()]
         return sorted(found, key=lambda p: p.start)
+
+
+STRACE = shutil.which("strace")
+
+
+def count_forks(pid: int, seconds: float) -> dict[str, Any]:
+    """New processes the daemon `pid` (any of its threads) starts in `seconds`, and what they
+    run: strace on the fork family only (seccomp-bpf, so the daemon's other system calls are
+    not stopped), following children so that their exec is seen. Without strace on the
+    machine: {"error": ...}.
+    """
+    if STRACE is None:
+        return {"error": "strace not installed"}
+    with tempfile.NamedTemporaryFile("r", prefix="rv-forks-", suffix=".txt") as out:
+        proc = subprocess.Popen(
+            [STRACE, "-f", "-qq", "--seccomp-bpf", "-e", "trace=clone,clone3,fork,vfork,execve",
+             "-o", out.name, "-p", str(pid)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        time.sleep(seconds)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        text = out.read()
+    forks = threads = 0
+    programs: dict[str, int] = {}
+    for line in text.splitlines():
+        if re.search(r"\b(clone3?|v?fork)\(", line) and re.search(r"= \d+$", line):
+            if "CLONE_THREAD" in line:
+                threads += 1
+            else:
+                forks += 1
+        found = re.search(r'execve\("([^"]+)"', line)
+        if found and line.rstrip().endswith("= 0"):
+            name = os.path.basename(found.group(1))
+            programs[name] = programs.get(name, 0) + 1
+    return {"seconds": seconds, "forks": forks, "threads": threads, "programs": programs,
+            "forks_per_min": forks * 60.0 / seconds, "threads_per_min": threads * 60.0 / seconds}

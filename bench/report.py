@@ -82,7 +82,10 @@ NOTES = {
     11: "`repmgr-vip daemon` on every node of a quiet cluster, as the systemd unit runs it "
         "(ambient CAP_NET_ADMIN/CAP_NET_RAW), default settings: VmRSS from /proc/PID/status at "
         "the end; CPU = utime+stime of the daemon and the helper processes it waited for, over "
-        "the window, as a share of one core. Median over nodes, min\u2013max across nodes.",
+        "the window (which starts after a 40 s warm-up, BENCH_DAEMON_WARMUP: imports, first "
+        "connections, the SSH masters; their CPU is the start-up row), as a share of one core. "
+        "Processes started: strace (fork family, seccomp-bpf) on each daemon over a second "
+        "window as long, after the CPU one. Median over nodes, min\u2013max across nodes.",
     12: "`pg_stat_database.sessions` summed over databases on every node, read at the start "
         "and the end of the daemon window (row 11), and over a window of up to 30 s just "
         "before the daemons start (repmgrd's own sessions); the difference is the daemons' "
@@ -183,6 +186,9 @@ def daemon_lines(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[st
     lines = []
     specs = (("rss_mib", "resident memory", "MiB", 11, 40.0),
              ("cpu_percent", "CPU, % of one core", "%", 11, 0.5),
+             ("forks_per_min", "processes the daemon starts per minute", "/min", 11, None),
+             ("startup_cpu_s", "CPU at start-up (the warm-up left out of the window)", "s", 11,
+              None),
              ("sessions_per_min", "new PostgreSQL sessions per minute per node, daemons "
               "running", "/min", 12, None),
              ("sessions_per_min_without", "the same without daemons (repmgrd's own)", "/min",
@@ -197,7 +203,12 @@ def daemon_lines(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[st
             vals = [float(v[key]) for v in per_node.values() if key in v] if per_node else []
             if key == "cpu_percent" and per_node:
                 vals = [float(v["cpu_s_per_hour"]) / 36.0 for v in per_node.values()]
-            if vals:
+            if vals and key in ("forks_per_min", "startup_cpu_s"):
+                digits = 1 if unit == "s" else 0
+                cells.append(f"{statistics.median(vals):.{digits}f} {unit} ({min(vals):.{digits}f}"
+                             f"\u2013{max(vals):.{digits}f})")
+                met.append("n/a")
+            elif vals:
                 cells.append(cell(vals, unit) if unit != "%" else
                              f"{statistics.median(vals):.2f} % ({min(vals):.2f}\u2013"
                              f"{max(vals):.2f})")
@@ -210,6 +221,12 @@ def daemon_lines(daemon: dict[int, dict[str, Any]], sizes: list[int]) -> list[st
             "0 (< 5)" if key == "sessions_per_min_daemons" else f"< {goal:g} {unit}")
         lines.append(f"| {label} [{note}] | " + " | ".join(cells) + f" | {goal_text} | "
                      + (" / ".join(met) if goal is not None else "") + " |")
+    loads = []
+    for size in sizes:
+        load = daemon.get(size, {}).get("loadavg")
+        loads.append(f"{load[0]:.2f} \u2192 {load[1]:.2f}" if load else "n/a")
+    lines.append("| load average over the daemon window (2 CPUs; other labs may run) [11] | "
+                 + " | ".join(loads) + " | | |")
     return lines
 
 

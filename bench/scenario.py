@@ -25,6 +25,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from bench.dark import dark_from_client, dark_from_holders, proof_check
 from bench.hooklog import PG_LINE, first, read_log
 from bench.ideal import MODES, Modes, original_confs
 from bench.journalread import entries_after, promote_started, vip_added
-from bench.procwatch import ProcWatch
+from bench.procwatch import ProcWatch, count_forks
 from bench.sessions import new_sessions
 from bench.sshwarm import measure as measure_links
 from demo.timeline import Timeline
@@ -51,6 +52,8 @@ ARP_SILENCE = 0.012  # the poller reports a silence after this long without an a
 WRITER_INTERVAL = 0.02
 ROLE_INTERVAL = 0.25
 SESSIONS_BASELINE = 30.0
+# start-up left out of the quiet daemon's window (see measure_daemon)
+DAEMON_WARMUP = float(os.environ.get("BENCH_DAEMON_WARMUP", "40"))
 FAULTS = (("alive", False), ("down", True))
 REJOIN_TRIES = 5
 STRAGGLER_WAIT = 20.0
@@ -403,10 +406,15 @@ def _start_daemon(lab: Lab, node: Node) -> None:
 
 
 def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
-    """`repmgr-vip daemon` on every node of a quiet cluster: RSS and CPU per hour.
+    """`repmgr-vip daemon` on every node of a quiet cluster: RSS, CPU and forks per minute.
 
-    CPU counts the daemon and the helper processes it waited for (ip, arping, sudo), from
-    /proc/PID/stat, over `seconds` after a warm-up; per hour is that rate times 3600.
+    CPU counts the daemon and the helper processes it waited for (ip, arping, ssh), from
+    /proc/PID/stat, over `seconds` after a warm-up of DAEMON_WARMUP (start-up: imports, the
+    first connections, and the SSH masters, whose foreground `ssh -f` processes the keeper
+    reaps at its second round, 30 s in: their CPU would land in the window otherwise; it is
+    reported apart as `startup_cpu_s`). Then the processes each daemon starts, over a second
+    window of `seconds` with strace on it (bench/procwatch.count_forks), so the tracing
+    never touches the CPU figure. Per hour is the CPU rate times 3600.
     """
     clk = os.sysconf("SC_CLK_TCK")
     with Lab(nodes=nodes) as lab:
@@ -423,26 +431,39 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
         lab_sessions = new_sessions(lab, min(seconds, SESSIONS_BASELINE))
         for node in lab.nodes:
             _start_daemon(lab, node)
-        time.sleep(5.0)  # warm-up: imports, first cycle, peer watchers
+        time.sleep(1.0)
         pids = {n.name: _daemon_pid(lab, n) for n in lab.nodes}
         gone = [name for name, pid in pids.items() if pid is None]
         if gone:
             return {"error": f"daemon not running on {gone}"}
+        born = {name: _cpu_ticks(pid) for name, pid in pids.items() if pid}
+        time.sleep(max(0.0, DAEMON_WARMUP - 1.0))
         start = {name: _cpu_ticks(pid) for name, pid in pids.items() if pid}
+        load_start = os.getloadavg()[0]
         began = time.monotonic()
         sessions = new_sessions(lab, seconds)
         elapsed = time.monotonic() - began
+        load_end = os.getloadavg()[0]
+        end = {name: _cpu_ticks(pid) for name, pid in pids.items() if pid}
+        rss_at = {name: _rss_kib(pid) for name, pid in pids.items() if pid}
+        with ThreadPoolExecutor(max_workers=len(pids)) as pool:
+            forks = dict(zip(pids, pool.map(lambda pid: count_forks(pid, seconds),
+                                            [p for p in pids.values() if p]), strict=True))
         per_node = {}
         for name, pid in pids.items():
             assert pid is not None
-            cpu = (_cpu_ticks(pid) - start[name]) / clk
-            rss, hwm = _rss_kib(pid)
+            cpu = (end[name] - start[name]) / clk
+            rss, hwm = rss_at[name]
             per_node[name] = {"cpu_s_per_hour": cpu / elapsed * 3600, "rss_mib": rss / 1024,
                               "peak_rss_mib": hwm / 1024,
+                              "startup_cpu_s": (start[name] - born[name]) / clk,
                               "sessions_per_min": sessions["per_minute"][name],
                               "sessions_per_min_without": lab_sessions["per_minute"][name]}
             per_node[name]["sessions_per_min_daemons"] = (
                 per_node[name]["sessions_per_min"] - per_node[name]["sessions_per_min_without"])
+            if "forks_per_min" in forks[name]:
+                per_node[name]["forks_per_min"] = forks[name]["forks_per_min"]
+            per_node[name]["forks"] = forks[name]
         holders = lab.vip_holders()
         try:  # after the quiet window: cold rounds close the daemon's masters
             links = measure_links(lab, lab.nodes[0])
@@ -454,11 +475,14 @@ def measure_daemon(nodes: int, seconds: float, say: Say) -> dict[str, Any]:
             f"{links['release']['warm_median_s'] * 1000:.0f} ms; ssh alone cold "
             f"{links['true']['cold_median_s'] * 1000:.0f} ms, warm "
             f"{links['true']['warm_median_s'] * 1000:.0f} ms")
-    say(f"  daemon at {nodes} nodes, period {period} s, {elapsed:.0f} s: "
-        + ", ".join(f"{k} {v['rss_mib']:.1f} MiB {v['cpu_s_per_hour']:.1f} CPU-s/h"
+    say(f"  daemon at {nodes} nodes, period {period} s, {elapsed:.0f} s after a "
+        f"{DAEMON_WARMUP:.0f} s warm-up, load average {load_start:.2f} -> {load_end:.2f}: "
+        + ", ".join(f"{k} {v['rss_mib']:.1f} MiB {v['cpu_s_per_hour'] / 36.0:.2f} % "
+                    f"{v.get('forks_per_min', float('nan')):.0f} forks/min"
                     for k, v in per_node.items()))
     say("  new PostgreSQL sessions per minute, daemons running (without daemons): "
         + ", ".join(f"{k} {v['sessions_per_min']:.0f} ({v['sessions_per_min_without']:.0f})"
                     for k, v in per_node.items()))
-    return {"period_s": period, "seconds": elapsed, "per_node": per_node,
+    return {"period_s": period, "seconds": elapsed, "warmup_s": DAEMON_WARMUP,
+            "loadavg": [load_start, load_end], "per_node": per_node,
             "vip_holders_after": holders, "links": links}

@@ -1,5 +1,6 @@
-"""A quiet steady state: daemons on every node start no PostgreSQL backend once warm, and
-get their kept connections back after a node's PostgreSQL restarts."""
+"""A quiet steady state: daemons on every node start no PostgreSQL backend once warm, fork
+no helper process per cycle, and get their kept connections back after a node's PostgreSQL
+restarts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from bench.procwatch import STRACE, count_forks
 from lab import Lab, Node, VipSampler
 from tests.integration.vipconf import hooked_cluster, metrics, start_daemon, stop_daemon
 
@@ -22,6 +24,10 @@ WINDOW = 20.0
 # is measured without daemons first, and the daemons may add no more than jitter to that.
 # (Daemons that connect per query add about 4 per node per second at 3 nodes: 80 here.)
 JITTER = 4
+FORK_WINDOW = 10.0
+# what a warm daemon may start: the SSH keeper's `ssh -O check` of each peer's master, once
+# per 30 s round (sshmux.KEEP_EVERY); never a process per cycle (`ip`, `arping`, sudo)
+ALLOWED_PROGRAMS = {"ssh"}
 
 
 def _sessions(lab: Lab) -> dict[str, int]:
@@ -70,6 +76,13 @@ def test_daemons_start_no_backend_in_steady_state_and_reconnect_after_restart(
         grown = _new_sessions(lab, WINDOW)
         print(f"new sessions in {WINDOW:g} s with daemons running: {grown}")
         assert all(grown[n] <= lab_only[n] + JITTER for n in grown), (grown, lab_only)
+        if STRACE is not None:  # a fork per cycle cost each daemon about 1.4 % of a core
+            with ThreadPoolExecutor(max_workers=len(daemons)) as pool:
+                started = list(pool.map(lambda p: count_forks(p.pid, FORK_WINDOW), daemons))
+            print(f"processes started in {FORK_WINDOW:g} s: {started}")
+            for counted in started:
+                assert set(counted["programs"]) <= ALLOWED_PROGRAMS, counted
+                assert counted["forks"] <= 2 * (len(lab.nodes) - 1), counted
         # what they use instead: one long-lived session from each daemon (2 peers + its own)
         for node in lab.nodes:
             kept = lab.psql(node, "SELECT count(*) FROM pg_stat_activity WHERE application_name"

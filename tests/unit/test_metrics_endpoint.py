@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,28 @@ def test_idle_connections_cost_no_thread_and_do_not_delay_a_scrape(endpoint: Met
     finally:
         for sock in [*idle, slow]:
             sock.close()
+
+
+def test_an_idle_endpoint_sleeps_until_a_client_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No polling tick: an unscraped endpoint costs the daemon no wake-up (its CPU in a
+    quiet cluster), yet answers a scrape and stops at once."""
+    calls: list[float | None] = []
+    base = metrics.selectors.DefaultSelector
+
+    class Counting(base):  # type: ignore[valid-type, misc]
+        def select(self, timeout: float | None = None) -> Any:
+            calls.append(timeout)
+            return super().select(timeout)
+
+    monkeypatch.setattr(metrics.selectors, "DefaultSelector", Counting)
+    m = Metrics("127.0.0.1", _free_port())
+    m.start()
+    try:
+        time.sleep(1.2)
+        assert len(calls) == 1, calls  # one wait, still pending
+        _, body = _scrape(m.port, 5)
+        assert "repmgr_vip_held" in body
+    finally:
+        started = time.monotonic()
+        m.stop()
+        assert time.monotonic() - started < 0.3

@@ -30,6 +30,7 @@ class FakeConn:
 
     def execute(self, sql: str) -> FakeCursor:
         self.queries += 1
+        self.server.threads.add(threading.get_ident())
         if self.server.hold is not None:
             self.server.hold.wait()
         if self.server.restarted_since(self):
@@ -50,6 +51,7 @@ class FakeServer:
         self.hold: threading.Event | None = None
         self.generation = 0
         self.conns: list[tuple[FakeConn, int]] = []
+        self.threads: set[int] = set()  # the threads that ran queries
 
     def connect(self, conninfo: str, timeout: float) -> FakeConn:
         if self.down:
@@ -73,6 +75,23 @@ def test_steady_state_reuses_one_connection() -> None:
     views = [session.view(2) for _ in range(20)]
     assert all(v.reachable and v.in_recovery is True and v.timeline == 7 for v in views)
     assert server.sessions == 1
+
+
+def test_steady_state_runs_its_queries_on_one_kept_thread() -> None:
+    """Not a new thread per query (each costs about 0.1 ms of CPU, every node every period);
+    and the caller's own thread never runs one (the deadline needs a helper)."""
+    server = FakeServer()
+    session = _session(server)
+    before = threading.active_count()
+    for _ in range(20):
+        assert session.view(2).reachable
+    assert len(server.threads) == 1 and threading.get_ident() not in server.threads
+    assert threading.active_count() <= before + 1
+    session.close()
+    deadline = time.monotonic() + 2
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before  # close() ends the kept thread
 
 
 def test_restarted_server_reconnects_within_the_same_call() -> None:
@@ -101,6 +120,7 @@ def test_a_down_node_is_retried_with_backoff_not_every_call() -> None:
 
 def test_a_query_past_its_deadline_never_lends_its_connection() -> None:
     server = FakeServer()
+    before = threading.active_count()
     session = _session(server, timeout=0.1)
     assert session.view(2).reachable
     first = server.conns[0][0]
@@ -121,6 +141,11 @@ def test_a_query_past_its_deadline_never_lends_its_connection() -> None:
     for _ in range(5):
         assert session.view(2).reachable
     assert server.sessions == 2
+    assert len(server.threads) == 2  # the frozen query's thread was not given another
+    deadline = time.monotonic() + 2
+    while threading.active_count() > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before + 1  # it ended; one kept thread is left
 
 
 def test_closed_session_keeps_nothing_open() -> None:

@@ -8,7 +8,9 @@ families and IPv4 only, plus a missing interface; and a failing netlink read fal
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import math
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from repmgr_vip.adapters import network, rtnl
+from repmgr_vip.app import lease
 from repmgr_vip.config.schema import Config, load_config
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -123,3 +126,47 @@ def test_netlink_adds_and_deletes_an_address_as_ip_does(cidr: str, lease: int) -
     if lease:
         assert all(0 < int(v) <= lease for v in result["valid"]), result["valid"]
     assert cidr not in result["removed"]
+def test_netlink_lifetime_reads_what_ip_reads_for_every_ipv4_address() -> None:
+    """The lease keeper's per-cycle read (valid_life_time) without forking `ip`."""
+    out = subprocess.run([IP, "-j", "-4", "address", "show"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    seen = 0
+    for link in json.loads(out):
+        for info in link.get("addr_info", []):
+            if info.get("family") != "inet":
+                continue
+            valid = int(info.get("valid_life_time", rtnl.FOREVER))
+            expected = math.inf if valid >= rtnl.FOREVER else float(valid)
+            got = rtnl.valid_lifetime(link["ifname"], info["local"])
+            # a finite lifetime counts down between the two reads
+            assert got is not None and (got == expected or 0 <= expected - got <= 1), info
+            seen += 1
+    assert seen and rtnl.valid_lifetime("lo", "127.0.0.1") == math.inf
+    assert rtnl.valid_lifetime("lo", "192.0.2.77") is None
+    assert rtnl.valid_lifetime("nosuch0", "127.0.0.1") is None
+
+
+def test_the_lease_read_forks_no_ip(write_config: Callable[..., Path],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every daemon asks the VIP's lifetime each cycle: no `ip` process for it."""
+    def no_fork(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("forked ip")
+
+    monkeypatch.setattr(lease, "run", no_fork)
+    config = _config(write_config, "lo")
+    assert lease.read_lifetime(config) is None  # the test VIP is never on lo
+    held = dataclasses.replace(config, vip=dataclasses.replace(
+        config.vip, address=ipaddress.ip_interface("127.0.0.1/8")))
+    assert lease.read_lifetime(held) == math.inf
+
+
+def test_a_failing_netlink_lifetime_read_falls_back_to_ip(
+        write_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise OSError("netlink refused")
+
+    monkeypatch.setattr(rtnl, "valid_lifetime", broken)
+    config = _config(write_config, "lo")
+    held = dataclasses.replace(config, vip=dataclasses.replace(
+        config.vip, address=ipaddress.ip_interface("127.0.0.1/8")))
+    assert lease.read_lifetime(held) == math.inf

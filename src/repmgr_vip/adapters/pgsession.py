@@ -13,6 +13,7 @@ thread that still waits on it, whenever the server lets go.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,44 @@ class _Call:
     def __init__(self) -> None:
         self.abandoned = False
         self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.rows: list[Any] = []
+        self.error: BaseException | None = None
+
+
+class _Worker:
+    """A kept helper thread that runs one query at a time for a session.
+
+    Why: `cluster.with_deadline` starts a thread per query (about 0.1 ms of CPU each, every
+    node every period); a kept one costs a queue hand-over. A worker whose query outlived its
+    deadline is never given another: it ends once the server lets go, as with_deadline's
+    abandoned thread does.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], list[Any]], _Call] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"query {name}")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, call = job
+            try:
+                call.rows = fn()
+            except BaseException as exc:  # handed to the caller
+                call.error = exc
+            call.done.set()
+
+    def submit(self, fn: Callable[[], list[Any]], call: _Call) -> None:
+        self._jobs.put((fn, call))
+
+    def stop(self) -> None:
+        """Ends the thread after the job it runs now, if any."""
+        self._jobs.put(None)
 
 
 class NodeSession:
@@ -57,6 +96,7 @@ class NodeSession:
         self._next_try = 0.0
         self._last_error = ""
         self._closed = False
+        self._workers: list[_Worker] = []  # idle helper threads (at most MAX_IDLE)
 
     # --- connections ------------------------------------------------------------------
 
@@ -116,20 +156,44 @@ class NodeSession:
     # --- queries ----------------------------------------------------------------------
 
     def fetch(self, sql: str) -> list[Any]:
-        """All rows of `sql`; raises on any failure, within timeout + 1 s whatever happens."""
+        """All rows of `sql`; raises on any failure, within timeout + 1 s whatever happens.
+
+        libpq's connect_timeout bounds only the connection, and statement_timeout is enforced
+        by the server, which a frozen server does not do: so the query runs in a helper thread
+        and the caller stops waiting after the deadline (see cluster.with_deadline).
+        """
         call = _Call()
-        try:
-            return cluster.with_deadline(lambda: self._run(sql, call), self.timeout + 1.0,
-                                         self.name)
-        except cluster.QueryTimeout:
+        with self._guard:
+            worker = self._workers.pop() if self._workers else None
+        if worker is None:
+            worker = _Worker(self.name)
+        worker.submit(lambda: self._run(sql, call), call)
+        timeout = self.timeout + 1.0
+        if not call.done.wait(timeout):
             with call.lock:
                 call.abandoned = True  # the connection still carries the query: never reuse
-            raise
+            worker.stop()  # nor the thread: it ends when the server lets go
+            raise cluster.QueryTimeout(f"{self.name}: no answer within {timeout:g} s")
+        with self._guard:
+            keep = not self._closed and len(self._workers) < MAX_IDLE
+            if keep:
+                self._workers.append(worker)
+        if not keep:
+            worker.stop()
+        if call.error is not None:
+            raise call.error
+        return call.rows
 
-    def view(self, node_id: int) -> cluster.NodeView:
-        """What the node says about itself, like cluster.query_view, on the kept connection."""
+    def view(self, node_id: int, *, bounded: bool = True) -> cluster.NodeView:
+        """What the node says about itself, like cluster.query_view, on the kept connection.
+
+        bounded=False runs the query in the caller's own thread, with no deadline of ours:
+        only for a caller whose waiting harms nobody because its readers already judge its
+        answers by their age (daemon.PeerWatcher); it saves a thread hand-over per query.
+        """
         try:
-            rows = self.fetch(cluster.ROLE_QUERY)
+            rows = self.fetch(cluster.ROLE_QUERY) if bounded else self._run(cluster.ROLE_QUERY,
+                                                                            _Call())
             return cluster.NodeView(node_id, reachable=True, in_recovery=bool(rows[0][0]),
                                     timeline=int(rows[0][1]))
         except Exception as exc:  # any failure means "cannot tell", never a crash
@@ -140,8 +204,11 @@ class NodeSession:
         with self._guard:
             self._closed = True
             idle, self._idle = self._idle, []
+            workers, self._workers = self._workers, []
         for conn in idle:
             _close(conn)
+        for worker in workers:
+            worker.stop()
 
 
 def _close(conn: Any) -> None:

@@ -201,7 +201,9 @@ class PeerWatcher(threading.Thread):
     def run(self) -> None:
         while not self._stopped():
             started = time.monotonic()
-            view = self.session.view(self.record.node_id)
+            # in this thread, no helper: a peer that stops answering leaves `_latest` to age,
+            # and view() counts it unreachable after `stale_after`, as a timed-out query would
+            view = self.session.view(self.record.node_id, bounded=False)
             with self._lock:
                 self._latest = (time.monotonic(), view)
             self.retired.wait(max(0.0, self.interval - (time.monotonic() - started)))

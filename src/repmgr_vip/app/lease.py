@@ -25,6 +25,7 @@ a hook added vanishes after N seconds; that is why the default is 0 (a permanent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
+from repmgr_vip.adapters import rtnl
 from repmgr_vip.adapters.lock import LockBusy, vip_lock
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.process import run
@@ -59,8 +61,13 @@ def lease_seconds(config: Config) -> int:
 
 
 def read_lifetime(config: Config) -> float | None:
-    """Seconds the VIP has left as the kernel shows them: inf if permanent, None if not held."""
+    """Seconds the VIP has left as the kernel shows them: inf if permanent, None if not held.
+
+    Over rtnetlink in-process (asked every cycle on every node), `ip -j` if that fails.
+    """
     iface = config.vip.interface
+    with contextlib.suppress(OSError):
+        return rtnl.valid_lifetime(iface, config.vip.ip, timeout=5.0)
     result = run([config.commands.ip, "-j", "-4", "address", "show", "dev", iface], timeout=5.0)
     if result.returncode != 0:
         return None

@@ -50,6 +50,8 @@ class MetricsServer(HTTPServer):
         super().__init__((address, port), Handler.factory(registry))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # stop() writes here: the loop sleeps until a client or stop, not in 0.5 s ticks
+        self._wake_r, self._wake_w = socket.socketpair()
 
     def server_bind(self) -> None:
         """Binds without HTTPServer's reverse DNS lookup of our own address (it can hang)."""
@@ -63,16 +65,30 @@ class MetricsServer(HTTPServer):
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=2.0)
         self.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @staticmethod
+    def _timeout(pending: dict[socket.socket, tuple[Any, float, bytes]]) -> float | None:
+        """Until the first pending client's deadline; None (no timeout) with no client."""
+        if not pending:
+            return None
+        return max(0.0, min(deadline for _, deadline, _ in pending.values()) - time.monotonic())
 
     def loop(self) -> None:
         pending: dict[socket.socket, tuple[Any, float, bytes]] = {}
         with selectors.DefaultSelector() as selector:
             selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._stop.is_set():
-                for key, _ in selector.select(timeout=0.5):
+                for key, _ in selector.select(timeout=self._timeout(pending)):
+                    if key.fileobj is self._wake_r:
+                        continue  # stop() was called: the loop condition ends it
                     if key.fileobj is self.socket:
                         self._accept(selector, pending)
                     else:
