@@ -16,7 +16,14 @@ from repmgr_vip.app.lease import wait_budget
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.decide import CONFLICT
 from repmgr_vip.core.errors import ExitCode
-from repmgr_vip.testing import ARP_SILENCE, FakeClock, FakeCluster, quiet_log, write_configs
+from repmgr_vip.testing import (
+    ARP_SILENCE,
+    FakeClock,
+    FakeCluster,
+    FakeProber,
+    quiet_log,
+    write_configs,
+)
 
 NAMES = ("pg1", "pg2", "pg3")
 FOREIGN = "02:de:ad:be:ef:01"
@@ -310,3 +317,23 @@ def test_the_state_file_is_written_on_change_not_every_period(tmp_path: Path) ->
     world.address("pg1", configs["pg1"]).remove()  # by hand: the decision changes
     daemon.cycle()
     assert len(written) == 2
+
+
+def test_a_stray_host_in_the_prior_proof_refuses_the_promotion(tmp_path: Path) -> None:
+    """README rule 2: every node confirmed over its link before any probe of the round ended,
+    but the daemon's proof a moment ago saw a MAC none of them released: the promotion waits
+    for a probe after the confirmations, and is refused while the stray host answers."""
+    world, configs = _world(tmp_path)
+    world.foreign.add(FOREIGN)
+
+    class SlowProber(FakeProber):  # the round's own probes end after the link's confirmations
+        def latest(self) -> tuple[str, ...] | None:
+            return super().latest() if self.clock.now >= self.started + 0.5 else None
+
+    hands = world.hook_ports("pg2", configs["pg2"])
+    taken = world.clock.now - 0.2
+    hands.fencing["prior_proof"] = lambda: (taken, (world.hosts["pg1"].mac, FOREIGN))
+    hands.fencing["prober"] = lambda address: SlowProber(address, world.clock)
+    assert hooks.promote(configs["pg2"], own=hands) == ExitCode.REFUSED
+    assert world.hosts["pg2"].role == "standby" and not world.hosts["pg2"].vip
+    assert world.fenced == [] and not world.violations

@@ -264,7 +264,8 @@ class Fencing:
                 self.report.pending = sorted(self.sessions)  # they finish on their own
                 break
             if confirmations_suffice and self.all_confirmed:
-                answered = () if self._accounted() else latest
+                answered = () if self._accounted() else (
+                    latest if latest is not None else self._unaccounted())
                 break
             if not self.sessions:
                 # judge by a probe that saw the segment after the last release took effect
@@ -313,6 +314,15 @@ class Fencing:
         if self.prior is None:
             return False
         return {mac.lower() for mac in self.prior} <= self.confirmed_macs
+
+    def _unaccounted(self) -> tuple[str, ...] | None:
+        """MACs of the prior proof that no confirming node released: a host outside the
+        cluster answered a moment ago, so the promotion waits for a probe taken after the
+        confirmations (and is refused if it still answers) instead of starting on them."""
+        if self.prior is None:
+            return None
+        foreign = tuple(m for m in self.prior if m.lower() not in self.confirmed_macs)
+        return foreign or None
 
     def _await_lease(self, answered: tuple[str, ...]) -> tuple[str, ...]:
         """A node that neither released nor was fenced may still let go on its own: with
