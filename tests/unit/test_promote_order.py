@@ -304,21 +304,6 @@ def test_the_daemon_renews_its_lease_and_a_frozen_node_loses_the_vip(tmp_path: P
     assert world.events[_at(world, "pg1", "lease expired")][0] - frozen_at <= 3.0
 
 
-def test_the_state_file_is_written_on_change_not_every_period(tmp_path: Path) -> None:
-    """status reads it; an fsynced rewrite every period was a third of a quiet daemon's CPU."""
-    world, configs = _world(tmp_path)
-    daemon = world.daemon("pg1", configs["pg1"])
-    written: list[str] = []
-    daemon.files.write_state = written.append  # type: ignore[method-assign]
-    for _ in range(5):
-        daemon.cycle()
-        world.clock.sleep(1.0)
-    assert len(written) == 1
-    world.address("pg1", configs["pg1"]).remove()  # by hand: the decision changes
-    daemon.cycle()
-    assert len(written) == 2
-
-
 def test_a_stray_host_in_the_prior_proof_refuses_the_promotion(tmp_path: Path) -> None:
     """README rule 2: every node confirmed over its link before any probe of the round ended,
     but the daemon's proof a moment ago saw a MAC none of them released: the promotion waits

@@ -48,12 +48,13 @@ def fix_owner_and_mode(fd: int, path: Path) -> None:
         os.fchmod(fd, FILE_MODE)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
     """Replaces `path` with `text` completely or not at all; never follows a symlink.
 
     The temporary file is created exclusively (O_EXCL|O_NOFOLLOW) in the same directory,
     synced, then renamed over `path` (a symlink at `path` is replaced, not followed). On any
-    error the temporary file is removed and the OSError raised again.
+    error the temporary file is removed and the OSError raised again. durable=False skips
+    the syncs: for a file rewritten every period that a crash may leave a period old.
     """
     # os.urandom, not secrets: the name only has to be unlikely (O_EXCL refuses a clash), and
     # secrets loads hashlib and OpenSSL, ~4 ms of every hook's start-up
@@ -67,7 +68,8 @@ def write_atomic(path: Path, text: str) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -75,6 +77,8 @@ def write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     with contextlib.suppress(OSError):  # make the rename itself durable; best effort
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

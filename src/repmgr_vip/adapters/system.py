@@ -39,7 +39,9 @@ class FileState:
         return vip_lock(self.config.lock_path, timeout)
 
     def write_state(self, text: str) -> None:
-        statefiles.write_atomic(statepaths.daemon_state_file(self.config.state_dir), text)
+        # status's heartbeat, every period: no fsync (a crash leaves it a period old)
+        statefiles.write_atomic(statepaths.daemon_state_file(self.config.state_dir), text,
+                                durable=False)
 
     def marker_age(self) -> float | None:
         return statefiles.marker_age(statepaths.self_fence_marker(self.config.state_dir))

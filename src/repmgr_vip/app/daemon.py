@@ -60,7 +60,6 @@ LOCK_WAIT = 0.2
 NODE_LIST_WAIT = 3.0  # a promotion's fresh repmgr.nodes on the kept connection (a hook's too)
 CONTROL_OPS = ("promote", "start-repmgrd", "follow", "fence-self", "event", "release")
 CONTROL_STOP_WAIT = 10.0  # on stop, steps under way get this long to finish (then the hook)
-STATE_REFRESH = 60.0  # the state file is rewritten at least this often (else on change)
 REFUSAL_LOG_EVERY = 60.0  # a refused peer is counted each time, logged at most this often
 LOOMING_EVERY = 0.15  # seconds between proofs while a failover looms (each takes 80 ms)
 LOOMING_MARGIN = 10.0  # proofs stop this long after the old holder has let the VIP go
@@ -317,8 +316,6 @@ class Daemon:
         self.control: control.ControlServer | None = None  # see serve_control
         self.looming_proof: LoomingProof | None = None  # see run(); None: once per cycle
         self.promoting = threading.Event()  # a promotion handed to us is under way
-        self.state_written: tuple[object, ...] | None = None  # see _write_state
-        self.state_written_at = 0.0
         self.refusal_logged = -REFUSAL_LOG_EVERY
 
     # --- snapshot ---------------------------------------------------------------------
@@ -604,20 +601,11 @@ class Daemon:
                           alarm="", uid=peer.uid, peer_pid=peer.pid)
 
     def _write_state(self, decision: Decision, holds: bool) -> None:
-        """For `status`: written when it changes, and every STATE_REFRESH seconds otherwise
-        (an fsynced rewrite each period was a third of a quiet daemon's CPU)."""
-        content = (holds, decision.action.value, decision.reason, decision.alarm)
-        now = time.monotonic()
-        if content == self.state_written and now - self.state_written_at < STATE_REFRESH:
-            return
         data = {"pid": os.getpid(), "time": time.time(), "holds_vip": holds,
                 "action": decision.action.value, "reason": decision.reason,
                 "alarm": decision.alarm}
-        try:  # status only; a full disk must not stop the loop
+        with contextlib.suppress(OSError):  # status only; a full disk must not stop the loop
             self.files.write_state(json.dumps(data))
-        except OSError:
-            return
-        self.state_written, self.state_written_at = content, now
 
     def run(self) -> int:
         def stop(signum: int, _frame: FrameType | None) -> None:
