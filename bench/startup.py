@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 
-HOOK_MODULES = "import repmgr_vip.cli.main, repmgr_vip.app.hooks"
+HOOK_MODULES = "import repmgr_vip.cli.main, repmgr_vip.app.hooks"  # the full CLI's promote
+QUICK_MODULES = "import repmgr_vip.cli.quick"  # the generated promote line's quick start
 
 
 def _wall(argv: list[str], runs: int) -> list[float]:
@@ -57,12 +58,14 @@ def main() -> int:
     imports = _import_times(python, HOOK_MODULES)
     ours = sum(v for k, v in imports.items() if k.startswith("repmgr_vip"))
     heaviest = sorted(imports.items(), key=lambda kv: kv[1], reverse=True)[:5]
+    quick = _import_times(python, QUICK_MODULES)
     psycopg = _import_times(python, "import psycopg")
     print(json.dumps({
         "help_s": help_times,
         "help_median_s": statistics.median(help_times),
         "python_pass_median_s": statistics.median(bare),
         "hook_imports_s": sum(imports.values()),
+        "quick_imports_s": sum(quick.values()),
         "repmgr_vip_modules_s": ours,
         "psycopg_import_s": sum(psycopg.values()),
         "heaviest_imports": heaviest,
