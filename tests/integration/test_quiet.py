@@ -25,9 +25,9 @@ WINDOW = 20.0
 # (Daemons that connect per query add about 4 per node per second at 3 nodes: 80 here.)
 JITTER = 4
 FORK_WINDOW = 10.0
-# what a warm daemon may start: the SSH keeper's `ssh -O check` of each peer's master, once
-# per 30 s round (sshmux.KEEP_EVERY); never a process per cycle (`ip`, `arping`, sudo)
-ALLOWED_PROGRAMS = {"ssh"}
+# what a warm daemon may start: nothing (the SSH keeper checks its masters in-process, and
+# asks `ssh -G` once per peer at start-up); never a process per cycle (`ip`, `arping`, sudo)
+ALLOWED_PROGRAMS: set[str] = set()
 
 
 def _sessions(lab: Lab) -> dict[str, int]:

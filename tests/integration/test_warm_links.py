@@ -19,6 +19,7 @@ import pytest
 
 from bench.sshwarm import cold_rounds, masters, postgres_uid, probe, release_seconds
 from lab import INTERFACE, VIP, Lab, Node, VipSampler
+from repmgr_vip.adapters import sshmux
 from repmgr_vip.config import statepaths
 from tests.integration.vipconf import (
     PYTHON,
@@ -187,6 +188,11 @@ def test_a_release_over_the_warm_link_is_one_round_trip_and_starts_nothing_there
     assert lab.vip_holders() == ["node1"]
     daemons = DaemonsUp(lab, node2)
     try:
+        # the keeper checks its masters in-process (the mux protocol's alive check, as
+        # `ssh -O check` does): OpenSSH's own masters answer it
+        masters = [p for p in node2.dir.glob("repmgr-vip-ssh-*/*")
+                   if stat.S_ISSOCK(p.lstat().st_mode) and not p.name.startswith("link-")]
+        assert masters and all(sshmux.mux_alive(str(p)) for p in masters), masters
         result = _probe(lab, node2, "link", "node1")
         one = result["nodes"]["node1"]
         assert one["ok"] and one["via"] == "link", result
