@@ -41,6 +41,22 @@ def test_hook_lines_as_printed_pass_and_missing_ones_fail(
     assert list(status.values()).count("FAIL") == 1
 
 
+def test_a_promote_line_without_the_control_socket_works_and_is_a_warning(
+        write_config: Callable[..., Path], repmgr_conf: Path) -> None:
+    """A line written by an older repmgr-vip: promote works (the full CLI asks the daemon),
+    only the quick start is lost; `check` says so without failing."""
+    config = load_config(write_config())
+    wired = repmgr_conf_lines(config)
+    old = "\n".join(line.split(" --control ")[0] + "'" if line.startswith("promote_command")
+                    else line for line in wired.splitlines())
+    assert old != wired
+    repmgr_conf.write_text(repmgr_conf.read_text() + old + "\n")
+    results = {r.name: r for r in _check_hook_lines(config)}
+    promote = results["repmgr.conf promote_command"]
+    assert promote.ok and promote.warning
+    assert _status(list(results.values()))["repmgr.conf promote_command"] != "FAIL"
+
+
 @pytest.mark.parametrize(("events", "expected"), [
     ("", "ok"),                                                   # no filter: every event
     ("standby_switchover", "FAIL"),                               # our events missing
