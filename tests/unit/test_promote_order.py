@@ -322,3 +322,16 @@ def test_a_stray_host_in_the_prior_proof_refuses_the_promotion(tmp_path: Path) -
     assert hooks.promote(configs["pg2"], own=hands) == ExitCode.REFUSED
     assert world.hosts["pg2"].role == "standby" and not world.hosts["pg2"].vip
     assert world.fenced == [] and not world.violations
+
+
+def test_silence_in_the_prior_proof_proves_the_vip_free_at_once(tmp_path: Path) -> None:
+    """The old primary's host is cut off (its VIP answers nobody): the daemon's proof a moment
+    ago heard no answer, which proves the VIP free as a probe of the round would, without
+    waiting for one (the cut-off node is left to the release retrier, as always)."""
+    world, configs = _world(tmp_path)
+    world.partition(["pg1"])
+    started = world.clock.now
+    assert _promote_with_prior_proof(world, configs, (), 0.2) == ExitCode.OK
+    added_at = world.events[_at(world, "pg2", "add")][0]
+    assert added_at < started + ARP_SILENCE  # a probe of the round is silent only after that
+    assert world.hosts["pg2"].vip and not world.violations

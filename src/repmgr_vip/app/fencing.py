@@ -259,6 +259,8 @@ class Fencing:
         while True:
             self._collect()
             latest = self.prober.latest()
+            if latest is None and self.prior == ():
+                latest = ()  # nobody answered the daemon's proof a moment ago: the same silence
             if latest == ():
                 answered = ()
                 self.report.pending = sorted(self.sessions)  # they finish on their own
