@@ -23,6 +23,7 @@ from tests.integration.vipconf import start_daemon, stop_daemon, wire_hooks
 MOVER = Path(__file__).parent / "mover.py"
 MODES = ("ideal", "hooks", "daemon")
 DAEMON_WARMUP = 4.0  # imports, first cycles, peer watchers, SSH masters
+LINKS_TIMEOUT = 120.0  # 7 nodes: 42 SSH masters and their forwards on 2 cores
 
 
 def original_confs(lab: Lab) -> dict[str, str]:
@@ -38,6 +39,22 @@ def restart_repmgrd(lab: Lab) -> None:
         lab.start_repmgrd(node)
 
 
+def wait_warm_links(lab: Lab, timeout: float = LINKS_TIMEOUT) -> float | None:
+    """Seconds until every daemon greets through a warm link to each of its peers (as
+    daemons that have been running for a while do); None if not within `timeout`."""
+    from repmgr_vip.adapters.sshmux import link_answers
+
+    started = time.monotonic()
+    want = len(lab.nodes) - 1
+    while time.monotonic() - started < timeout:
+        links = [[p for p in node.dir.glob("repmgr-vip-ssh-*/link-*")] for node in lab.nodes]
+        if all(len(found) >= want and all(link_answers(p) == "" for p in found)
+               for found in links):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    return None
+
+
 class Modes:
     """Switches one lab between the modes; keeps the mover and the daemons it started."""
 
@@ -48,6 +65,7 @@ class Modes:
         self.mover: subprocess.Popen[str] | None = None
         self.mover_events: list[dict[str, Any]] = []
         self.daemons: list[subprocess.Popen[str]] = []
+        self.links_warm_s: float | None = None  # daemon mode: until every link greeted
 
     def switch(self, mode: str, holder: Node) -> None:
         if mode == self.mode:
@@ -65,6 +83,7 @@ class Modes:
         elif mode == "daemon":
             self.daemons = [start_daemon(self.lab, node) for node in self.lab.nodes]
             time.sleep(DAEMON_WARMUP)
+            self.links_warm_s = wait_warm_links(self.lab)
         self.mode = mode
 
     def _start_mover(self, holder: Node) -> None:

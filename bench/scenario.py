@@ -303,6 +303,11 @@ def run_repetition(nodes: int, rep: int, say: Say,
                     primary = lab.primary()
                     assert primary is not None
                     modes.switch(mode, primary)
+                    if mode == "daemon":
+                        warm = modes.links_warm_s
+                        say("    daemons' warm links to every peer "
+                            + (f"up after {warm:.1f} s" if warm is not None else "NOT all up"))
+                        result["links_warm_s"] = warm
                     time.sleep(SETTLE)
                     for _name, cut in FAULTS:
                         figures = failover(lab, tl, arp, procs, modes, cut=cut, say=say)
