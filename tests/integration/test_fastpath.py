@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
 
+from bench.dark import dark_from_holders
+from bench.ideal import wait_warm_links
 from bench.sshwarm import masters
 from lab import Lab, VipSampler
 from tests.integration.vipconf import (
@@ -53,6 +56,7 @@ class Daemons:
             peers = {n.name: {p.ip for p in lab.nodes if p is not n} for n in lab.nodes}
             wait_until(lab, "warm SSH masters from every node", lambda: all(
                 set(masters(lab, n)) == peers[n.name] for n in lab.nodes), 60, interval=0.5)
+            assert wait_warm_links(lab, timeout=60.0) is not None, "no warm link everywhere"
 
     def sigstop(self, name: str) -> None:
         pid = self.procs[name].pid  # setpriv execs the daemon: the same pid
@@ -98,7 +102,9 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
     try:
         if mode == "new-primary-daemon-stopped":
             daemons.sigstop("node2")  # priority: node2 wins the election
-        with VipSampler(lab) as sampler:
+        # 2 ms: the dark window of the daemon path is a few milliseconds
+        with VipSampler(lab, interval=0.002 if mode == "daemons-up" else 0.01) as sampler:
+            fault = time.monotonic()
             lab.kill_postgres(node1)
             wait_until(lab, "node2 promoted", lambda: lab.is_in_recovery(node2) is False,
                        FAILOVER_TIMEOUT)
@@ -122,9 +128,12 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
     if mode == "new-primary-daemon-stopped":
         assert "no greeting" in started["daemon"], started
     steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
+    dark = dark_from_holders(sampler.samples, fault, "node2")
+    assert dark is not None, sampler.transitions()
     print(f"\nfast path [{mode}]: repmgr standby promote started {started['hook_ms']} ms after "
           f"the promote hook started ({steps}; lock {verdict['lock_ms']} ms, fencing "
-          f"{verdict['fencing_ms']} ms, by the {expected})")
+          f"{verdict['fencing_ms']} ms, by the {expected}); no node held the VIP for "
+          f"{dark * 1000:.0f} ms (sampler every {sampler.period_stats()['median_ms']} ms)")
 
 
 def test_switchover_with_daemons_moves_the_vip_through_them(three: Lab) -> None:
