@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # two in step).
 DEBS := postgresql-15 postgresql-client-15 postgresql-15-repmgr openssh-server openssh-client \
         sudo passwd iputils-arping iputils-ping iproute2 procps psmisc python3 python3-venv \
-        util-linux mount git
+        util-linux mount git strace
 PYTEST_ARGS ?=
 
 .PHONY: setup debs venv install lint test unit lab-test demo clean-labs

@@ -53,6 +53,7 @@ PREREQUISITES: tuple[tuple[str, str], ...] = (
     ("/usr/bin/fuser", "psmisc"),  # named by repmgr-vip's lock-busy message
     ("/usr/bin/python3", "python3"),
     ("/usr/bin/git", "git"),  # bench: which commit the figures belong to
+    ("/usr/bin/strace", "strace"),  # test_quiet, bench: the processes a daemon starts
 )
 
 
