@@ -122,7 +122,7 @@ def promote(control: str) -> int:
     """Asks the daemon to fence, runs repmgr as its verdict says; repmgr's status.
 
     Fallback before the verdict; after it, a daemon that vanishes leaves the VIP step to
-    the full code (hooks._vip_after_lost_daemon), as in hooks._promote_via_daemon.
+    the full code (hooks.vip_after_lost_daemon), as in hooks._promote_via_daemon.
     """
     started = process_start_time()
     line = Line(control)
