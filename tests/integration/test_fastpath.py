@@ -28,6 +28,7 @@ from tests.integration.vipconf import (
     journal_entries,
     start_daemon,
     stop_daemon,
+    wait_failover_done,
     wait_until,
 )
 
@@ -106,11 +107,7 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
         with VipSampler(lab, interval=0.002 if mode == "daemons-up" else 0.01) as sampler:
             fault = time.monotonic()
             lab.kill_postgres(node1)
-            wait_until(lab, "node2 promoted", lambda: lab.is_in_recovery(node2) is False,
-                       FAILOVER_TIMEOUT)
-            wait_until(lab, "VIP on node2 alone", lambda: lab.vip_holders() == ["node2"], 20)
-            wait_until(lab, "the promote hook's last step (CHECKPOINT)", lambda: bool(
-                journal_entries(node2, source="promote", action="checkpoint")), 30)
+            wait_failover_done(lab, node2, FAILOVER_TIMEOUT)
         sampler.assert_never_two()
     finally:
         daemons.close()

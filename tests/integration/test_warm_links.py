@@ -30,6 +30,7 @@ from tests.integration.vipconf import (
     never_during,
     start_daemon,
     stop_daemon,
+    wait_failover_done,
     wait_until,
 )
 
@@ -248,10 +249,7 @@ def test_a_failover_with_daemons_up_fences_over_the_warm_links(
     try:
         with VipSampler(lab) as sampler:
             lab.kill_postgres(node1)
-            wait_until(lab, "node2 promoted", lambda: lab.is_in_recovery(node2) is False, 60)
-            wait_until(lab, "VIP on node2 alone", lambda: lab.vip_holders() == ["node2"], 20)
-            wait_until(lab, "the promote hook's last step (CHECKPOINT)", lambda: bool(
-                journal_entries(node2, source="promote", action="checkpoint")), 30)
+            wait_failover_done(lab, node2)
         sampler.assert_never_two()
     finally:
         daemons.close()

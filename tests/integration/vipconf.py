@@ -160,3 +160,12 @@ def journal_entries(node: Node, **match: object) -> list[Mapping[str, Any]]:
     from repmgr_vip.adapters import journal
 
     return [e for e in journal.read(node.dir) if all(e.get(k) == v for k, v in match.items())]
+
+
+def wait_failover_done(lab: Lab, new: Node, timeout: float = 60.0) -> None:
+    """`new` promoted, the VIP on it alone, and its promote hook through its last step
+    (the CHECKPOINT after the VIP is up): the failover is over from every angle."""
+    wait_until(lab, f"{new.name} promoted", lambda: lab.is_in_recovery(new) is False, timeout)
+    wait_until(lab, f"VIP on {new.name} alone", lambda: lab.vip_holders() == [new.name], 20)
+    wait_until(lab, "the promote hook's last step (CHECKPOINT)", lambda: bool(
+        journal_entries(new, source="promote", action="checkpoint")), 30)
