@@ -129,7 +129,8 @@ class FakeCluster:
         self.ssh_connect_timeout = 3.0
         self.violations: list[str] = []  # broken rules seen by the fakes themselves
         self.fenced: list[str] = []
-        self.round_started: dict[str, float] = {}  # fencer -> its latest round's start
+        # (fencer, target) -> when the fencer's latest round asked the target to release
+        self.round_started: dict[tuple[str, str], float] = {}
         self.same_timeline = False  # the next promotion lands on the newest primary's timeline
         self.view_lag = 0.0  # how old a daemon's view of a peer may be (0: the truth)
         self.retriers: list[FakeRetrier] = []
@@ -238,7 +239,7 @@ class FakeCluster:
             host = self.hosts[node.node_name]
             confirmed = host.confirmed_to.get(fencer)
             if (confirmed is not None and confirmed > host.added_at
-                    and confirmed > self.round_started.get(fencer, 0.0)):  # ssh takes time
+                    and confirmed > self.round_started.get((fencer, host.name), 0.0)):
                 self.violations.append(f"{fencer} fenced {host.name}, which had confirmed its "
                                        f"release in this round at {confirmed:.2f}")
             if self.fence_mode == "hang":
@@ -286,13 +287,15 @@ class FakeCluster:
                      node=FakeNode(self, name, config.fencing.release_retry_for > 0),
                      files=files, clock=self.clock)
 
-    def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord]) -> Fencing:
-        """A real fencing round started by `name` (as promote starts it)."""
+    def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord], *,
+                holder_last: float = 0.0) -> Fencing:
+        """A real fencing round started by `name` (as promote starts it; the daemon's rounds
+        ask the old primary last: holder_last)."""
         from repmgr_vip.app.fencing import Fencing
 
         return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
                        clock=self.clock, fence_runner=self.fence_runner(name),
-                       prober=self.prober)
+                       prober=self.prober, holder_last=holder_last)
 
 
 class FakeAddress:
@@ -455,8 +458,9 @@ class FakeRemote:
         self.origin = origin
 
     def start_release(self, node: NodeRecord) -> FakeSession:
-        # a round asks every node at once (Fencing.expect), so its start is the latest ask
-        self.world.round_started[self.origin] = self.world.clock.now
+        # a confirmation after this ask belongs to this round (the old primary may be asked
+        # after the others: Fencing.holder_last)
+        self.world.round_started[(self.origin, node.host)] = self.world.clock.now
         return FakeSession(self.world, self.origin, node.host)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from repmgr_vip.app import claim
+from repmgr_vip.app.fencing import HOLDER_LAST
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.decide import Action
 from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
@@ -61,3 +64,58 @@ def test_frozen_holder_with_failing_fence_command_refuses_the_promotion(tmp_path
     verdict = claim.promotion_verdict(fencing, "refuse")
     assert verdict.decision.action is Action.ACQUIRE and verdict.report.fenced == ["pg1"]
     assert world.hosts["pg1"].off
+
+
+def _three(tmp_path: Path) -> tuple[FakeCluster, dict[str, Config]]:
+    """pg1 primary holding the VIP, pg2 (the promoting one) and pg3 standbys."""
+    names = ("pg1", "pg2", "pg3")
+    world = FakeCluster(names, FakeClock())
+    world.promote("pg1", timeline=1)
+    configs = write_configs(tmp_path, names)
+    world.address("pg1", configs["pg1"]).add()
+    world.events.clear()
+    return world, configs
+
+
+def _released_at(world: FakeCluster, host: str) -> float:
+    return next(t for t, h, what in world.events if h == host and what.startswith("released"))
+
+
+@pytest.mark.parametrize("bound", [HOLDER_LAST, 1.0])
+def test_the_daemons_round_asks_the_old_primary_once_the_others_confirmed(
+        tmp_path: Path, bound: float) -> None:
+    """The old primary (the holder) lets go only once every other node confirmed, so the VIP
+    is on no node for its release alone, not while the slowest link answers."""
+    world, configs = _three(tmp_path)
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"), holder_last=bound)
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.decision.action is Action.ACQUIRE
+    assert verdict.report.released == ["pg3", "pg1"]
+    assert world.round_started[("pg2", "pg3")] == asked
+    assert world.round_started[("pg2", "pg1")] >= _released_at(world, "pg3")
+    assert world.round_started[("pg2", "pg1")] < asked + max(bound, 0.1)
+    assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_a_standby_that_does_not_answer_delays_the_old_primary_only_to_the_bound(
+        tmp_path: Path) -> None:
+    world, configs = _three(tmp_path)
+    world.freeze("pg3")
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"), holder_last=0.2)
+    asked = world.clock.now
+    claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert asked + 0.2 <= world.round_started[("pg2", "pg1")] < asked + 0.3
+    assert _released_at(world, "pg1") < asked + 0.5
+    assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_without_warm_links_every_node_is_asked_at_once(tmp_path: Path) -> None:
+    """ssh exec releases take hundreds of milliseconds each: a hook asks everyone at once."""
+    world, configs = _three(tmp_path)
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"))
+    claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert world.round_started[("pg2", "pg1")] == world.round_started[("pg2", "pg3")]

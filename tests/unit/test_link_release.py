@@ -221,6 +221,83 @@ def test_a_killed_session_starts_nothing(w: World) -> None:
     assert ssh.asked == [] and session.finished() and not session.result().ok
 
 
+def _listening(path: Path) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    return server
+
+
+def test_the_release_request_does_not_wait_for_the_greeting(w: World) -> None:
+    """The request goes out with the connection: a peer that reads it before greeting (as
+    the request, already there, is read the moment the greeting has gone) still answers, on
+    the link, within the bound; each link round trip passes two ssh processes."""
+    server = _listening(_forwarded(w))
+    seen: list[dict[str, Any] | None] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with control.Conversation(conn) as conv:
+            seen.append(conv.receive(2.0))  # before any greeting
+            conv.send({"hello": control.PROTOCOL, "pid": 1})
+            conv.send({"ok": True, "message": "removed", "macs": ["02:00:00:00:00:01"]})
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    ssh = RecordingSsh()
+    session = _release(w, ssh)
+    thread.join(5.0)
+    server.close()
+    assert seen and seen[0] is not None and seen[0]["op"] == "release"
+    assert ssh.asked == [] and session.via == "link" and session.result().ok
+    assert session.result().macs == ("02:00:00:00:00:01",)
+
+
+def test_a_prepared_link_is_greeted_before_the_release_is_asked(w: World) -> None:
+    """Fencing asks the old primary last and prepares its link meanwhile: the connection is
+    open and greeted before the request, which then travels alone (one round trip)."""
+    server = _listening(_forwarded(w))
+    greeted = threading.Event()
+    events: list[str] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        events.append("accepted")
+        with control.Conversation(conn) as conv:
+            conv.send({"hello": control.PROTOCOL, "pid": 1})
+            greeted.set()
+            request = conv.receive(3.0)
+            events.append(f"request {request and request['op']}")
+            conv.send({"ok": True, "message": "removed", "macs": []})
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    ssh = RecordingSsh()
+    link = LinkRelease(lambda: w.configs["pg2"], lambda: ssh)
+    link.prepare(w.node("pg1"))
+    assert greeted.wait(5.0)
+    events.append("asked")
+    session = link.start_release(w.node("pg1"))
+    session.join(5.0)
+    thread.join(5.0)
+    server.close()
+    assert events == ["accepted", "asked", "request release"]
+    assert ssh.asked == [] and session.via == "link" and session.result().ok
+
+
+def test_a_prepared_link_that_failed_is_opened_again(w: World) -> None:
+    """The peer's daemon was not there when the link was prepared; it is when asked."""
+    ssh = RecordingSsh()
+    link = LinkRelease(lambda: w.configs["pg2"], lambda: ssh)
+    link.prepare(w.node("pg1"))  # nothing listens yet
+    assert link._prepared["pg1"].done.wait(5.0)
+    assert w.daemon.serve_control(_forwarded(w))
+    session = link.start_release(w.node("pg1"))
+    session.join(5.0)
+    assert ssh.asked == [] and session.via == "link" and session.result().ok
+    assert not w.world.hosts["pg1"].vip
+
+
 FAKE_SSH = """#!/bin/sh
 # records each call; masters answer for every host; the peer's `control-path` prints one
 dir="$(dirname "$0")"

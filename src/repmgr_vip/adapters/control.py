@@ -137,11 +137,16 @@ class Conversation:
         return reply
 
 
-def connect(path: Path, bound: float = CONNECT_BOUND) -> Conversation:
+def connect(path: Path, bound: float = CONNECT_BOUND, *,
+            request: dict[str, Any] | None = None) -> Conversation:
     """A conversation with the daemon serving `path`, greeted within `bound` seconds.
 
     Unavailable when no daemon serves it (no socket, a stale one), when it refuses us, or
     when it does not greet in time (stopped, hung, overloaded).
+
+    `request` goes out before the greeting comes back, one round trip sooner (over an SSH
+    forward each one passes two ssh processes): only for a request that may be carried out
+    even when we give up on the greeting and do the step another way (a peer's release).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     started = time.monotonic()
@@ -155,6 +160,9 @@ def connect(path: Path, bound: float = CONNECT_BOUND) -> Conversation:
         sock.close()
         raise Unavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
     conv = Conversation(sock)
+    if request is not None and not conv.send(request):
+        conv.close()
+        raise Unavailable("closed the connection")
     hello = conv.receive(bound - (time.monotonic() - started))
     if hello is None or hello.get("hello") != PROTOCOL:
         conv.close()

@@ -6,6 +6,11 @@ every node on a loaded host. The peer's daemon has all of that warm, and our mas
 host forwards a local socket to its control socket (sshmux.link_path): one request line
 (`{"op": "release"}`) and one reply, a round trip plus the address change.
 
+The request goes out with the connection, before the greeting comes back (one round trip
+less: release is safe to have been done even when we then fall back). For the old primary,
+whose release Fencing asks last, `prepare` opens and greets its connection while the others
+release, so its own release is a single round trip.
+
 Whenever the link cannot give that answer (no forwarded socket, no greeting within the
 bound, a refusal, a reply that is not ok), the session starts the ssh exec release instead,
 as if the link had not existed; the caller (Fencing) sees one session either way. Every wait
@@ -18,6 +23,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,14 +34,53 @@ from repmgr_vip.config.schema import Config
 from repmgr_vip.core.model import NodeRecord
 from repmgr_vip.core.ports import ReleaseResult, ReleaseSession, RemoteRelease
 
+# a greeted connection older than this is not used: the peer's daemon waits
+# control.REQUEST_WAIT for the request (a round asks within fencing.HOLDER_LAST anyway)
+PREPARED_FOR = control.REQUEST_WAIT / 2
+
+
+class PreparedLink:
+    """A connection to a peer's daemon, opened and greeted in a thread of its own ahead of
+    the request (LinkRelease.prepare)."""
+
+    def __init__(self, path: Path | None, bound: float) -> None:
+        self.path = path
+        self.bound = bound
+        self.opened = time.monotonic()
+        self._conv: control.Conversation | None = None
+        self.done = threading.Event()  # opened and greeted, or failed
+        threading.Thread(target=self._open, daemon=True, name="link-prepare").start()
+
+    def _open(self) -> None:
+        with contextlib.suppress(Exception):  # any failure: the session connects itself
+            if self.path is not None:
+                self._conv = control.connect(self.path, self.bound)
+        self.done.set()
+
+    def take(self) -> control.Conversation | None:
+        """The greeted conversation, or None (failed, or older than PREPARED_FOR)."""
+        self.done.wait(self.bound)
+        conv, self._conv = self._conv, None
+        if conv is not None and time.monotonic() - self.opened > PREPARED_FOR:
+            conv.close()
+            return None
+        return conv
+
+    def close(self) -> None:
+        conv = self.take()
+        if conv is not None:
+            conv.close()
+
 
 class LinkSession:
     """One remote release: over the link in a thread of its own, else the fallback's."""
 
     def __init__(self, node: NodeRecord, path: Path | None, request: dict[str, object],
                  timeout: float, fallback: Callable[[], ReleaseSession],
-                 bound: float = control.CONNECT_BOUND) -> None:
+                 bound: float = control.CONNECT_BOUND,
+                 prepared: PreparedLink | None = None) -> None:
         self.node = node
+        self.prepared = prepared
         self.path = path
         self.request = request
         self.timeout = timeout
@@ -70,8 +115,13 @@ class LinkSession:
         if self.path is None:
             self.why = "no private socket directory"
             return
+        conv = self.prepared.take() if self.prepared is not None else None
         try:
-            conv = control.connect(self.path, self.bound)
+            if conv is None:
+                conv = control.connect(self.path, self.bound, request=self.request)
+            elif not conv.send(self.request):  # closed meanwhile: the same, unprepared
+                conv.close()
+                conv = control.connect(self.path, self.bound, request=self.request)
         except control.Unavailable as exc:
             self.why = exc.reason
             return
@@ -81,13 +131,14 @@ class LinkSession:
                     return
                 self._conv = conv
             try:
-                reply = conv.ask(self.request, self.timeout)
-            except control.Unavailable as exc:
-                self.why = exc.reason
-                return
+                reply = conv.receive(self.timeout)
             finally:
                 with self._lock:
                     self._conv = None
+        if reply is None:
+            self.why = ("closed the connection" if conv.closed
+                        else f"gave no reply within {self.timeout:g} s")
+            return
         if not reply.get("ok") or "raise" in reply:
             self.why = f"failed there: {reply.get('raise') or reply.get('error') or '?'}"
             return
@@ -133,11 +184,24 @@ class LinkRelease:
                  fallback: Callable[[], RemoteRelease]) -> None:
         self.config = config
         self.fallback = fallback
+        self._prepared: dict[str, PreparedLink] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, node: NodeRecord) -> None:
+        """Opens and greets the link to `node` now, for its release asked a moment later."""
+        prepared = PreparedLink(sshmux.link_path(self.config(), node), control.CONNECT_BOUND)
+        with self._lock:
+            old = self._prepared.pop(node.node_name, None)
+            self._prepared[node.node_name] = prepared
+        if old is not None:
+            old.close()
 
     def start_release(self, node: NodeRecord) -> LinkSession:
         config = self.config()
         request: dict[str, object] = {"op": "release", "from": config.repmgr.node_name,
                                       "id": f"{os.getpid()}-{os.urandom(6).hex()}"}
+        with self._lock:
+            prepared = self._prepared.pop(node.node_name, None)
         return LinkSession(node, sshmux.link_path(config, node), request,
                            float(config.fencing.ssh_command_timeout),
-                           lambda: self.fallback().start_release(node))
+                           lambda: self.fallback().start_release(node), prepared=prepared)

@@ -32,7 +32,7 @@ from repmgr_vip.adapters.network import VipNetwork
 from repmgr_vip.adapters.process import alive
 from repmgr_vip.adapters.system import SYSTEM_CLOCK, FileState, NoLease
 from repmgr_vip.app import claim, hooks
-from repmgr_vip.app.fencing import PriorProof, SshRelease, fence_others
+from repmgr_vip.app.fencing import HOLDER_LAST, PriorProof, SshRelease, fence_others
 from repmgr_vip.app.lease import LeaseKeeper
 from repmgr_vip.app.metrics import Metrics
 from repmgr_vip.app.replica import start_replica_keeper
@@ -283,7 +283,8 @@ class Daemon:
         if remote is None:  # peers' daemons over the warm links, else ssh exec (link.py)
             remote = LinkRelease(lambda: self.config, lambda: SshRelease(self.config))
         self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
-                              "prober": prober, "prior_proof": self._prior_proof}
+                              "prober": prober, "prior_proof": self._prior_proof,
+                              "holder_last": HOLDER_LAST}
         self.stop_event = threading.Event()
         self.watchers: dict[int, PeerWatcher] = {}
         self.records: list[NodeRecord] = []

@@ -27,7 +27,14 @@ from repmgr_vip.app.lease import EXPIRY_LATE, await_expiry, lease_seconds, wait_
 from repmgr_vip.config.schema import Config, keep_while_down
 from repmgr_vip.core.errors import VipError
 from repmgr_vip.core.model import NodeRecord
-from repmgr_vip.core.ports import Clock, FenceRunner, ProberFactory, RemoteRelease, VipAddress
+from repmgr_vip.core.ports import (
+    Clock,
+    FenceRunner,
+    PreparingRelease,
+    ProberFactory,
+    RemoteRelease,
+    VipAddress,
+)
 from repmgr_vip.core.ports import Prober as ProberPort
 from repmgr_vip.core.ports import ReleaseSession as RemoteSession
 
@@ -43,6 +50,11 @@ WAIT_POLL_REAL = 0.001
 PRIOR_FRESH = 0.5
 # (when it ended, monotonic; the MACs that answered): a proof the daemon took just before
 PriorProof = tuple[float, tuple[str, ...]]
+# with warm links, the old primary (the likely holder) is asked once every other node has
+# confirmed, or this long after the round began, whichever comes first: it releases just
+# before the add instead of while the slowest link answers, and no node answers for the VIP
+# only for its own round trip (the dark window, into which a client's SYN falls unanswered)
+HOLDER_LAST = 0.05
 
 
 @dataclass
@@ -192,7 +204,8 @@ class Fencing:
                  remote: RemoteRelease | None = None, clock: Clock | None = None,
                  fence_runner: FenceRunner | None = None,
                  prober: ProberFactory | None = None,
-                 prior_proof: Callable[[], PriorProof | None] | None = None) -> None:
+                 prior_proof: Callable[[], PriorProof | None] | None = None,
+                 holder_last: float = 0.0) -> None:
         self.config = config
         self.network = network
         self.nodes = list(nodes)
@@ -208,6 +221,10 @@ class Fencing:
         self.last_finished = self.started  # when the latest SSH session ended
         self.sessions: dict[str, RemoteSession] = {}
         self.asked: set[str] = set()
+        # seconds the old primary's release may wait for the others' (see HOLDER_LAST); 0
+        # asks every node at once (ssh exec: each release takes hundreds of milliseconds)
+        self.holder_last = holder_last
+        self.deferred: dict[str, NodeRecord] = {}  # not yet asked: the likely holder
         self.expect(self.nodes)
         self.prober: ProberPort = prober(network) if prober is not None else Prober(network)
         self.prober.start()
@@ -224,8 +241,25 @@ class Fencing:
             self.asked.add(node.node_name)
             if not node.host:
                 self.report.failed.append(node.node_name)
-                continue
-            self.sessions[node.node_name] = self.remote.start_release(node)
+            elif self.holder_last > 0 and node.node_type == "primary":
+                self.deferred[node.node_name] = node
+                if isinstance(self.remote, PreparingRelease):
+                    self.remote.prepare(node)
+            else:
+                self.sessions[node.node_name] = self.remote.start_release(node)
+        self._ask_deferred()
+
+    def _ask_deferred(self, *, now: bool = False) -> None:
+        """Asks the held-back old primary once no other release is under way, once
+        HOLDER_LAST has passed, or `now` (the round ends: it finishes on its own)."""
+        if not self.deferred:
+            return
+        if not (now or not self.sessions
+                or self.clock.monotonic() - self.started >= self.holder_last):
+            return
+        for name, node in self.deferred.items():
+            self.sessions[name] = self.remote.start_release(node)
+        self.deferred.clear()
 
     def _collect(self) -> None:
         for name, session in list(self.sessions.items()):
@@ -242,6 +276,7 @@ class Fencing:
                 self.report.failed.append(name)
                 LOG.warning("node %s: remote release failed (exit %d): %s", name,
                             result.returncode, _last_line(result.stdout))
+        self._ask_deferred()
         if self.all_confirmed and self.confirmed_at is None:
             self.confirmed_at = self.clock.monotonic()
 
@@ -267,6 +302,7 @@ class Fencing:
                 latest = ()  # nobody answered the daemon's proof a moment ago: the same silence
             if latest == ():
                 answered = ()
+                self._ask_deferred(now=True)
                 self.report.pending = sorted(self.sessions)  # they finish on their own
                 break
             if confirmations_suffice and self.all_confirmed:

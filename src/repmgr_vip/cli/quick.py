@@ -6,7 +6,7 @@ that `repmgr-vip repmgr-conf` writes names the daemon's control socket
 (`promote --control PATH`), so this module asks the daemon with the standard library alone:
 it checks that the socket belongs to its own user or root (SO_PEERCRED on the client side
 too), lets the daemon fence and add the VIP, and runs the repmgr command line the daemon's
-verdict carries. objectthing unexpected before the verdict (no daemon, an old hook line, a
+verdict carries. Anything unexpected before the verdict (no daemon, an old hook line, a
 refusal, a timeout) falls back to the full CLI, which does the step itself as always.
 
 Kept import-light on purpose: only the standard library until the fallback.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from repmgr_vip.core.decide import Decision, Peer
 from repmgr_vip.core.model import InterfaceState, NodeView, ProbeResult
@@ -63,6 +63,15 @@ class ReleaseSession(Protocol):
 
 class RemoteRelease(Protocol):
     def start_release(self, node: NodeRecord) -> ReleaseSession: ...
+
+
+@runtime_checkable
+class PreparingRelease(Protocol):
+    """A RemoteRelease that can open the way to a node before asking it (the warm link: the
+    old primary's connection is greeted while the others release; its own release then
+    takes one round trip)."""
+
+    def prepare(self, node: NodeRecord) -> None: ...
 
 
 FenceRunner = Callable[["NodeRecord"], bool]  # fence_command for one node: True if it succeeded
