@@ -298,6 +298,32 @@ def test_a_prepared_link_that_failed_is_opened_again(w: World) -> None:
     assert not w.world.hosts["pg1"].vip
 
 
+class PreparingRecorder(RecordingSsh):
+    """A RemoteRelease that can prepare links (as LinkRelease): records the nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[str] = []
+
+    def prepare(self, node: NodeRecord) -> None:
+        self.prepared.append(node.node_name)
+
+
+def test_a_looming_failover_prepares_a_link_to_every_peer(w: World) -> None:
+    """While the primary answers, nothing is opened (a quiet steady state); once no primary
+    answers, every cycle keeps a greeted link to each peer for the promotion to come."""
+    daemon = w.world.daemon("pg2", w.configs["pg2"])
+    recorder = PreparingRecorder()
+    daemon.remote = recorder
+    daemon.cycle()
+    assert recorder.prepared == []
+    w.world.hosts["pg1"].running = False  # the primary's PostgreSQL died
+    w.world.clock.sleep(1.0)
+    daemon.cycle()
+    assert sorted(recorder.prepared) == ["pg1", "pg3"]
+    assert recorder.asked == []  # prepared, nobody asked to release
+
+
 FAKE_SSH = """#!/bin/sh
 # records each call; masters answer for every host; the peer's `control-path` prints one
 dir="$(dirname "$0")"

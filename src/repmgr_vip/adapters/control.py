@@ -34,7 +34,9 @@ from repmgr_vip.adapters.log import LOG
 
 PROTOCOL = 1
 CONNECT_BOUND = 0.2  # connect + the daemon's greeting; a daemon that cannot do this is hung
-REQUEST_WAIT = 2.0  # how long the daemon waits for the request line after its greeting
+# how long the daemon waits for the request line after its greeting (a peer's daemon keeps
+# a greeted link open while a failover looms: link.PreparedLink)
+REQUEST_WAIT = 5.0
 MAX_LINE = 64 * 1024
 SOCKET_MODE = 0o666  # anyone may connect; the credentials decide (and a refusal is counted)
 REPLAY_KEEP = 128  # replies kept for requests replayed with the same id

@@ -35,8 +35,10 @@ from repmgr_vip.core.model import NodeRecord
 from repmgr_vip.core.ports import ReleaseResult, ReleaseSession, RemoteRelease
 
 # a greeted connection older than this is not used: the peer's daemon waits
-# control.REQUEST_WAIT for the request (a round asks within fencing.HOLDER_LAST anyway)
-PREPARED_FOR = control.REQUEST_WAIT / 2
+# control.REQUEST_WAIT for the request; prepare() opens a new one once one is older than
+# PREPARED_RENEW (the daemon prepares every cycle while a failover looms)
+PREPARED_FOR = control.REQUEST_WAIT - 1.0
+PREPARED_RENEW = PREPARED_FOR / 2
 
 
 class PreparedLink:
@@ -188,11 +190,16 @@ class LinkRelease:
         self._lock = threading.Lock()
 
     def prepare(self, node: NodeRecord) -> None:
-        """Opens and greets the link to `node` now, for its release asked a moment later."""
-        prepared = PreparedLink(sshmux.link_path(self.config(), node), control.CONNECT_BOUND)
+        """Opens and greets the link to `node` now, for its release asked a moment later;
+        keeps one opened less than PREPARED_RENEW ago."""
+        path = sshmux.link_path(self.config(), node)
+        if path is None:
+            return
         with self._lock:
-            old = self._prepared.pop(node.node_name, None)
-            self._prepared[node.node_name] = prepared
+            old = self._prepared.get(node.node_name)
+            if old is not None and time.monotonic() - old.opened < PREPARED_RENEW:
+                return
+            self._prepared[node.node_name] = PreparedLink(path, control.CONNECT_BOUND)
         if old is not None:
             old.close()
 

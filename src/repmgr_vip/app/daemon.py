@@ -282,6 +282,7 @@ class Daemon:
         self.files: ports.StateFiles = files if files is not None else FileState(config)
         if remote is None:  # peers' daemons over the warm links, else ssh exec (link.py)
             remote = LinkRelease(lambda: self.config, lambda: SshRelease(self.config))
+        self.remote: ports.RemoteRelease = remote
         self.fencing_ports = {"remote": remote, "clock": clock, "fence_runner": fence_runner,
                               "prober": prober, "prior_proof": self._prior_proof,
                               "holder_last": HOLDER_LAST}
@@ -392,6 +393,8 @@ class Daemon:
             self.looming_proof.looming(looming)
         elif looming:
             self._prove_before_failover()
+        if looming:
+            self._prepare_links()
         reannounce = self.config.daemon.reannounce_interval
         return Snapshot(
             now=now, local_name=self.config.repmgr.node_name, local=local,
@@ -407,6 +410,15 @@ class Daemon:
         if self.looming_proof is not None:
             return self.looming_proof.latest
         return self.state.prior_proof
+
+    def _prepare_links(self) -> None:
+        """No primary answers: keep a greeted link open to every peer, so that a promotion
+        handed to this daemon asks each one in a single round trip (link.PreparedLink)."""
+        remote = self.remote
+        if isinstance(remote, ports.PreparingRelease):
+            for record in self.views.nodes():
+                if record.host:
+                    remote.prepare(record)
 
     def _prove_before_failover(self) -> None:
         """No primary answers: repmgrd may promote this standby any moment. Who answers for
