@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,37 @@ def test_no_daemon_falls_back_and_lets_the_full_cli_look_again(socket_path: Path
     with pytest.raises(quick.Fallback) as caught:
         quick.promote(str(socket_path))
     assert caught.value.ask_again
+
+
+@pytest.mark.parametrize("value", [
+    {"ok": True, "want_vip": False, "unconfirmed": ["pg3", "n\u00f6de \"4\""], "exit": 3},
+    {"argv": ["/usr/lib/postgresql/15/bin/repmgr", "-f", "/etc/repmgr.conf", "standby",
+              "promote"], "env": {"REPMGR_VIP_INSIDE_HOOK": "1"}, "at": 1764201234.5678},
+    {"output": "line 1\nline\t2 \u2603 \\ \x01", "status": 0, "process_start": None},
+    [1, -2, 0.1, 1e300, [], {}],
+])
+def test_the_hooks_json_is_the_json_modules(value: Any) -> None:
+    """The quick hook's encoder and decoder (built on _json, without json's imports) agree
+    with the json module both ways."""
+    assert json.loads(quick.dumps(value)) == value
+    assert quick.loads(json.dumps(value).encode()) == value
+    assert quick.loads(b"  " + json.dumps(value).encode() + b" \r") == value
+
+
+@pytest.mark.parametrize("line", [b"", b"{", b'{"a": 1} x', b"NaN", b'{"a": Infinity}',
+                                  b"\xff\xfe", b'{"a": 1,}', b"[" * 100000])
+def test_a_line_that_is_not_json_is_refused(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        quick.loads(line)
+
+
+def test_the_quick_hook_imports_nothing_it_can_do_without() -> None:
+    """What an import costs is client outage on this path: json, re, socket, enum, typing,
+    selectors and subprocess stay out (started with -S, as the Debian package's entry)."""
+    src = Path(quick.__file__).parents[2]
+    heavy = ("json", "re", "socket", "enum", "typing", "selectors", "subprocess")
+    code = (f"import sys; sys.path.insert(0, {str(src)!r}); import repmgr_vip.cli.quick; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.strip() == ""

@@ -9,19 +9,27 @@ too), lets the daemon fence and add the VIP, and runs the repmgr command line th
 verdict carries. Anything unexpected before the verdict (no daemon, an old hook line, a
 refusal, a timeout) falls back to the full CLI, which does the step itself as always.
 
-Kept import-light on purpose: only the standard library until the fallback.
+Kept import-light on purpose: only the standard library until the fallback, and of it only
+what Python loads anyway or is built in. `json` and `socket` would load `re`, `enum` and
+`selectors` (about 8 ms here, more on a host busy with a failover); their C halves (`_json`,
+`_socket`) do the same work. The Debian package starts this module with `python3 -I -S`
+(debian/repmgr-vip-entry): no site-packages scan until the fallback needs it.
 """
 
 from __future__ import annotations
 
-import json
+import _json
+import _socket
 import os
-import socket
 import struct
 import sys
 import time
 
 from repmgr_vip.adapters.procstart import process_start_time
+
+TYPE_CHECKING = False  # typing itself costs this hook milliseconds
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = 1  # adapters/control.py's
 CONNECT_BOUND = 0.2  # connect + greeting, as control.CONNECT_BOUND
@@ -45,17 +53,77 @@ class Fallback(Exception):
 def main() -> int:
     """`repmgr-vip`: the quick promote when the arguments are the generated hook line's."""
     control = quick_promote_socket(sys.argv[1:])
+    skipped = ""
     if control is not None:
         try:
             return promote(control)
         except Fallback as exc:
             if not exc.ask_again:
-                from repmgr_vip.app import hooks
+                skipped = str(exc)
+    full_paths()
+    if skipped:
+        from repmgr_vip.app import hooks
 
-                hooks.DAEMON_SKIPPED = str(exc)  # do not ask the daemon a second time
+        hooks.DAEMON_SKIPPED = skipped  # do not ask the daemon a second time
     from repmgr_vip.cli.main import main as full
 
     return full()
+
+
+def full_paths() -> None:
+    """Started with -S (the package's entry): the site directories the full CLI's imports
+    (psycopg, prometheus_client) live in, as a normal start would have them."""
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+
+
+class _Context:
+    """What _json's scanner reads from a json.JSONDecoder: strict, no hooks, no NaN."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a value here")
+
+
+def loads(line: bytes) -> object:
+    """One JSON value, the whole line (as json.loads); ValueError otherwise."""
+    text = line.decode().strip()
+    scanner: Any = _json.make_scanner(_Context())  # type: ignore[arg-type]
+    try:
+        value, end = scanner(text, 0)
+    except (StopIteration, RecursionError) as exc:
+        raise ValueError("not JSON") from exc
+    if end != len(text):
+        raise ValueError("extra data after the value")
+    return value
+
+
+def dumps(value: object) -> str:
+    """JSON of the hook's own messages: dicts, lists, strings, numbers, booleans, None."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("not a finite number")
+        return float.__repr__(value)
+    if isinstance(value, str):
+        return str(_json.encode_basestring_ascii(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(dumps(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{dumps(str(key))}: {dumps(item)}"
+                               for key, item in value.items()) + "}"
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def quick_promote_socket(args: list[str]) -> str | None:
@@ -69,13 +137,13 @@ class Line:
     """One connection to the daemon, JSON lines both ways, every read with a deadline."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.buffer = b""
         try:
             self.sock.settimeout(CONNECT_BOUND)
             self.sock.connect(path)
             _, uid, _ = _UCRED.unpack(self.sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+                _socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
             raise Fallback(f"not running at {path}", ask_again=True) from None
@@ -88,7 +156,7 @@ class Line:
 
     def send(self, message: dict[str, object]) -> bool:
         try:
-            self.sock.sendall((json.dumps(message) + "\n").encode())
+            self.sock.sendall((dumps(message) + "\n").encode())
         except OSError:
             return False
         return True
@@ -109,8 +177,8 @@ class Line:
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
         try:
-            message = json.loads(line)
-        except ValueError:
+            message = loads(line)
+        except ValueError:  # UnicodeDecodeError too
             return None
         return message if isinstance(message, dict) else None
 
@@ -189,6 +257,7 @@ def _run(argv: list[str], env: dict[str, str], line: Line, started: float | None
 
 def _after_lost_daemon(status: int, unconfirmed: list[str]) -> None:
     """The daemon fenced, then vanished before the VIP was settled: the full code adds it."""
+    full_paths()
     from repmgr_vip.adapters.log import LOG, setup_logging_for
     from repmgr_vip.app import hooks
     from repmgr_vip.config.schema import load_config, resolve_config_path
