@@ -32,11 +32,12 @@ from bench import addresses
 from bench.frozen import frozen_failover, frozen_table
 from bench.report import NOTES, daemon_lines, markdown
 from bench.scenario import daemon_available, measure_daemon, run_repetition
+from bench.startup import interpreter
 from lab import PG_BIN, list_runs, missing_prerequisites
 from tests.integration.vipconf import REPMGR_VIP
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_RUNS = {3: 3, 7: 2}
+DEFAULT_RUNS = {3: 3, 7: 3}
 
 
 def say(text: str) -> None:
@@ -91,7 +92,8 @@ def _source_names() -> list[str]:
 
 def installed_digest() -> str:
     """A digest of the installed repmgr_vip sources: tells whether they changed mid-run."""
-    result = subprocess.run([sys.executable, "-c", "import repmgr_vip; print(repmgr_vip.__file__)"],
+    result = subprocess.run([interpreter(REPMGR_VIP), "-c",
+                             "import repmgr_vip; print(repmgr_vip.__file__)"],
                             capture_output=True, text=True, check=False)
     return _digest(Path(result.stdout.strip()).parent, _source_names())
 
@@ -114,7 +116,7 @@ def _sizes() -> list[int]:
 def _runs_for(size: int) -> int:
     if os.environ.get("BENCH_RUNS"):
         return int(os.environ["BENCH_RUNS"])
-    return DEFAULT_RUNS.get(size, 2)
+    return DEFAULT_RUNS.get(size, 3)
 
 
 def _parts() -> set[str]:

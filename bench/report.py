@@ -253,6 +253,8 @@ def proof_lines(runs: dict[int, list[dict[str, Any]]], sizes: list[int]) -> list
 def startup_lines(runs: dict[int, list[dict[str, Any]]], sizes: list[int]) -> list[str]:
     lines = ["| **Hook command start-up, no cluster work** |" + " |" * len(sizes) + " | |"]
     for key, label in (("help_median_s", "`repmgr-vip --help`, wall time"),
+                       ("quick_hook_median_s", "the promote hook line, start to the verdict "
+                        "of a daemon that answers at once, wall time"),
                        ("python_pass_median_s", "`python3 -c pass`, wall time (the floor)"),
                        ("quick_imports_s", "importing the quick promote hook (cli/quick.py)"),
                        ("hook_imports_s", "importing the full CLI's promote modules"),
