@@ -32,6 +32,7 @@ import errno
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from repmgr_vip.app.fencing import PRIOR_FRESH
 from repmgr_vip.app.lease import lease_seconds
 from repmgr_vip.config.schema import Config, load_config
 from repmgr_vip.core.decide import Peer
-from repmgr_vip.core.errors import CommandFailed
+from repmgr_vip.core.errors import CommandFailed, VipError
 from repmgr_vip.core.model import InterfaceState, NodeRecord, NodeView, ProbeResult
 from repmgr_vip.core.ports import VipAddress
 
@@ -635,6 +636,15 @@ class FakeNode:
         if not cached and not self.world.sql(self.name, self.name).reachable:
             raise CommandFailed("cannot read repmgr.nodes: local PostgreSQL does not answer")
         return self.world.records(but=self.name)
+
+    def others_soon(self) -> Future[list[NodeRecord]]:
+        """At once, on the caller's thread: the model stays deterministic."""
+        future: Future[list[NodeRecord]] = Future()
+        try:
+            future.set_result(self.others())
+        except VipError as exc:
+            future.set_exception(exc)
+        return future
 
     def start_promote(self) -> FakePromoteRun:
         return FakePromoteRun(self.world, self.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from repmgr_vip.app import claim
 from repmgr_vip.app.fencing import HOLDER_LAST
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.decide import Action
+from repmgr_vip.core.errors import CommandFailed, VipError
+from repmgr_vip.core.model import NodeRecord
 from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
 
 NAMES = ("pg1", "pg2")
@@ -119,3 +122,51 @@ def test_without_warm_links_every_node_is_asked_at_once(tmp_path: Path) -> None:
     claim.promotion_verdict(fencing, "refuse")
     fencing.close()
     assert world.round_started[("pg2", "pg1")] == world.round_started[("pg2", "pg3")]
+
+
+def _records(world: FakeCluster, *names: str) -> list[NodeRecord]:
+    return [r for r in world.records() if r.node_name in names]
+
+
+def test_arp_silence_ends_the_round_before_the_fresh_node_list_comes(tmp_path: Path) -> None:
+    """Nobody answers for the VIP: who else is registered does not matter for the add. The
+    nodes only the fresh list names are still asked (the hold marker) once it comes."""
+    world, configs = _three(tmp_path)
+    world.address("pg1", configs["pg1"]).remove()  # the old primary's host let it go
+    fencing = world.fencing("pg2", configs["pg2"], _records(world, "pg1"))
+    coming: Future[list[NodeRecord]] = Future()
+    fencing.expect_soon(coming)
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.decision.action is Action.ACQUIRE and not coming.done()
+    assert ("pg2", "pg3") not in world.round_started
+    coming.set_result(_records(world, "pg1", "pg3"))
+    assert ("pg2", "pg3") in world.round_started
+
+
+def test_confirmations_count_only_against_the_fresh_node_list(tmp_path: Path) -> None:
+    """The cached list lacks pg3; the fresh one names it and pg3 does not answer: the
+    promotion waits for the ARP proof instead of starting on pg1's confirmation."""
+    world, configs = _three(tmp_path)
+    world.freeze("pg3")
+    fencing = world.fencing("pg2", configs["pg2"], _records(world, "pg1"))
+    coming: Future[list[NodeRecord]] = Future()
+    fencing.expect_soon(coming)
+    comes_at = world.clock.now + 0.1  # after pg1 confirmed (SSH_LATENCY)
+    world.clock.hooks.append(lambda: coming.set_result(_records(world, "pg1", "pg3"))
+                             if world.clock.now >= comes_at and not coming.done() else None)
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.report.released == ["pg1"] and "pg3" in verdict.report.unconfirmed
+    assert verdict.proof is None  # not started on confirmations with the proof still owed
+
+
+def test_a_failed_node_list_read_refuses_the_promotion(tmp_path: Path) -> None:
+    world, configs = _three(tmp_path)
+    fencing = world.fencing("pg2", configs["pg2"], _records(world, "pg1", "pg3"))
+    coming: Future[list[NodeRecord]] = Future()
+    coming.set_exception(CommandFailed("cannot read repmgr.nodes"))
+    fencing.expect_soon(coming)
+    with pytest.raises(VipError):
+        claim.promotion_verdict(fencing, "refuse")
+    fencing.close()

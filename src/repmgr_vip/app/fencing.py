@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.process import first_line, run
@@ -25,7 +25,7 @@ from repmgr_vip.adapters.remote import remote_vip_command, start_remote
 from repmgr_vip.adapters.system import SYSTEM_CLOCK
 from repmgr_vip.app.lease import EXPIRY_LATE, await_expiry, lease_seconds, wait_budget
 from repmgr_vip.config.schema import Config, keep_while_down
-from repmgr_vip.core.errors import VipError
+from repmgr_vip.core.errors import CommandFailed, VipError
 from repmgr_vip.core.model import NodeRecord
 from repmgr_vip.core.ports import (
     Clock,
@@ -37,6 +37,9 @@ from repmgr_vip.core.ports import (
 )
 from repmgr_vip.core.ports import Prober as ProberPort
 from repmgr_vip.core.ports import ReleaseSession as RemoteSession
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 IN_USE_RETRY = 0.05
 # how often a round looks at its sessions and probes: the VIP is on no node between the old
@@ -225,6 +228,7 @@ class Fencing:
         # asks every node at once (ssh exec: each release takes hundreds of milliseconds)
         self.holder_last = holder_last
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked: the likely holder
+        self.coming: Future[list[NodeRecord]] | None = None  # the fresh list (expect_soon)
         self.expect(self.nodes)
         self.prober: ProberPort = prober(network) if prober is not None else Prober(network)
         self.prober.start()
@@ -249,6 +253,36 @@ class Fencing:
                 self.sessions[node.node_name] = self.remote.start_release(node)
         self._ask_deferred()
 
+    def expect_soon(self, nodes: Future[list[NodeRecord]]) -> None:
+        """The fresh node list, still being read: its nodes are asked as soon as it comes.
+
+        Until it has come, confirmations do not end the round (a node only it names may hold
+        the VIP), but ARP silence does: nobody answers, whoever is registered. A list that
+        comes after the round is asked all the same (release, hold marker), in its thread."""
+        self.coming = nodes
+
+    def _take_coming(self) -> None:
+        """Asks the nodes of a fresh list that has come; a failed read raises (VipError)."""
+        if self.coming is not None and self.coming.done():
+            coming, self.coming = self.coming, None
+            self.expect(coming.result())
+
+    def _ask_coming_later(self) -> None:
+        """The round ended on ARP silence before the fresh list came: ask its nodes when it
+        does (they hold nothing, but keep their daemons from re-adding: the hold marker)."""
+        coming, self.coming = self.coming, None
+        if coming is None:
+            return
+
+        def ask(done: Future[list[NodeRecord]]) -> None:
+            try:
+                self.expect(done.result())
+                self._ask_deferred(now=True)
+            except VipError as exc:
+                LOG.warning("node list read after the VIP was proven free failed: %s", exc)
+
+        coming.add_done_callback(ask)
+
     def _ask_deferred(self, *, now: bool = False) -> None:
         """Asks the held-back old primary once no other release is under way, once
         HOLDER_LAST has passed, or `now` (the round ends: it finishes on its own)."""
@@ -262,6 +296,7 @@ class Fencing:
         self.deferred.clear()
 
     def _collect(self) -> None:
+        self._take_coming()
         for name, session in list(self.sessions.items()):
             if not session.finished():
                 continue
@@ -304,7 +339,14 @@ class Fencing:
                 answered = ()
                 self._ask_deferred(now=True)
                 self.report.pending = sorted(self.sessions)  # they finish on their own
+                self._ask_coming_later()
                 break
+            if self.coming is not None:  # confirmations count against the fresh list only
+                if self.clock.monotonic() >= deadline:
+                    raise CommandFailed("repmgr.nodes gave no answer within "
+                                        f"{self.config.fencing.ssh_command_timeout} s")
+                self.clock.sleep(WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL)
+                continue
             if confirmations_suffice and self.all_confirmed:
                 answered = () if self._accounted() else (
                     latest if latest is not None else self._unaccounted())

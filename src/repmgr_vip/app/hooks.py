@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +34,8 @@ from repmgr_vip.core.errors import CommandFailed, ExitCode, VipError
 # The fallback path's modules are imported where they are used: a hook that hands its step
 # to the daemon never loads the PostgreSQL driver, fencing or the network adapter.
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from repmgr_vip.adapters.repmgr import RepmgrRun
     from repmgr_vip.app.claim import PromotionVerdict, Proof
     from repmgr_vip.app.fencing import Fencing
@@ -92,6 +95,21 @@ class SystemNode:
             return _other_nodes(self.config)
         me = self.config.repmgr.node_id
         return [n for n in cluster.cached_nodes(self.config) if n.node_id != me]
+
+    def others_soon(self) -> Future[list[NodeRecord]]:
+        """The fresh list, read in a thread of its own (see Fencing.expect_soon)."""
+        from concurrent.futures import Future
+
+        future: Future[list[NodeRecord]] = Future()
+
+        def read() -> None:
+            try:
+                future.set_result(self.others())
+            except BaseException as exc:  # the round raises it (VipError: refused)
+                future.set_exception(exc)
+
+        threading.Thread(target=read, daemon=True, name="node-list").start()
+        return future
 
     def start_promote(self) -> RepmgrRun:
         from repmgr_vip.adapters import repmgr
@@ -350,8 +368,6 @@ class Promotion:
         the promotion starts at once and the ARP proof runs alongside it; the VIP is still
         added only after that proof, so a host outside the cluster answering keeps it off.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         from repmgr_vip.app import claim
         from repmgr_vip.app.fencing import Fencing
         from repmgr_vip.core.decide import Action
@@ -362,16 +378,15 @@ class Promotion:
         # repmgr.nodes, read meanwhile: a failover should not wait for the PostgreSQL driver
         # to load, nor for the query
         cached = node.others(cached=True)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="node-list") as pool:
-            fresh = pool.submit(node.others)
-            self.timings["prepare_ms"] = round((time.monotonic() - self.created) * 1000)
-            self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
-            try:
-                self.fencing.expect(fresh.result())
-            except VipError as exc:
-                LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
-                return ExitCode.REFUSED
-        verdict = claim.promotion_verdict(self.fencing, config.fencing.when_vip_not_free)
+        fresh = node.others_soon()
+        self.timings["prepare_ms"] = round((time.monotonic() - self.created) * 1000)
+        self.fencing = Fencing(config, self.hands.network, cached, **self.hands.fencing)
+        self.fencing.expect_soon(fresh)
+        try:
+            verdict = claim.promotion_verdict(self.fencing, config.fencing.when_vip_not_free)
+        except VipError as exc:
+            LOG.error("promote: fencing could not run: %s; refusing to promote", exc)
+            return ExitCode.REFUSED
         report, decision = verdict.report, verdict.decision
         LOG.info("promote: fencing: %s", report.summary())
         _journal(config, self.hands, "promote", decision.action.value, decision.reason,

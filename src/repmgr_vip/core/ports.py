@@ -16,6 +16,8 @@ from repmgr_vip.core.decide import Decision, Peer
 from repmgr_vip.core.model import InterfaceState, NodeView, ProbeResult
 
 if TYPE_CHECKING:  # a row of repmgr.nodes; only its type is needed here
+    from concurrent.futures import Future
+
     from repmgr_vip.core.model import NodeRecord
 
 
@@ -136,6 +138,8 @@ class LocalNode(Protocol):
 
     def view(self, timeout: float) -> NodeView: ...  # local PostgreSQL's role and timeline
     def others(self, cached: bool = False) -> list[NodeRecord]: ...  # fresh: raises VipError
+    # the fresh list, read meanwhile (a fencing round starts on the cached one)
+    def others_soon(self) -> Future[list[NodeRecord]]: ...
     def start_promote(self) -> PromoteRun: ...
     def start_retrier(self, timeline: int, nodes: Sequence[str]) -> None: ...  # release_retry
     def release_replica(self) -> None: ...  # [replica_vip] never stays on a primary
