@@ -105,7 +105,7 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
             daemons.sigstop("node2")  # priority: node2 wins the election
         # 2 ms: the dark window of the daemon path is a few milliseconds
         with VipSampler(lab, interval=0.002 if mode == "daemons-up" else 0.01) as sampler:
-            fault = time.monotonic()
+            fault, fault_wall = time.monotonic(), time.time()
             lab.kill_postgres(node1)
             wait_failover_done(lab, node2, FAILOVER_TIMEOUT)
         sampler.assert_never_two()
@@ -124,6 +124,15 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
         assert started["daemon"] == "not running"
     if mode == "new-primary-daemon-stopped":
         assert "no greeting" in started["daemon"], started
+    if mode == "daemons-up":
+        # the old primary lets go last, once node3 confirmed: the VIP is on no node only for
+        # node1's own round trip (every node's journal on one clock: the lab's host)
+        removed = {node.name: [e["inputs"]["removed_at"] for e in journal_entries(
+            node, source="release", action="release")
+            if e["inputs"].get("via") == "link" and e["time"] >= fault_wall]
+            for node in (node1, lab.nodes[2])}
+        assert len(removed["node1"]) == len(removed["node3"]) == 1, removed
+        assert removed["node1"][0] >= removed["node3"][0], removed
     steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
     dark = dark_from_holders(sampler.samples, fault, "node2")
     assert dark is not None, sampler.transitions()

@@ -64,7 +64,9 @@ def serve_release(config: Config, hands: Hands, request: Mapping[str, Any],
             macs.append(mac.lower())
     with hands.lock(LOCK_WAIT):
         released = release_for_peer(hands.network, files, asker)
+        removed_at = time.time()  # the order of a round's releases (the holder's comes last)
         reply({"ok": True, "message": released_text(config, released), "macs": macs})
     _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
              f"requested by {asker}", outcome="released" if released else "not held",
-             release_ms=round((time.monotonic() - started) * 1000, 1))
+             release_ms=round((time.monotonic() - started) * 1000, 1),
+             removed_at=round(removed_at, 4))
