@@ -76,9 +76,12 @@ NOTES = {
        "(1 s).",
     9: "The largest number of nodes (with carrier) holding the VIP in one sample, from the "
        "fault until one second after the client wrote again. Must be 1.",
-    10: "bench/startup.py inside a lab node as postgres: median of 10 runs of "
-        "`repmgr-vip --help`; `python -X importtime` (sum of top-level cumulative times) of "
-        "the promote hook's modules and of psycopg.",
+    10: "bench/startup.py inside a lab node as postgres, with the command's own interpreter "
+        "(the Debian package's /usr/bin/repmgr-vip: python3 -I -S): median of 10 runs of "
+        "`repmgr-vip --help`, of the generated promote hook line against a stand-in daemon "
+        "that greets and refuses at once (start-up, the quick start's imports, one "
+        "connection), and of `python3 -c pass`; `python -X importtime` (sum of top-level "
+        "cumulative times) of the promote hook's modules and of psycopg.",
     11: "`repmgr-vip daemon` on every node of a quiet cluster, as the systemd unit runs it "
         "(ambient CAP_NET_ADMIN/CAP_NET_RAW), default settings: VmRSS from /proc/PID/status at "
         "the end; CPU = utime+stime of the daemon and the helper processes it waited for, over "

@@ -343,6 +343,9 @@ class FakeAddress:
             self.world.event(self.host.name, "remove")
         return held
 
+    def refuse_stale_connections(self) -> None:
+        self.world.event(self.host.name, "refusing stale connections")
+
     def lifetime(self) -> float | None:
         """What `ip -j address` shows: seconds left (inf: permanent), None: not held."""
         if not self.host.vip:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from repmgr_vip.adapters import arp, ndp, rtnl, statefiles
+from repmgr_vip.adapters import arp, ndp, rtnl, statefiles, tcpreset
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.privileges import effective_mode, privileged
 from repmgr_vip.adapters.process import alive, describe, first_line, popen_text, run
@@ -444,6 +444,22 @@ class VipNetwork:
                 self._nd_children.append(popen_text(
                     argv, privileged=True, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, new_session=True))
+
+    def refuse_stale_connections(self) -> None:
+        """Direct mode, IPv4: a peer takes the VIP this moment; until clients follow its
+        announcement, the SYNs they still send to our MAC get a reset instead of silence
+        (tcpreset). Through sudo (no CAP_NET_RAW here) nothing changes."""
+        member = self._v4
+        if self.mode != "direct" or member is None:
+            return
+
+        def released() -> bool:
+            try:
+                return self.interface_state().present_as(member.address) is None
+            except VipError:
+                return False
+
+        tcpreset.refuse_stale_syns(self.config.vip.interface, member.address, released)
 
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.

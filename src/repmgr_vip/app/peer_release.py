@@ -66,6 +66,8 @@ def serve_release(config: Config, hands: Hands, request: Mapping[str, Any],
         released = release_for_peer(hands.network, files, asker)
         removed_at = time.time()  # the order of a round's releases (the holder's comes last)
         reply({"ok": True, "message": released_text(config, released), "macs": macs})
+        if released:  # clients still send to our MAC until the peer's announcement reaches them
+            hands.network.refuse_stale_connections()
     _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
              f"requested by {asker}", outcome="released" if released else "not held",
              release_ms=round((time.monotonic() - started) * 1000, 1),

@@ -32,6 +32,8 @@ class VipAddress(Protocol):
     def remove(self) -> bool: ...  # True if it was removed now
     def announce(self) -> None: ...  # gratuitous ARP
     def probe(self) -> ProbeResult: ...  # who else answers ARP for the VIP
+    # a peer took the VIP: for a moment, reset the SYNs clients still send to our MAC
+    def refuse_stale_connections(self) -> None: ...
 
 
 class NodeViews(Protocol):

@@ -1,0 +1,132 @@
+"""After a release: refuse, with a TCP reset, the connections clients still send to our MAC.
+
+A client's ARP cache keeps the old holder's MAC until the new holder's gratuitous ARP
+arrives. Between our release and that moment, the SYNs it sends to the VIP reach this host,
+whose kernel drops them (the address is no longer local), and each waits its connect timeout
+or the retransmission (1 s, then 3 s, 7 s) before trying again, while the VIP is already up
+elsewhere a millisecond later. Before the release the kernel refused them itself (the dead
+primary's port has no listener). So for a short while after a peer's release, this host
+answers SYNs to the VIP that arrive at its own MAC as the kernel answers a closed port:
+RST|ACK, acknowledging the SYN. The client's next attempt finds the new holder.
+
+Only SYNs (no established connection is touched), only to the VIP, only at our MAC, only
+frames that arrive after the release, only while the VIP is not here, only for REFUSE_FOR
+seconds: the address was just moved and the peer's hold keeps this node from adding it back
+for longer than that (decide: release_request_hold). IPv4 only. Needs CAP_NET_RAW (the
+daemon in direct mode); without it nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from repmgr_vip.adapters.arp import interface_mac
+from repmgr_vip.adapters.log import LOG
+
+ETH_P_IP = 0x0800
+TCP = 6
+SYN, RST, ACK = 0x02, 0x04, 0x10
+REFUSE_FOR = 2.0  # seconds: clients' caches follow the new holder's announcement long before
+CHECK_EVERY = 0.1  # how often the VIP's absence is checked again
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071): one's complement of the one's complement sum."""
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def reset_for(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
+    """The RST|ACK frame answering `frame` if it is a TCP SYN to `vip` at `own_mac`, else
+    None. As a Linux kernel answers a SYN to a closed port: seq 0, ack = SYN's seq + 1."""
+    if len(frame) < 14 + 20 or frame[0:6] != own_mac or frame[12:14] != b"\x08\x00":
+        return None
+    ip = frame[14:]
+    version, ihl = ip[0] >> 4, (ip[0] & 0x0F) * 4
+    total = struct.unpack("!H", ip[2:4])[0]
+    fragment = struct.unpack("!H", ip[6:8])[0] & 0x3FFF  # MF flag or an offset
+    if version != 4 or ihl < 20 or ip[9] != TCP or ip[16:20] != vip or fragment:
+        return None
+    if total > len(ip) or total < ihl + 20:
+        return None
+    tcp = ip[ihl:total]
+    flags = tcp[13]
+    if flags & (SYN | ACK | RST) != SYN:
+        return None
+    client_ip = ip[12:16]
+    sport, dport, seq = struct.unpack("!HHI", tcp[0:8])
+    data = len(tcp) - (tcp[12] >> 4) * 4
+    header = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + 1 + max(data, 0)) & 0xFFFFFFFF,
+                         5 << 4, RST | ACK, 0, 0, 0)
+    pseudo = vip + client_ip + struct.pack("!BBH", 0, TCP, len(header))
+    header = header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(header), 0, 0x4000, 64, TCP, 0,
+                            vip, client_ip)
+    ip_header = ip_header[:10] + struct.pack("!H", checksum(ip_header)) + ip_header[12:]
+    ethernet = frame[6:12] + own_mac + b"\x08\x00"
+    return (ethernet + ip_header + header).ljust(60, b"\x00")
+
+
+class Refuser(threading.Thread):
+    """Answers SYNs to the VIP at our MAC with a reset, for REFUSE_FOR seconds, while
+    `released()` says the VIP is not here (checked every CHECK_EVERY seconds)."""
+
+    def __init__(self, interface: str, address: str, released: Callable[[], bool],
+                 seconds: float = REFUSE_FOR) -> None:
+        super().__init__(daemon=True, name="refuse-stale-syn")
+        self.interface = interface
+        self.vip = ipaddress.IPv4Address(address).packed
+        self.released = released
+        self.seconds = seconds
+        self.refused = 0  # SYNs answered, for the journal
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                  socket.htons(ETH_P_IP))
+        try:
+            self.sock.bind((interface, ETH_P_IP))
+            self.own_mac = interface_mac(interface)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        checked = 0.0
+        try:
+            while (now := time.monotonic()) < deadline:
+                if now - checked >= CHECK_EVERY:
+                    if not self.released():
+                        return
+                    checked = now
+                if not select.select([self.sock], [], [], min(CHECK_EVERY, deadline - now))[0]:
+                    continue
+                frame = self.sock.recv(2048)
+                answer = reset_for(frame, self.own_mac, self.vip)
+                if answer is not None:
+                    self.sock.send(answer)
+                    self.refused += 1
+        except OSError as exc:
+            LOG.warning("refusing stale connections to the VIP stopped: %s", exc)
+        finally:
+            self.sock.close()
+
+
+def refuse_stale_syns(interface: str, address: str,
+                      released: Callable[[], bool]) -> Refuser | None:
+    """Starts a Refuser; None when this process may not open a packet socket (no
+    CAP_NET_RAW: the hooks through sudo) or the interface is gone."""
+    with contextlib.suppress(OSError):
+        refuser = Refuser(interface, address, released)
+        refuser.start()
+        return refuser
+    return None

@@ -1,0 +1,150 @@
+"""The reset a released node sends for SYNs that clients still address to its MAC.
+
+The frame builder on crafted frames (checked with a checksum written here, not the module's),
+then the real thing as root: two private network namespaces joined by a veth pair (no packet
+leaves them), a client whose neighbour entry for the VIP still names the old holder's MAC.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from repmgr_vip.adapters import tcpreset
+
+OWN = bytes.fromhex("02aa00000001")
+CLIENT_MAC = bytes.fromhex("02bb00000002")
+VIP = bytes([192, 0, 2, 100])
+CLIENT = bytes([192, 0, 2, 50])
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
+def _sum16(data: bytes) -> int:
+    """Ones' complement sum, folded: 0xFFFF over a header whose checksum is right."""
+    data = data + b"\x00" * (len(data) % 2)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += (data[i] << 8) | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _frame(flags: int = 0x02, *, dst_mac: bytes = OWN, dst: bytes = VIP, proto: int = 6,
+           fragment: int = 0, seq: int = 0xFFFFFFFF, payload: bytes = b"") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5432, seq, 0, 5 << 4, flags, 64240, 0, 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, fragment, 64, proto, 0,
+                     CLIENT, dst)
+    return dst_mac + CLIENT_MAC + b"\x08\x00" + ip + tcp
+
+
+def test_a_syn_to_the_vip_gets_the_reset_a_closed_port_gets() -> None:
+    answer = tcpreset.reset_for(_frame(), OWN, VIP)
+    assert answer is not None and len(answer) >= 60
+    assert answer[0:6] == CLIENT_MAC and answer[6:12] == OWN and answer[12:14] == b"\x08\x00"
+    ip = answer[14:34]
+    assert ip[0] == 0x45 and ip[9] == 6 and ip[12:16] == VIP and ip[16:20] == CLIENT
+    assert _sum16(ip) == 0xFFFF
+    length = struct.unpack("!H", ip[2:4])[0]
+    tcp = answer[34:14 + length]
+    sport, dport, seq, ack = struct.unpack("!HHII", tcp[0:12])
+    assert (sport, dport, seq) == (5432, 40000, 0)
+    assert ack == 0  # the SYN's sequence number 0xFFFFFFFF, plus one, wraps
+    assert tcp[13] == 0x14  # RST|ACK
+    pseudo = VIP + CLIENT + struct.pack("!BBH", 0, 6, len(tcp))
+    assert _sum16(pseudo + tcp) == 0xFFFF
+
+
+@pytest.mark.parametrize("frame", [
+    _frame(0x10), _frame(0x12), _frame(0x04), _frame(0x02 | 0x04),  # ACK, SYN-ACK, RST
+    _frame(dst_mac=CLIENT_MAC), _frame(dst=CLIENT), _frame(proto=17),
+    _frame(fragment=0x2000), _frame(fragment=0x0010), _frame()[:40], b"",
+], ids=["ack", "syn-ack", "rst", "syn-rst", "other-mac", "other-ip", "udp", "more-fragments",
+        "offset", "short", "empty"])
+def test_nothing_but_a_syn_to_the_vip_at_our_mac_is_answered(frame: bytes) -> None:
+    assert tcpreset.reset_for(frame, OWN, VIP) is None
+
+
+def test_data_on_the_syn_is_acknowledged_too() -> None:
+    answer = tcpreset.reset_for(_frame(seq=1000, payload=b"abcd"), OWN, VIP)
+    assert answer is not None
+    assert struct.unpack("!I", answer[14 + 20 + 8:14 + 20 + 12])[0] == 1005
+
+
+@pytest.fixture
+def namespaces() -> Iterator[tuple[str, str]]:
+    """A client namespace and an old holder's, a veth pair between them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for private network namespaces")
+    client, holder = f"rvt-rst-c-{os.getpid()}", f"rvt-rst-h-{os.getpid()}"
+    for name in (client, holder):
+        subprocess.run([IP, "netns", "add", name], check=True, timeout=10)
+    try:
+        def inside(ns: str, *argv: str) -> None:
+            subprocess.run([IP, "-n", ns, *argv], check=True, timeout=10)
+
+        inside(client, "link", "add", "c0", "type", "veth", "peer", "name", "h0")
+        inside(client, "link", "set", "h0", "netns", holder)
+        inside(client, "address", "add", "192.0.2.50/24", "dev", "c0")
+        inside(holder, "address", "add", "192.0.2.1/24", "dev", "h0")
+        for ns, dev in ((client, "c0"), (holder, "h0"), (client, "lo"), (holder, "lo")):
+            inside(ns, "link", "set", dev, "up")
+        yield client, holder
+    finally:
+        for name in (client, holder):
+            subprocess.run([IP, "netns", "delete", name], timeout=10, check=False)
+
+
+_CONNECT = """
+import socket, sys, time
+s = socket.socket(); s.settimeout(float(sys.argv[1])); t = time.monotonic()
+try:
+    s.connect(("192.0.2.100", 5432)); print("connected")
+except ConnectionRefusedError:
+    print("refused", round(time.monotonic() - t, 3))
+except (TimeoutError, socket.timeout):
+    print("timeout")
+"""
+
+_REFUSE = """
+import sys, time
+from repmgr_vip.adapters import tcpreset
+refuser = tcpreset.Refuser("h0", "192.0.2.100", lambda: True, seconds=float(sys.argv[1]))
+refuser.start(); print("ready", flush=True); refuser.join(); print(refuser.refused)
+"""
+
+
+def test_a_client_with_the_old_mac_cached_is_refused_not_left_waiting(
+        namespaces: tuple[str, str]) -> None:
+    client, holder = namespaces
+    src = str(Path(tcpreset.__file__).resolve().parents[2])
+    holder_mac = subprocess.run([IP, "-n", holder, "-j", "link", "show", "h0"],
+                                capture_output=True, text=True, check=True,
+                                timeout=10).stdout.split('"address":"')[1].split('"')[0]
+    # the client's cache still names the old holder; the VIP is on neither namespace
+    subprocess.run([IP, "-n", client, "neigh", "replace", "192.0.2.100", "lladdr", holder_mac,
+                    "dev", "c0", "nud", "permanent"], check=True, timeout=10)
+
+    def connect(timeout: float) -> str:
+        return subprocess.run([IP, "netns", "exec", client, sys.executable, "-c", _CONNECT,
+                               str(timeout)], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    assert connect(0.3) == "timeout"  # what a released node's kernel does: nothing
+    refuser = subprocess.Popen([IP, "netns", "exec", holder, "env", f"PYTHONPATH={src}",
+                                sys.executable, "-c", _REFUSE, "3"], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert refuser.stdout is not None and refuser.stdout.readline().strip() == "ready"
+        answer = connect(2.0)
+        assert answer.startswith("refused"), answer
+        assert float(answer.split()[1]) < 0.5, answer
+    finally:
+        refuser.wait(timeout=10)
+    assert refuser.stdout is not None and int(refuser.stdout.read().strip() or 0) >= 1
