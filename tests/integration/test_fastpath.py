@@ -9,9 +9,11 @@ promote` starting, as journaled by the hook (`repmgr-promote`, inputs.hook_ms).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -21,7 +23,7 @@ import pytest
 from bench.dark import dark_from_holders
 from bench.ideal import wait_warm_links
 from bench.sshwarm import masters
-from lab import Lab, VipSampler
+from lab import INTERFACE, IP_BIN, VIP_IP, Lab, VipSampler
 from tests.integration.vipconf import (
     config_path,
     hooked_cluster,
@@ -166,3 +168,58 @@ def test_switchover_with_daemons_moves_the_vip_through_them(three: Lab) -> None:
     assert takers, journal_entries(node2)
     print(f"\nswitchover with daemons: VIP taken on node2 by {takers[0]['source']}; events "
           f"{sorted({(e['node'], e['source']) for e in events})}")
+
+
+# connects to the VIP's PostgreSQL port every 10 ms (1 s timeout, as the bench's writer), one
+# JSON line per attempt: when it began, how it ended, how long it took
+_ATTEMPTS = """
+import json, socket, sys, time
+while True:
+    s = socket.socket(); s.settimeout(1.0); began = time.time()
+    try:
+        s.connect((sys.argv[1], 5432)); outcome = "connected"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except OSError as exc:
+        outcome = type(exc).__name__
+    finally:
+        s.close()
+    print(json.dumps([began, outcome, time.time() - began]), flush=True)
+    time.sleep(0.01)
+"""
+
+
+def test_a_client_still_sending_to_the_old_mac_is_refused_not_left_waiting(three: Lab) -> None:
+    """The client's neighbour entry names the old primary's MAC and never learns the new one
+    (permanent): every attempt after node1's release reaches node1. For 2 s node1's daemon
+    answers them with a reset, so they fail at once and the next attempt comes 10 ms later,
+    where node1's kernel alone would drop them and each would wait its 1 s timeout."""
+    lab = three
+    node1, node2, _ = lab.nodes
+    neigh = [IP_BIN, "neigh", "replace", VIP_IP, "lladdr", node1.mac, "dev", INTERFACE,
+             "nud", "permanent"]
+    daemons = Daemons(lab, up=True)
+    attempts = None
+    try:
+        lab.run(None, neigh, user="root")
+        attempts = lab.popen(None, [sys.executable, "-c", _ATTEMPTS, VIP_IP], user="root")
+        lab.kill_postgres(node1)
+        wait_failover_done(lab, node2, FAILOVER_TIMEOUT)
+        time.sleep(2.5)
+    finally:
+        if attempts is not None:
+            attempts.kill()
+        daemons.close()
+        lab.run(None, [IP_BIN, "neigh", "del", VIP_IP, "dev", INTERFACE], user="root",
+                check=False)
+    assert attempts is not None and attempts.stdout is not None
+    seen = [json.loads(line) for line in attempts.stdout.read().splitlines() if line.strip()]
+    released = [e["inputs"]["removed_at"] for e in journal_entries(
+        node1, source="release", action="release") if e["inputs"].get("via") == "link"]
+    assert released, "node1 released over the warm link"
+    start = released[-1]
+    window = [(outcome, took) for began, outcome, took in seen if start <= began < start + 1.5]
+    assert len(window) >= 20, window  # attempts every 10 ms or so, none waiting 1 s
+    assert all(outcome == "refused" and took < 0.5 for outcome, took in window), window
+    print(f"\nafter node1's release: {len(window)} attempts in 1.5 s through node1's MAC, all "
+          f"refused, slowest {max(t for _, t in window) * 1000:.0f} ms")
