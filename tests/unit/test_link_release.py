@@ -10,7 +10,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,25 +173,35 @@ def test_no_forwarded_socket_means_ssh_exec(w: World) -> None:
     assert w.world.hosts["pg1"].vip  # the fake ssh did nothing: the link did not act
 
 
-def test_a_reply_that_is_not_ok_means_ssh_exec(w: World) -> None:
-    path = _forwarded(w)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+def _against(w: World, answer: Callable[[control.Conversation], None]
+             ) -> tuple[LinkSession, RecordingSsh]:
+    """pg2 releases pg1 against a stand-in daemon on the forwarded socket, which answers
+    one connection with `answer`."""
+    server = _listening(_forwarded(w))
 
-    def answer() -> None:
+    def serve() -> None:
         conn, _ = server.accept()
         with control.Conversation(conn) as conv:
-            conv.send({"hello": control.PROTOCOL, "pid": 1})
-            conv.receive(2.0)
-            conv.send({"ok": False, "error": "unknown op 'release'"})
+            answer(conv)
 
-    thread = threading.Thread(target=answer, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     ssh = RecordingSsh()
-    session = _release(w, ssh)
-    thread.join(5.0)
-    server.close()
+    try:
+        session = _release(w, ssh)
+        thread.join(5.0)
+    finally:
+        server.close()
+    return session, ssh
+
+
+def test_a_reply_that_is_not_ok_means_ssh_exec(w: World) -> None:
+    def answer(conv: control.Conversation) -> None:
+        conv.send({"hello": control.PROTOCOL, "pid": 1})
+        conv.receive(2.0)
+        conv.send({"ok": False, "error": "unknown op 'release'"})
+
+    session, ssh = _against(w, answer)
     assert ssh.asked == ["pg1"] and session.finished() and session.result().ok
 
 
@@ -232,22 +242,14 @@ def test_the_release_request_does_not_wait_for_the_greeting(w: World) -> None:
     """The request goes out with the connection: a peer that reads it before greeting (as
     the request, already there, is read the moment the greeting has gone) still answers, on
     the link, within the bound; each link round trip passes two ssh processes."""
-    server = _listening(_forwarded(w))
     seen: list[dict[str, Any] | None] = []
 
-    def answer() -> None:
-        conn, _ = server.accept()
-        with control.Conversation(conn) as conv:
-            seen.append(conv.receive(2.0))  # before any greeting
-            conv.send({"hello": control.PROTOCOL, "pid": 1})
-            conv.send({"ok": True, "message": "removed", "macs": ["02:00:00:00:00:01"]})
+    def answer(conv: control.Conversation) -> None:
+        seen.append(conv.receive(2.0))  # before any greeting
+        conv.send({"hello": control.PROTOCOL, "pid": 1})
+        conv.send({"ok": True, "message": "removed", "macs": ["02:00:00:00:00:01"]})
 
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    ssh = RecordingSsh()
-    session = _release(w, ssh)
-    thread.join(5.0)
-    server.close()
+    session, ssh = _against(w, answer)
     assert seen and seen[0] is not None and seen[0]["op"] == "release"
     assert ssh.asked == [] and session.via == "link" and session.result().ok
     assert session.result().macs == ("02:00:00:00:00:01",)

@@ -37,6 +37,17 @@ LAN_SPACING = 0.02
 LAN_WINDOW = 0.08
 
 
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071: the ones' complement of the ones' complement sum of 16-bit words (IPv4,
+    TCP and ICMPv6 headers, each over its own bytes and pseudo-header)."""
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def interface_mac(interface: str) -> bytes:
     text = Path("/sys/class/net", interface, "address").read_text(encoding="ascii").strip()
     return bytes.fromhex(text.replace(":", ""))

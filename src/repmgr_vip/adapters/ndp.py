@@ -20,7 +20,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repmgr_vip.adapters.arp import interface_mac, mac_text, packet_socket, send_frames, solicit
+from repmgr_vip.adapters.arp import (
+    interface_mac,
+    internet_checksum,
+    mac_text,
+    packet_socket,
+    send_frames,
+    solicit,
+)
 from repmgr_vip.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,12 +58,7 @@ def multicast_mac(group: ipaddress.IPv6Address) -> bytes:
 def checksum(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, message: bytes) -> int:
     """The ICMPv6 checksum over the IPv6 pseudo-header and the message (RFC 4443 2.3)."""
     data = src.packed + dst.packed + struct.pack("!I3xB", len(message), IPPROTO_ICMPV6) + message
-    if len(data) % 2:
-        data += b"\x00"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return internet_checksum(data)
 
 
 def _frame(src_mac: bytes, dst_mac: bytes, src: ipaddress.IPv6Address,

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from repmgr_vip.adapters.arp import interface_mac
+from repmgr_vip.adapters.arp import interface_mac, internet_checksum
 from repmgr_vip.adapters.log import LOG
 
 ETH_P_IP = 0x0800
@@ -35,16 +35,6 @@ TCP = 6
 SYN, RST, ACK = 0x02, 0x04, 0x10
 REFUSE_FOR = 2.0  # seconds: clients' caches follow the new holder's announcement long before
 CHECK_EVERY = 0.1  # how often the VIP's absence is checked again
-
-
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071): one's complement of the one's complement sum."""
-    if len(data) % 2:
-        data += b"\x00"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def reset_for(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
@@ -70,10 +60,10 @@ def reset_for(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
     header = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + 1 + max(data, 0)) & 0xFFFFFFFF,
                          5 << 4, RST | ACK, 0, 0, 0)
     pseudo = vip + client_ip + struct.pack("!BBH", 0, TCP, len(header))
-    header = header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+    header = header[:16] + struct.pack("!H", internet_checksum(pseudo + header)) + header[18:]
     ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(header), 0, 0x4000, 64, TCP, 0,
                             vip, client_ip)
-    ip_header = ip_header[:10] + struct.pack("!H", checksum(ip_header)) + ip_header[12:]
+    ip_header = ip_header[:10] + struct.pack("!H", internet_checksum(ip_header)) + ip_header[12:]
     ethernet = frame[6:12] + own_mac + b"\x08\x00"
     return (ethernet + ip_header + header).ljust(60, b"\x00")
 
