@@ -91,6 +91,10 @@ def test_the_release_op_holds_the_daemon_off_before_it_removes_the_vip(w: World)
     again = _serve(w, hands, {"op": "release", "id": "b", "from": "pg2"})
     assert again["ok"] and "raise" not in again and not host.vip
     assert again["macs"] == [host.mac.lower()]
+    # stale SYNs are refused after the release that removed the VIP, and only after it
+    events = [what for _, name, what in w.world.events if name == "pg1"]
+    assert events.count("refusing stale connections") == 1
+    assert events.index("refusing stale connections") > events.index("remove")
 
 
 def test_the_release_op_fails_cleanly_when_the_lock_is_busy(w: World) -> None:
