@@ -343,8 +343,8 @@ class FakeAddress:
             self.world.event(self.host.name, "remove")
         return held
 
-    def refuse_stale_connections(self) -> None:
-        self.world.event(self.host.name, "refusing stale connections")
+    def stale_refusal(self) -> FakeRefusal | None:
+        return FakeRefusal(self.world, self.host.name) if self.host.vip else None
 
     def lifetime(self) -> float | None:
         """What `ip -j address` shows: seconds left (inf: permanent), None: not held."""
@@ -365,6 +365,20 @@ class FakeAddress:
 
     def probe(self) -> ProbeResult:
         return ProbeResult(self.world.arp_answers(self.host.name))
+
+
+@dataclass
+class FakeRefusal:
+    """The StaleRefusal port: its start is an event on the segment."""
+
+    world: FakeCluster
+    host: str
+
+    def start(self) -> None:
+        self.world.event(self.host, "refusing stale connections")
+
+    def cancel(self) -> None:
+        pass
 
 
 class FakeProber:

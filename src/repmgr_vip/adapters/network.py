@@ -445,13 +445,14 @@ class VipNetwork:
                     argv, privileged=True, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, new_session=True))
 
-    def refuse_stale_connections(self) -> None:
-        """Direct mode, IPv4: a peer takes the VIP this moment; until clients follow its
-        announcement, the SYNs they still send to our MAC get a reset instead of silence
-        (tcpreset). Through sudo (no CAP_NET_RAW here) nothing changes."""
+    def stale_refusal(self) -> tcpreset.Refuser | None:
+        """Direct mode, IPv4, the VIP here: opened before a release to a peer, started after
+        it; until clients follow the peer's announcement, the SYNs they still send to our MAC
+        get a reset instead of silence (tcpreset). None otherwise (through sudo there is no
+        CAP_NET_RAW here)."""
         member = self._v4
         if self.mode != "direct" or member is None:
-            return
+            return None
 
         def released() -> bool:
             try:
@@ -459,7 +460,9 @@ class VipNetwork:
             except VipError:
                 return False
 
-        tcpreset.refuse_stale_syns(self.config.vip.interface, member.address, released)
+        if released():
+            return None
+        return tcpreset.stale_refusal(self.config.vip.interface, member.address, released)
 
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.

@@ -10,7 +10,7 @@ answers SYNs to the VIP that arrive at its own MAC as the kernel answers a close
 RST|ACK, acknowledging the SYN. The client's next attempt finds the new holder.
 
 Only SYNs (no established connection is touched), only to the VIP, only at our MAC, only
-frames that arrive after the release, only while the VIP is not here, only for REFUSE_FOR
+from the release on, only while the VIP is not here, only for REFUSE_FOR
 seconds: the address was just moved and the peer's hold keeps this node from adding it back
 for longer than that (decide: release_request_hold). IPv4 only. Needs CAP_NET_RAW (the
 daemon in direct mode); without it nothing changes.
@@ -89,6 +89,11 @@ class Refuser(threading.Thread):
             self.sock.close()
             raise
 
+    def cancel(self) -> None:
+        """Not started after all (the VIP was not here): the socket closes in the background
+        (closing a packet socket waits for an RCU grace period, 10-20 ms)."""
+        threading.Thread(target=self.sock.close, daemon=True, name="refuser-close").start()
+
     def run(self) -> None:
         deadline = time.monotonic() + self.seconds
         checked = 0.0
@@ -111,12 +116,13 @@ class Refuser(threading.Thread):
             self.sock.close()
 
 
-def refuse_stale_syns(interface: str, address: str,
-                      released: Callable[[], bool]) -> Refuser | None:
-    """Starts a Refuser; None when this process may not open a packet socket (no
+def stale_refusal(interface: str, address: str,
+                  released: Callable[[], bool]) -> Refuser | None:
+    """A Refuser with its socket open, to start() once the VIP is gone: opened before the
+    release, so no SYN slips through between the removal and the socket (one that came just
+    before the removal gets the reset its kernel sent too, or one for a handshake the
+    removal breaks anyway). None when this process may not open a packet socket (no
     CAP_NET_RAW: the hooks through sudo) or the interface is gone."""
     with contextlib.suppress(OSError):
-        refuser = Refuser(interface, address, released)
-        refuser.start()
-        return refuser
+        return Refuser(interface, address, released)
     return None

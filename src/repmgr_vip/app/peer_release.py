@@ -63,11 +63,19 @@ def serve_release(config: Config, hands: Hands, request: Mapping[str, Any],
         if mac:
             macs.append(mac.lower())
     with hands.lock(LOCK_WAIT):
-        released = release_for_peer(hands.network, files, asker)
+        # clients still send to our MAC until the peer's announcement reaches them: answer
+        # them from the removal on (the socket is open before it)
+        refusal = hands.network.stale_refusal()
+        try:
+            released = release_for_peer(hands.network, files, asker)
+        except BaseException:
+            if refusal is not None:
+                refusal.cancel()
+            raise
         removed_at = time.time()  # the order of a round's releases (the holder's comes last)
         reply({"ok": True, "message": released_text(config, released), "macs": macs})
-        if released:  # clients still send to our MAC until the peer's announcement reaches them
-            hands.network.refuse_stale_connections()
+        if refusal is not None:
+            (refusal.start if released else refusal.cancel)()
     _journal(config, dataclasses.replace(hands, via="link"), "release", "release",
              f"requested by {asker}", outcome="released" if released else "not held",
              release_ms=round((time.monotonic() - started) * 1000, 1),

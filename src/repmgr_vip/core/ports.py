@@ -32,8 +32,14 @@ class VipAddress(Protocol):
     def remove(self) -> bool: ...  # True if it was removed now
     def announce(self) -> None: ...  # gratuitous ARP
     def probe(self) -> ProbeResult: ...  # who else answers ARP for the VIP
-    # a peer took the VIP: for a moment, reset the SYNs clients still send to our MAC
-    def refuse_stale_connections(self) -> None: ...
+    # a peer takes the VIP: opened before the release, started after it, for a moment it
+    # resets the SYNs clients still send to our MAC (None: not here, or not possible)
+    def stale_refusal(self) -> StaleRefusal | None: ...
+
+
+class StaleRefusal(Protocol):
+    def start(self) -> None: ...  # the VIP is gone: answer
+    def cancel(self) -> None: ...  # it was not released after all
 
 
 class NodeViews(Protocol):
