@@ -66,11 +66,25 @@ class LeasedCluster:
             result = lab.repmgr(node, "daemon", "start", check=False, timeout=60)
             assert result.returncode == 0, result.stdout + result.stderr
         wait_until(lab, "VIP on node1", lambda: lab.vip_holders() == ["node1"], 15)
+        # a freeze in the first moments of repmgrd once left a standby's repmgrd silent for
+        # the whole test (no failover decision at all): freeze only once every standby's
+        # monitoring loop has seen its upstream (repmgr's own upstream_last_seen)
+        wait_until(lab, "every standby's repmgrd monitoring its upstream", lambda: all(
+            _seen_upstream(lab, n) for n in lab.nodes[1:]), 30, interval=0.2)
 
     def stop(self) -> None:
         for proc in self.daemons.values():
             if proc.poll() is None:
                 stop_daemon(proc)
+
+
+def _seen_upstream(lab: Lab, node: Node) -> bool:
+    """repmgrd on this standby checked its upstream within the last second."""
+    try:
+        seen = lab.psql(node, "SELECT repmgr.get_upstream_last_seen()", timeout=3)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return False
+    return seen.lstrip("-").isdigit() and 0 <= int(seen) <= 1
 
 
 def _daemon_pid(proc: subprocess.Popen[str], node: Node) -> int:
