@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import select
-import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
 
-from repmgr_vip.adapters.arp import interface_mac, internet_checksum
+from repmgr_vip.adapters.arp import interface_mac, internet_checksum, packet_socket
 from repmgr_vip.adapters.log import LOG
 
 ETH_P_IP = 0x0800
@@ -80,10 +79,11 @@ class Refuser(threading.Thread):
         self.released = released
         self.seconds = seconds
         self.refused = 0  # SYNs answered, for the journal
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  socket.htons(ETH_P_IP))
+        # created unhooked and bound once (arp.packet_socket): a socket created with the
+        # protocol is unhooked again by bind(), which waits for an RCU grace period (10-20 ms
+        # here), and this runs just before the old holder's release
+        self.sock = packet_socket(interface, ETH_P_IP)
         try:
-            self.sock.bind((interface, ETH_P_IP))
             self.own_mac = interface_mac(interface)
         except BaseException:
             self.sock.close()
