@@ -118,11 +118,11 @@ class LinkSession:
             self.why = "no private socket directory"
             return
         conv = self.prepared.take() if self.prepared is not None else None
+        if conv is not None and not conv.send(self.request):  # closed meanwhile: unprepared
+            conv.close()
+            conv = None
         try:
             if conv is None:
-                conv = control.connect(self.path, self.bound, request=self.request)
-            elif not conv.send(self.request):  # closed meanwhile: the same, unprepared
-                conv.close()
                 conv = control.connect(self.path, self.bound, request=self.request)
         except control.Unavailable as exc:
             self.why = exc.reason

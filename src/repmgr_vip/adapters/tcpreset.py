@@ -78,7 +78,7 @@ class Refuser(threading.Thread):
         self.vip = ipaddress.IPv4Address(address).packed
         self.released = released
         self.seconds = seconds
-        self.refused = 0  # SYNs answered, for the journal
+        self.refused = 0  # how many SYNs it answered
         # created unhooked and bound once (arp.packet_socket): a socket created with the
         # protocol is unhooked again by bind(), which waits for an RCU grace period (10-20 ms
         # here), and this runs just before the old holder's release

@@ -229,6 +229,7 @@ class Fencing:
         self.holder_last = holder_last
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked: the likely holder
         self.coming: Future[list[NodeRecord]] | None = None  # the fresh list (expect_soon)
+        self.poll = WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL
         self.expect(self.nodes)
         self.prober: ProberPort = prober(network) if prober is not None else Prober(network)
         self.prober.start()
@@ -345,7 +346,7 @@ class Fencing:
                 if self.clock.monotonic() >= deadline:
                     raise CommandFailed("repmgr.nodes gave no answer within "
                                         f"{self.config.fencing.ssh_command_timeout} s")
-                self.clock.sleep(WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL)
+                self.clock.sleep(self.poll)
                 continue
             if confirmations_suffice and self.all_confirmed:
                 answered = () if self._accounted() else (
@@ -364,7 +365,7 @@ class Fencing:
                 self.sessions.clear()
                 answered = self._proof(self.clock.monotonic())
                 break
-            self.clock.sleep(WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL)
+            self.clock.sleep(self.poll)
         self.proof_pending = answered is None
         self.report.answered_by = answered or ()
         # only a node that did not confirm its release can be the one answering: a node that
