@@ -289,14 +289,17 @@ class FakeCluster:
                      files=files, clock=self.clock)
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord], *,
-                holder_last: float = 0.0) -> Fencing:
+                holder_last: float = 0.0, prior: tuple[str, ...] | None = None) -> Fencing:
         """A real fencing round started by `name` (as promote starts it; the daemon's rounds
-        ask the old primary last: holder_last)."""
+        ask the old primary last: holder_last, and bring the MACs that answered their proof
+        a moment ago: prior)."""
         from repmgr_vip.app.fencing import Fencing
 
+        taken = self.clock.now
         return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
                        clock=self.clock, fence_runner=self.fence_runner(name),
-                       prober=self.prober, holder_last=holder_last)
+                       prober=self.prober, holder_last=holder_last,
+                       prior_proof=None if prior is None else lambda: (taken, prior))
 
 
 class FakeAddress:

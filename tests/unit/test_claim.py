@@ -13,7 +13,7 @@ from repmgr_vip.config.schema import Config
 from repmgr_vip.core.decide import Action
 from repmgr_vip.core.errors import CommandFailed, VipError
 from repmgr_vip.core.model import NodeRecord
-from repmgr_vip.testing import FakeClock, FakeCluster, write_configs
+from repmgr_vip.testing import SSH_LATENCY, FakeClock, FakeCluster, write_configs
 
 NAMES = ("pg1", "pg2")
 FOREIGN = "02:de:ad:be:ef:01"
@@ -113,6 +113,45 @@ def test_a_standby_that_does_not_answer_delays_the_old_primary_only_to_the_bound
     assert asked + 0.2 <= world.round_started[("pg2", "pg1")] < asked + 0.3
     assert _released_at(world, "pg1") < asked + 0.5
     assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_with_the_holder_in_the_prior_proof_the_round_ends_on_its_release(
+        tmp_path: Path) -> None:
+    """The daemon's proof a moment ago heard only the old primary: it is asked at once, and
+    its confirmation alone frees the VIP (a standby holding it would have answered too), so a
+    slow standby's link does not keep the VIP on no node. The standby's late confirmation
+    still counts: only nodes that never answer go to the release retrier."""
+    world, configs = _three(tmp_path)
+    world.freeze("pg3")
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                            holder_last=HOLDER_LAST, prior=(world.hosts["pg1"].mac,))
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    assert verdict.decision.action is Action.ACQUIRE and verdict.proof is None
+    assert world.round_started[("pg2", "pg1")] == asked == world.round_started[("pg2", "pg3")]
+    assert world.clock.now <= asked + SSH_LATENCY + 0.01  # pg1's round trip, nothing more
+    assert verdict.report.released == ["pg1"] and verdict.report.unconfirmed == ["pg3"]
+    world.resume("pg3")
+    world.clock.sleep(0.2)
+    assert fencing.settle().unconfirmed == []
+    fencing.close()
+    assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_a_prior_proof_with_a_stray_mac_waits_for_every_confirmation(tmp_path: Path) -> None:
+    """A MAC no node released answered a moment ago (and still does): pg1's confirmation
+    does not free the VIP; the round waits for every node and refuses."""
+    world, configs = _three(tmp_path)
+    world.foreign.add(FOREIGN)
+    world.freeze("pg3")
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                            holder_last=HOLDER_LAST, prior=(world.hosts["pg1"].mac, FOREIGN))
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.decision.action is Action.REFUSE
+    assert world.clock.now >= asked + 1.0  # not on pg1's confirmation: pg3 timed out first
+    assert verdict.report.released == ["pg1"] and "pg3" in verdict.report.unconfirmed
 
 
 def test_without_warm_links_every_node_is_asked_at_once(tmp_path: Path) -> None:

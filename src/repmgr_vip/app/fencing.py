@@ -246,7 +246,7 @@ class Fencing:
             self.asked.add(node.node_name)
             if not node.host:
                 self.report.failed.append(node.node_name)
-            elif self.holder_last > 0 and node.node_type == "primary":
+            elif self.holder_last > 0 and self.prior is None and node.node_type == "primary":
                 self.deferred[node.node_name] = node
                 if isinstance(self.remote, PreparingRelease):
                     self.remote.prepare(node)
@@ -336,7 +336,10 @@ class Fencing:
             latest = self.prober.latest()
             if latest is None and self.prior == ():
                 latest = ()  # nobody answered the daemon's proof a moment ago: the same silence
-            if latest == ():
+            if latest == () or (confirmations_suffice and self._accounted()):
+                # silence, or every MAC that answered the daemon's proof a moment ago belongs
+                # to a node that has now let go (the old holder): the VIP is on no host, so
+                # the slower confirmations and the fresh node list are not waited for
                 answered = ()
                 self._ask_deferred(now=True)
                 self.report.pending = sorted(self.sessions)  # they finish on their own
@@ -349,8 +352,7 @@ class Fencing:
                 self.clock.sleep(self.poll)
                 continue
             if confirmations_suffice and self.all_confirmed:
-                answered = () if self._accounted() else (
-                    latest if latest is not None else self._unaccounted())
+                answered = latest if latest is not None else self._unaccounted()
                 break
             if not self.sessions:
                 # judge by a probe that saw the segment after the last release took effect
@@ -391,14 +393,27 @@ class Fencing:
         return answered if self.started - ended <= PRIOR_FRESH else None
 
     def _accounted(self) -> bool:
-        """Every node confirmed its release, and every MAC that answered for the VIP in the
-        daemon's proof taken just before this round belongs to one of them: the VIP is free
-        without waiting for another probe. This lets the old holder keep the VIP until the
-        very moment it is asked for it (a probe of this round could have started after a
-        confirmation, and an answer then is a holder: those are judged as before)."""
-        if self.prior is None:
+        """Every MAC that answered for the VIP in the daemon's proof taken just before this
+        round belongs to a node that has confirmed its release: the VIP is free without
+        waiting for another probe, nor for the nodes that did not answer (they hold nothing,
+        or they would have answered). This lets the old holder keep the VIP until the very
+        moment it is asked for it, and the add follow its confirmation at once, whatever the
+        slowest link (a probe of this round could have started after a confirmation, and an
+        answer then is a holder: those are judged as before)."""
+        if not self.prior:
             return False
         return {mac.lower() for mac in self.prior} <= self.confirmed_macs
+
+    def settle(self) -> FenceReport:
+        """The report with the confirmations that came after the round ended (it ends on
+        the holder's, the others' follow within a round trip): only the nodes still silent
+        go to the release retrier."""
+        for name, session in list(self.sessions.items()):
+            if session.finished():
+                del self.sessions[name]
+                (self.report.released if session.result().ok else self.report.failed
+                 ).append(name)
+        return self.report
 
     def _unaccounted(self) -> tuple[str, ...] | None:
         """MACs of the prior proof that no confirming node released: a host outside the

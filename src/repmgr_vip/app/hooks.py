@@ -360,6 +360,7 @@ class Promotion:
         self.settled = False  # journaled as held and the release retrier started
         self.created = time.monotonic()
         self.timings: dict[str, int] = {}  # ms, for the journal: where a promotion's time went
+        self.verdict_entry: dict[str, Any] | None = None  # not yet journaled (journal_verdict)
 
     def fence(self) -> int | None:
         """Releases the VIP everywhere else and judges; None: promote now, else exit code.
@@ -389,17 +390,28 @@ class Promotion:
             return ExitCode.REFUSED
         report, decision = verdict.report, verdict.decision
         LOG.info("promote: fencing: %s", report.summary())
-        _journal(config, self.hands, "promote", decision.action.value, decision.reason,
-                 alarm=decision.alarm, answered_by=list(report.answered_by),
-                 released=report.released, unconfirmed=report.unconfirmed,
-                 fenced=report.fenced, fencing_ms=round(report.seconds * 1000),
-                 lock_ms=round(self.lock_waited * 1000), **self.timings)
+        self.verdict_entry = {
+            "action": decision.action.value, "reason": decision.reason, "alarm": decision.alarm,
+            "answered_by": list(report.answered_by), "released": list(report.released),
+            "unconfirmed": report.unconfirmed, "fenced": list(report.fenced),
+            "fencing_ms": round(report.seconds * 1000),
+            "lock_ms": round(self.lock_waited * 1000), **self.timings}
         if decision.action is Action.REFUSE:
+            self.journal_verdict()
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
         self.verdict = verdict
         self.want_vip = decision.action is Action.ACQUIRE
         return None
+
+    def journal_verdict(self) -> None:
+        """Writes the fencing verdict to the journal, once: after the VIP went up and the
+        verdict reached the hook, because the write (an fsync) would otherwise sit between
+        the old holder's release and the add, when no node answers for the VIP."""
+        entry, self.verdict_entry = self.verdict_entry, None
+        if entry is not None:
+            action, reason = entry.pop("action"), entry.pop("reason")
+            _journal(self.config, self.hands, "promote", action, reason, **entry)
 
     @property
     def unconfirmed(self) -> list[str]:
@@ -506,6 +518,7 @@ class Promotion:
                         "before `repmgr node rejoin --force-rewind`", exc)
 
     def close(self) -> None:
+        self.journal_verdict()
         if self.fencing is not None:
             self.fencing.close()
 
@@ -533,6 +546,8 @@ class Promotion:
         if self.settled:
             return
         self.settled = True
+        if self.fencing is not None:
+            self.fencing.settle()  # the releases confirmed after the round ended on the holder's
         node = self.hands.local(self.config)
         local = node.view(2.0)
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
@@ -557,6 +572,7 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
         if refused is not None:
             return refused
         promotion.before_promote()
+        promotion.journal_verdict()
         run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
         promotion.watch(lambda: run.poll() is None)
         status = promotion.finish(run.finish())
@@ -672,7 +688,9 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation, *,
 
             verdict["argv"] = repmgr.repmgr_argv(config, *PROMOTE_ARGS)
             verdict["env"] = {repmgr.INSIDE_HOOK_ENV: "1"}
-        if not conv.send(verdict):
+        sent = conv.send(verdict)
+        promotion.journal_verdict()
+        if not sent:
             LOG.warning("promote: the hook stopped waiting before the verdict; "
                         "it fences and promotes by itself")
             return

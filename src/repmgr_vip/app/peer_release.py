@@ -72,7 +72,7 @@ def serve_release(config: Config, hands: Hands, request: Mapping[str, Any],
             if refusal is not None:
                 refusal.cancel()
             raise
-        removed_at = time.time()  # the order of a round's releases (the holder's comes last)
+        removed_at = time.time()  # when the VIP left: the wall clock every journal shares
         reply({"ok": True, "message": released_text(config, released), "macs": macs})
         if refusal is not None:
             (refusal.start if released else refusal.cancel)()
