@@ -1,8 +1,9 @@
 """The reset a released node sends for SYNs that clients still address to its MAC.
 
-The frame builder on crafted frames (checked with a checksum written here, not the module's),
-then the real thing as root: two private network namespaces joined by a veth pair (no packet
-leaves them), a client whose neighbour entry for the VIP still names the old holder's MAC.
+The frame builder on crafted frames, IPv4 and IPv6 (checked with a checksum written here, not
+the module's), then the real thing as root, both families: two private network namespaces
+joined by a veth pair (no packet leaves them), a client whose neighbour entry for the VIP
+still names the old holder's MAC.
 """
 
 from __future__ import annotations
@@ -71,6 +72,39 @@ def test_nothing_but_a_syn_to_the_vip_at_our_mac_is_answered(frame: bytes) -> No
     assert tcpreset.reset_for(frame, OWN, VIP) is None
 
 
+VIP6 = bytes.fromhex("20010db8000000000000000000000100")
+CLIENT6 = bytes.fromhex("20010db8000000000000000000000050")
+
+
+def _frame6(flags: int = 0x02, *, dst: bytes = VIP6, next_header: int = 6,
+            ethertype: bytes = b"\x86\xdd", seq: int = 7, payload: bytes = b"") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5432, seq, 0, 5 << 4, flags, 64240, 0, 0) + payload
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), next_header, 64, CLIENT6, dst)
+    return OWN + CLIENT_MAC + ethertype + ip + tcp
+
+
+def test_an_ipv6_syn_to_the_vip_gets_the_reset_too() -> None:
+    answer = tcpreset.reset_for(_frame6(payload=b"xy"), OWN, VIP6)
+    assert answer is not None
+    assert answer[0:6] == CLIENT_MAC and answer[6:12] == OWN and answer[12:14] == b"\x86\xdd"
+    ip = answer[14:54]
+    assert ip[0] >> 4 == 6 and ip[6] == 6 and ip[8:24] == VIP6 and ip[24:40] == CLIENT6
+    tcp = answer[54:54 + struct.unpack("!H", ip[4:6])[0]]
+    sport, dport, seq, ack = struct.unpack("!HHII", tcp[0:12])
+    assert (sport, dport, seq, ack) == (5432, 40000, 0, 7 + 1 + 2)
+    assert tcp[13] == 0x14  # RST|ACK
+    pseudo = VIP6 + CLIENT6 + struct.pack("!I", len(tcp)) + b"\x00\x00\x00\x06"
+    assert _sum16(pseudo + tcp) == 0xFFFF
+
+
+@pytest.mark.parametrize("frame", [
+    _frame6(0x12), _frame6(dst=CLIENT6), _frame6(next_header=0),  # SYN-ACK; hop-by-hop
+    _frame6(ethertype=b"\x08\x00"), _frame6()[:60], _frame(),
+], ids=["syn-ack", "other-ip", "extension-header", "ipv4-type", "short", "ipv4-frame"])
+def test_nothing_but_an_ipv6_syn_to_the_vip_is_answered(frame: bytes) -> None:
+    assert tcpreset.reset_for(frame, OWN, VIP6) is None
+
+
 def test_data_on_the_syn_is_acknowledged_too() -> None:
     answer = tcpreset.reset_for(_frame(seq=1000, payload=b"abcd"), OWN, VIP)
     assert answer is not None
@@ -93,6 +127,8 @@ def namespaces() -> Iterator[tuple[str, str]]:
         inside(client, "link", "set", "h0", "netns", holder)
         inside(client, "address", "add", "192.0.2.50/24", "dev", "c0")
         inside(holder, "address", "add", "192.0.2.1/24", "dev", "h0")
+        inside(client, "address", "add", "2001:db8::50/64", "dev", "c0", "nodad")
+        inside(holder, "address", "add", "2001:db8::1/64", "dev", "h0", "nodad")
         for ns, dev in ((client, "c0"), (holder, "h0"), (client, "lo"), (holder, "lo")):
             inside(ns, "link", "set", dev, "up")
         yield client, holder
@@ -103,9 +139,10 @@ def namespaces() -> Iterator[tuple[str, str]]:
 
 _CONNECT = """
 import socket, sys, time
-s = socket.socket(); s.settimeout(float(sys.argv[1])); t = time.monotonic()
+family = socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET
+s = socket.socket(family); s.settimeout(float(sys.argv[1])); t = time.monotonic()
 try:
-    s.connect(("192.0.2.100", 5432)); print("connected")
+    s.connect((sys.argv[2], 5432)); print("connected")
 except ConnectionRefusedError:
     print("refused", round(time.monotonic() - t, 3))
 except (TimeoutError, socket.timeout):
@@ -115,31 +152,32 @@ except (TimeoutError, socket.timeout):
 _REFUSE = """
 import sys, time
 from repmgr_vip.adapters import tcpreset
-refuser = tcpreset.Refuser("h0", "192.0.2.100", lambda: True, seconds=float(sys.argv[1]))
+refuser = tcpreset.Refuser("h0", sys.argv[2], lambda: True, seconds=float(sys.argv[1]))
 refuser.start(); print("ready", flush=True); refuser.join(); print(refuser.refused)
 """
 
 
+@pytest.mark.parametrize("vip", ["192.0.2.100", "2001:db8::100"])
 def test_a_client_with_the_old_mac_cached_is_refused_not_left_waiting(
-        namespaces: tuple[str, str]) -> None:
+        namespaces: tuple[str, str], vip: str) -> None:
     client, holder = namespaces
     src = str(Path(tcpreset.__file__).resolve().parents[2])
     holder_mac = subprocess.run([IP, "-n", holder, "-j", "link", "show", "h0"],
                                 capture_output=True, text=True, check=True,
                                 timeout=10).stdout.split('"address":"')[1].split('"')[0]
     # the client's cache still names the old holder; the VIP is on neither namespace
-    subprocess.run([IP, "-n", client, "neigh", "replace", "192.0.2.100", "lladdr", holder_mac,
+    subprocess.run([IP, "-n", client, "neigh", "replace", vip, "lladdr", holder_mac,
                     "dev", "c0", "nud", "permanent"], check=True, timeout=10)
 
     def connect(timeout: float) -> str:
         return subprocess.run([IP, "netns", "exec", client, sys.executable, "-c", _CONNECT,
-                               str(timeout)], capture_output=True, text=True, check=True,
+                               str(timeout), vip], capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
 
     assert connect(0.3) == "timeout"  # what a released node's kernel does: nothing
     refuser = subprocess.Popen([IP, "netns", "exec", holder, "env", f"PYTHONPATH={src}",
-                                sys.executable, "-c", _REFUSE, "3"], stdout=subprocess.PIPE,
-                               text=True)
+                                sys.executable, "-c", _REFUSE, "3", vip],
+                               stdout=subprocess.PIPE, text=True)
     try:
         assert refuser.stdout is not None and refuser.stdout.readline().strip() == "ready"
         answer = connect(2.0)

@@ -445,24 +445,24 @@ class VipNetwork:
                     argv, privileged=True, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, new_session=True))
 
-    def stale_refusal(self) -> tcpreset.Refuser | None:
-        """Direct mode, IPv4, the VIP here: opened before a release to a peer, started after
-        it; until clients follow the peer's announcement, the SYNs they still send to our MAC
-        get a reset instead of silence (tcpreset). None otherwise (through sudo there is no
-        CAP_NET_RAW here)."""
-        member = self._v4
-        if self.mode != "direct" or member is None:
+    def stale_refusal(self) -> tcpreset.Refusals | None:
+        """Direct mode, for each address of the VIP held here: opened before a release to a
+        peer, started after it; until clients follow the peer's announcement, the SYNs they
+        still send to our MAC get a reset instead of silence (tcpreset). None otherwise
+        (through sudo there is no CAP_NET_RAW here)."""
+        if self.mode != "direct":
             return None
 
-        def released() -> bool:
+        def released(address: str) -> bool:
             try:
-                return self.interface_state().present_as(member.address) is None
+                return self.interface_state().present_as(address) is None
             except VipError:
                 return False
 
-        if released():
+        held = [m.address for m in self.members if not released(m.address)]
+        if not held:
             return None
-        return tcpreset.stale_refusal(self.config.vip.interface, member.address, released)
+        return tcpreset.stale_refusal(self.config.vip.interface, held, released)
 
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.

@@ -12,33 +12,39 @@ RST|ACK, acknowledging the SYN. The client's next attempt finds the new holder.
 Only SYNs (no established connection is touched), only to the VIP, only at our MAC, only
 from the release on, only while the VIP is not here, only for REFUSE_FOR
 seconds: the address was just moved and the peer's hold keeps this node from adding it back
-for longer than that (decide: release_request_hold). IPv4 only. Needs CAP_NET_RAW (the
-daemon in direct mode); without it nothing changes.
+for longer than that (decide: release_request_hold). IPv4 and IPv6 (a SYN whose next header
+is TCP itself; extension headers are left alone). Needs CAP_NET_RAW (the daemon in direct
+mode); without it nothing changes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import ipaddress
 import select
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from repmgr_vip.adapters.arp import interface_mac, internet_checksum, packet_socket
 from repmgr_vip.adapters.log import LOG
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 TCP = 6
+HOP_LIMIT = 64  # Linux's default for both families
 SYN, RST, ACK = 0x02, 0x04, 0x10
 REFUSE_FOR = 2.0  # seconds: clients' caches follow the new holder's announcement long before
 CHECK_EVERY = 0.1  # how often the VIP's absence is checked again
 
 
 def reset_for(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
-    """The RST|ACK frame answering `frame` if it is a TCP SYN to `vip` at `own_mac`, else
-    None. As a Linux kernel answers a SYN to a closed port: seq 0, ack = SYN's seq + 1."""
+    """The RST|ACK frame answering `frame` if it is a TCP SYN to `vip` (4 bytes: IPv4, 16:
+    IPv6) at `own_mac`, else None. As a Linux kernel answers a SYN to a closed port: seq 0,
+    ack = SYN's seq + 1."""
+    if len(vip) == 16:
+        return _reset_v6(frame, own_mac, vip)
     if len(frame) < 14 + 20 or frame[0:6] != own_mac or frame[12:14] != b"\x08\x00":
         return None
     ip = frame[14:]
@@ -49,22 +55,47 @@ def reset_for(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
         return None
     if total > len(ip) or total < ihl + 20:
         return None
-    tcp = ip[ihl:total]
-    flags = tcp[13]
-    if flags & (SYN | ACK | RST) != SYN:
-        return None
     client_ip = ip[12:16]
+    header = _tcp_reset(ip[ihl:total], lambda length: vip + client_ip + struct.pack(
+        "!BBH", 0, TCP, length))
+    if header is None:
+        return None
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(header), 0, 0x4000, HOP_LIMIT,
+                            TCP, 0, vip, client_ip)
+    ip_header = ip_header[:10] + struct.pack("!H", internet_checksum(ip_header)) + ip_header[12:]
+    ethernet = frame[6:12] + own_mac + b"\x08\x00"
+    return (ethernet + ip_header + header).ljust(60, b"\x00")
+
+
+def _reset_v6(frame: bytes, own_mac: bytes, vip: bytes) -> bytes | None:
+    """reset_for an IPv6 frame: a fixed header whose next header is TCP, to `vip`."""
+    if len(frame) < 14 + 40 or frame[0:6] != own_mac or frame[12:14] != b"\x86\xdd":
+        return None
+    ip = frame[14:]
+    payload = struct.unpack("!H", ip[4:6])[0]
+    if ip[0] >> 4 != 6 or ip[6] != TCP or ip[24:40] != vip or payload > len(ip) - 40:
+        return None
+    client_ip = ip[8:24]
+    header = _tcp_reset(ip[40:40 + payload], lambda length: vip + client_ip + struct.pack(
+        "!I3xB", length, TCP))
+    if header is None:
+        return None
+    ip_header = struct.pack("!IHBB16s16s", 6 << 28, len(header), TCP, HOP_LIMIT, vip, client_ip)
+    ethernet = frame[6:12] + own_mac + b"\x86\xdd"
+    return ethernet + ip_header + header
+
+
+def _tcp_reset(tcp: bytes, pseudo: Callable[[int], bytes]) -> bytes | None:
+    """The RST|ACK TCP header answering the SYN segment `tcp` (None if it is not a bare SYN),
+    its checksum over `pseudo(length)`, the family's pseudo-header."""
+    if len(tcp) < 20 or tcp[13] & (SYN | ACK | RST) != SYN:
+        return None
     sport, dport, seq = struct.unpack("!HHI", tcp[0:8])
     data = len(tcp) - (tcp[12] >> 4) * 4
     header = struct.pack("!HHIIBBHHH", dport, sport, 0, (seq + 1 + max(data, 0)) & 0xFFFFFFFF,
                          5 << 4, RST | ACK, 0, 0, 0)
-    pseudo = vip + client_ip + struct.pack("!BBH", 0, TCP, len(header))
-    header = header[:16] + struct.pack("!H", internet_checksum(pseudo + header)) + header[18:]
-    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(header), 0, 0x4000, 64, TCP, 0,
-                            vip, client_ip)
-    ip_header = ip_header[:10] + struct.pack("!H", internet_checksum(ip_header)) + ip_header[12:]
-    ethernet = frame[6:12] + own_mac + b"\x08\x00"
-    return (ethernet + ip_header + header).ljust(60, b"\x00")
+    checksum = internet_checksum(pseudo(len(header)) + header)
+    return header[:16] + struct.pack("!H", checksum) + header[18:]
 
 
 class Refuser(threading.Thread):
@@ -75,14 +106,14 @@ class Refuser(threading.Thread):
                  seconds: float = REFUSE_FOR) -> None:
         super().__init__(daemon=True, name="refuse-stale-syn")
         self.interface = interface
-        self.vip = ipaddress.IPv4Address(address).packed
+        self.vip = ipaddress.ip_address(address).packed
         self.released = released
         self.seconds = seconds
         self.refused = 0  # how many SYNs it answered
         # created unhooked and bound once (arp.packet_socket): a socket created with the
         # protocol is unhooked again by bind(), which waits for an RCU grace period (10-20 ms
         # here), and this runs just before the old holder's release
-        self.sock = packet_socket(interface, ETH_P_IP)
+        self.sock = packet_socket(interface, ETH_P_IPV6 if len(self.vip) == 16 else ETH_P_IP)
         try:
             self.own_mac = interface_mac(interface)
         except BaseException:
@@ -116,13 +147,34 @@ class Refuser(threading.Thread):
             self.sock.close()
 
 
-def stale_refusal(interface: str, address: str,
-                  released: Callable[[], bool]) -> Refuser | None:
-    """A Refuser with its socket open, to start() once the VIP is gone: opened before the
+class Refusals:
+    """One Refuser per address of the VIP (IPv4 and IPv6), started or cancelled together."""
+
+    def __init__(self, refusers: Sequence[Refuser]) -> None:
+        self.refusers = list(refusers)
+
+    def start(self) -> None:
+        for refuser in self.refusers:
+            refuser.start()
+
+    def cancel(self) -> None:
+        for refuser in self.refusers:
+            refuser.cancel()
+
+
+def stale_refusal(interface: str, addresses: Sequence[str],
+                  released: Callable[[str], bool]) -> Refusals | None:
+    """Refusers with their sockets open, to start() once the VIP is gone: opened before the
     release, so no SYN slips through between the removal and the socket (one that came just
     before the removal gets the reset its kernel sent too, or one for a handshake the
-    removal breaks anyway). None when this process may not open a packet socket (no
-    CAP_NET_RAW: the hooks through sudo) or the interface is gone."""
-    with contextlib.suppress(OSError):
-        return Refuser(interface, address, released)
-    return None
+    removal breaks anyway). `released(address)`: that address is no longer here. None when
+    this process may not open a packet socket (no CAP_NET_RAW: the hooks through sudo) or
+    the interface is gone."""
+    refusers: list[Refuser] = []
+    try:
+        for address in addresses:
+            refusers.append(Refuser(interface, address, functools.partial(released, address)))
+    except OSError:
+        Refusals(refusers).cancel()
+        return None
+    return Refusals(refusers) if refusers else None
