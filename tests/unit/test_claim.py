@@ -117,10 +117,11 @@ def test_a_standby_that_does_not_answer_delays_the_old_primary_only_to_the_bound
 
 def test_with_the_holder_in_the_prior_proof_the_round_ends_on_its_release(
         tmp_path: Path) -> None:
-    """The daemon's proof a moment ago heard only the old primary: it is asked at once, and
-    its confirmation alone frees the VIP (a standby holding it would have answered too), so a
-    slow standby's link does not keep the VIP on no node. The standby's late confirmation
-    still counts: only nodes that never answer go to the release retrier."""
+    """The daemon's proof a moment ago heard only the old primary: it is asked first and
+    alone, and its confirmation frees the VIP by itself (a standby holding it would have
+    answered too), so no other link keeps the VIP on no node or competes with the add. The
+    standby is asked once the VIP is up (ask_rest), and its confirmation still counts: only
+    nodes that never answer go to the release retrier."""
     world, configs = _three(tmp_path)
     world.freeze("pg3")
     fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
@@ -128,14 +129,37 @@ def test_with_the_holder_in_the_prior_proof_the_round_ends_on_its_release(
     asked = world.clock.now
     verdict = claim.promotion_verdict(fencing, "refuse")
     assert verdict.decision.action is Action.ACQUIRE and verdict.proof is None
-    assert world.round_started[("pg2", "pg1")] == asked == world.round_started[("pg2", "pg3")]
+    assert world.round_started[("pg2", "pg1")] == asked
+    assert ("pg2", "pg3") not in world.round_started
     assert world.clock.now <= asked + SSH_LATENCY + 0.01  # pg1's round trip, nothing more
-    assert verdict.report.released == ["pg1"] and verdict.report.unconfirmed == ["pg3"]
+    assert verdict.report.released == ["pg1"]
+    fencing.ask_rest()
+    assert world.round_started[("pg2", "pg3")] == world.clock.now
+    assert fencing.settle().unconfirmed == ["pg3"]  # frozen: not yet
     world.resume("pg3")
     world.clock.sleep(0.2)
     assert fencing.settle().unconfirmed == []
     fencing.close()
     assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_when_the_old_primarys_confirmation_does_not_free_the_vip_the_rest_are_asked(
+        tmp_path: Path) -> None:
+    """Holder first, but the prior proof also heard pg3 (it holds the VIP too): pg1's
+    confirmation is not enough, pg3 is asked at once and its confirmation frees the VIP."""
+    world, configs = _three(tmp_path)
+    world.address("pg3", configs["pg3"]).add()
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                            holder_last=HOLDER_LAST,
+                            prior=(world.hosts["pg1"].mac, world.hosts["pg3"].mac))
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.decision.action is Action.ACQUIRE and verdict.proof is None
+    assert world.round_started[("pg2", "pg3")] == _released_at(world, "pg1")
+    assert world.clock.now <= asked + 2 * SSH_LATENCY + 0.01  # two round trips, one after the other
+    assert sorted(verdict.report.released) == ["pg1", "pg3"]
+    assert not world.hosts["pg1"].vip and not world.hosts["pg3"].vip and not world.violations
 
 
 def test_a_prior_proof_with_a_stray_mac_waits_for_every_confirmation(tmp_path: Path) -> None:

@@ -227,7 +227,12 @@ class Fencing:
         # seconds the old primary's release may wait for the others' (see HOLDER_LAST); 0
         # asks every node at once (ssh exec: each release takes hundreds of milliseconds)
         self.holder_last = holder_last
-        self.deferred: dict[str, NodeRecord] = {}  # not yet asked: the likely holder
+        # with warm links and a prior proof that heard someone, the old primary is asked
+        # first and alone: its confirmation may free the VIP by itself (_accounted), and the
+        # others' releases (hold markers on nodes that do not answer for the VIP) follow the
+        # add instead of competing with it for the CPU (ask_rest)
+        self.holder_first = holder_last > 0 and bool(self.prior)
+        self.deferred: dict[str, NodeRecord] = {}  # not yet asked (see _ask_deferred)
         self.coming: Future[list[NodeRecord]] | None = None  # the fresh list (expect_soon)
         self.poll = WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL
         self.expect(self.nodes)
@@ -246,6 +251,8 @@ class Fencing:
             self.asked.add(node.node_name)
             if not node.host:
                 self.report.failed.append(node.node_name)
+            elif self.holder_first and node.node_type != "primary":
+                self.deferred[node.node_name] = node
             elif self.holder_last > 0 and self.prior is None and node.node_type == "primary":
                 self.deferred[node.node_name] = node
                 if isinstance(self.remote, PreparingRelease):
@@ -285,12 +292,15 @@ class Fencing:
         coming.add_done_callback(ask)
 
     def _ask_deferred(self, *, now: bool = False) -> None:
-        """Asks the held-back old primary once no other release is under way, once
-        HOLDER_LAST has passed, or `now` (the round ends: it finishes on its own)."""
+        """Asks the held-back nodes: the old primary (holder last) once no other release
+        is under way; the others (holder first) once the old primary answered and that did
+        not free the VIP; either once HOLDER_LAST has passed, or `now`."""
         if not self.deferred:
             return
-        if not (now or not self.sessions
-                or self.clock.monotonic() - self.started >= self.holder_last):
+        ready = not self.sessions
+        if self.holder_first:
+            ready = ready and not self._accounted()
+        if not (now or ready or self.clock.monotonic() - self.started >= self.holder_last):
             return
         for name, node in self.deferred.items():
             self.sessions[name] = self.remote.start_release(node)
@@ -341,7 +351,8 @@ class Fencing:
                 # to a node that has now let go (the old holder): the VIP is on no host, so
                 # the slower confirmations and the fresh node list are not waited for
                 answered = ()
-                self._ask_deferred(now=True)
+                if not self.holder_first:  # else the caller asks them after the add
+                    self._ask_deferred(now=True)
                 self.report.pending = sorted(self.sessions)  # they finish on their own
                 self._ask_coming_later()
                 break
@@ -404,6 +415,11 @@ class Fencing:
             return False
         return {mac.lower() for mac in self.prior} <= self.confirmed_macs
 
+    def ask_rest(self) -> None:
+        """Asks the nodes the round did not need (holder first): once the VIP is up. Safe
+        to call more than once."""
+        self._ask_deferred(now=True)
+
     def settle(self) -> FenceReport:
         """The report with the confirmations that came after the round ended (it ends on
         the holder's, the others' follow within a round trip): only the nodes still silent
@@ -413,6 +429,8 @@ class Fencing:
                 del self.sessions[name]
                 (self.report.released if session.result().ok else self.report.failed
                  ).append(name)
+        # asked after the round (ask_rest) or never asked: not confirmed either
+        self.report.pending = sorted({*self.report.pending, *self.sessions, *self.deferred})
         return self.report
 
     def _unaccounted(self) -> tuple[str, ...] | None:
@@ -456,6 +474,7 @@ class Fencing:
         return self._proof(since)
 
     def close(self) -> None:
+        self.ask_rest()  # whatever happened, every node is asked to release (hold markers)
         self.prober.stop()
 
 

@@ -405,9 +405,12 @@ class Promotion:
         return None
 
     def journal_verdict(self) -> None:
-        """Writes the fencing verdict to the journal, once: after the VIP went up and the
-        verdict reached the hook, because the write (an fsync) would otherwise sit between
-        the old holder's release and the add, when no node answers for the VIP."""
+        """Asks the nodes the round did not need (Fencing.ask_rest) and writes the fencing
+        verdict to the journal, once: after the VIP went up and the verdict reached the hook,
+        so that neither sits between the old holder's release and the add, when no node
+        answers for the VIP."""
+        if self.fencing is not None:
+            self.fencing.ask_rest()
         entry, self.verdict_entry = self.verdict_entry, None
         if entry is not None:
             action, reason = entry.pop("action"), entry.pop("reason")
