@@ -143,6 +143,27 @@ def test_with_the_holder_in_the_prior_proof_the_round_ends_on_its_release(
     assert not world.hosts["pg1"].vip and not world.violations
 
 
+def test_a_silent_prior_proof_frees_the_vip_before_any_other_node_is_asked(
+        tmp_path: Path) -> None:
+    """The old primary's host is cut off and nobody answered the proof a moment ago: the VIP
+    is free at once; the old primary is asked (it may come back), the others only after the
+    add, and none of them is waited for."""
+    world, configs = _three(tmp_path)
+    world.partition(["pg1"])
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                            holder_last=HOLDER_LAST, prior=())
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    assert verdict.decision.action is Action.ACQUIRE and verdict.proof is None
+    assert world.clock.now < asked + 0.01
+    assert ("pg2", "pg1") in world.round_started and ("pg2", "pg3") not in world.round_started
+    fencing.ask_rest()
+    world.clock.sleep(0.2)
+    assert fencing.settle().unconfirmed == ["pg1"]  # cut off: the release retrier's
+    fencing.close()
+    assert not world.violations
+
+
 def test_when_the_old_primarys_confirmation_does_not_free_the_vip_the_rest_are_asked(
         tmp_path: Path) -> None:
     """Holder first, but the prior proof also heard pg3 (it holds the VIP too): pg1's

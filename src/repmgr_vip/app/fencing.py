@@ -227,11 +227,11 @@ class Fencing:
         # seconds the old primary's release may wait for the others' (see HOLDER_LAST); 0
         # asks every node at once (ssh exec: each release takes hundreds of milliseconds)
         self.holder_last = holder_last
-        # with warm links and a prior proof that heard someone, the old primary is asked
-        # first and alone: its confirmation may free the VIP by itself (_accounted), and the
-        # others' releases (hold markers on nodes that do not answer for the VIP) follow the
-        # add instead of competing with it for the CPU (ask_rest)
-        self.holder_first = holder_last > 0 and bool(self.prior)
+        # with warm links and a prior proof, the old primary is asked first and alone: its
+        # confirmation may free the VIP by itself (_accounted; a silent proof freed it
+        # already), and the others' releases (hold markers on nodes that do not answer for
+        # the VIP) follow the add instead of competing with it for the CPU (ask_rest)
+        self.holder_first = holder_last > 0 and self.prior is not None
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked (see _ask_deferred)
         self.coming: Future[list[NodeRecord]] | None = None  # the fresh list (expect_soon)
         self.poll = WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL
