@@ -253,7 +253,7 @@ class Fencing:
                 self.report.failed.append(node.node_name)
             elif self.holder_first and node.node_type != "primary":
                 self.deferred[node.node_name] = node
-            elif self.holder_last > 0 and self.prior is None and node.node_type == "primary":
+            elif self.holder_last > 0 and not self.holder_first and node.node_type == "primary":
                 self.deferred[node.node_name] = node
                 if isinstance(self.remote, PreparingRelease):
                     self.remote.prepare(node)
@@ -308,20 +308,7 @@ class Fencing:
 
     def _collect(self) -> None:
         self._take_coming()
-        for name, session in list(self.sessions.items()):
-            if not session.finished():
-                continue
-            result = session.result()
-            del self.sessions[name]
-            self.last_finished = self.clock.monotonic()
-            if result.ok:
-                self.report.released.append(name)
-                self.confirmed_macs.update(mac.lower() for mac in result.macs)
-                LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
-            else:
-                self.report.failed.append(name)
-                LOG.warning("node %s: remote release failed (exit %d): %s", name,
-                            result.returncode, _last_line(result.stdout))
+        self._take_finished()
         self._ask_deferred()
         if self.all_confirmed and self.confirmed_at is None:
             self.confirmed_at = self.clock.monotonic()
@@ -420,15 +407,28 @@ class Fencing:
         to call more than once."""
         self._ask_deferred(now=True)
 
+    def _take_finished(self) -> None:
+        """Moves every finished release into the report: released (with its MACs) or failed."""
+        for name, session in list(self.sessions.items()):
+            if not session.finished():
+                continue
+            result = session.result()
+            del self.sessions[name]
+            self.last_finished = self.clock.monotonic()
+            if result.ok:
+                self.report.released.append(name)
+                self.confirmed_macs.update(mac.lower() for mac in result.macs)
+                LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
+            else:
+                self.report.failed.append(name)
+                LOG.warning("node %s: remote release failed (exit %d): %s", name,
+                            result.returncode, _last_line(result.stdout))
+
     def settle(self) -> FenceReport:
         """The report with the confirmations that came after the round ended (it ends on
         the holder's, the others' follow within a round trip): only the nodes still silent
         go to the release retrier."""
-        for name, session in list(self.sessions.items()):
-            if session.finished():
-                del self.sessions[name]
-                (self.report.released if session.result().ok else self.report.failed
-                 ).append(name)
+        self._take_finished()
         # asked after the round (ask_rest) or never asked: not confirmed either
         self.report.pending = sorted({*self.report.pending, *self.sessions, *self.deferred})
         return self.report

@@ -360,7 +360,8 @@ class Promotion:
         self.settled = False  # journaled as held and the release retrier started
         self.created = time.monotonic()
         self.timings: dict[str, int] = {}  # ms, for the journal: where a promotion's time went
-        self.verdict_entry: dict[str, Any] | None = None  # not yet journaled (journal_verdict)
+        # (action, reason, fields) of the fencing verdict, until after_verdict journals it
+        self.verdict_entry: tuple[str, str, dict[str, Any]] | None = None
 
     def fence(self) -> int | None:
         """Releases the VIP everywhere else and judges; None: promote now, else exit code.
@@ -390,31 +391,29 @@ class Promotion:
             return ExitCode.REFUSED
         report, decision = verdict.report, verdict.decision
         LOG.info("promote: fencing: %s", report.summary())
-        self.verdict_entry = {
-            "action": decision.action.value, "reason": decision.reason, "alarm": decision.alarm,
-            "answered_by": list(report.answered_by), "released": list(report.released),
-            "unconfirmed": report.unconfirmed, "fenced": list(report.fenced),
-            "fencing_ms": round(report.seconds * 1000),
-            "lock_ms": round(self.lock_waited * 1000), **self.timings}
+        self.verdict_entry = (decision.action.value, decision.reason, {
+            "alarm": decision.alarm, "answered_by": list(report.answered_by),
+            "released": list(report.released), "unconfirmed": report.unconfirmed,
+            "fenced": list(report.fenced), "fencing_ms": round(report.seconds * 1000),
+            "lock_ms": round(self.lock_waited * 1000), **self.timings})
         if decision.action is Action.REFUSE:
-            self.journal_verdict()
+            self.after_verdict()
             LOG.error("promote: %s", decision.reason)
             return ExitCode.REFUSED
         self.verdict = verdict
         self.want_vip = decision.action is Action.ACQUIRE
         return None
 
-    def journal_verdict(self) -> None:
-        """Asks the nodes the round did not need (Fencing.ask_rest) and writes the fencing
-        verdict to the journal, once: after the VIP went up and the verdict reached the hook,
-        so that neither sits between the old holder's release and the add, when no node
-        answers for the VIP."""
+    def after_verdict(self) -> None:
+        """Once the VIP went up and the verdict reached the hook: asks the nodes the round
+        did not need (Fencing.ask_rest) and journals the verdict, once, so that neither sits
+        between the old holder's release and the add, when no node answers for the VIP."""
         if self.fencing is not None:
             self.fencing.ask_rest()
         entry, self.verdict_entry = self.verdict_entry, None
         if entry is not None:
-            action, reason = entry.pop("action"), entry.pop("reason")
-            _journal(self.config, self.hands, "promote", action, reason, **entry)
+            action, reason, fields = entry
+            _journal(self.config, self.hands, "promote", action, reason, **fields)
 
     @property
     def unconfirmed(self) -> list[str]:
@@ -521,7 +520,7 @@ class Promotion:
                         "before `repmgr node rejoin --force-rewind`", exc)
 
     def close(self) -> None:
-        self.journal_verdict()
+        self.after_verdict()
         if self.fencing is not None:
             self.fencing.close()
 
@@ -575,7 +574,7 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
         if refused is not None:
             return refused
         promotion.before_promote()
-        promotion.journal_verdict()
+        promotion.after_verdict()
         run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
         promotion.watch(lambda: run.poll() is None)
         status = promotion.finish(run.finish())
@@ -692,7 +691,7 @@ def _serve_promote(config: Config, hands: Hands, conv: control.Conversation, *,
             verdict["argv"] = repmgr.repmgr_argv(config, *PROMOTE_ARGS)
             verdict["env"] = {repmgr.INSIDE_HOOK_ENV: "1"}
         sent = conv.send(verdict)
-        promotion.journal_verdict()
+        promotion.after_verdict()
         if not sent:
             LOG.warning("promote: the hook stopped waiting before the verdict; "
                         "it fences and promotes by itself")
