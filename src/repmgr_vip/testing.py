@@ -473,6 +473,79 @@ class FakeSession:
             self.outcome = FakeResult(-1, "killed")
 
 
+class FakeLibpqResult:
+    """The part of libpq's PGresult that pgsession.read_role reads."""
+
+    def __init__(self, status: int, row: tuple[bytes | None, ...] = (),
+                 error: bytes = b"") -> None:
+        self.status = status
+        self.ntuples = 1 if row else 0
+        self.nfields = len(row)
+        self.row = row
+        self.error_message = error
+
+    def get_value(self, row: int, column: int) -> bytes | None:
+        return self.row[column]
+
+
+class FakeLibpq:
+    """A connection's libpq side (`conn.pgconn`) for pgsession.read_role: `answer()` gives
+    (in recovery, timeline) or raises, which shows as a FATAL result, as a lost server does."""
+
+    COMMAND_OK, TUPLES_OK, FATAL_ERROR = 1, 2, 7  # psycopg.pq.ExecStatus
+
+    def __init__(self, answer: Callable[[], tuple[bool, int]]) -> None:
+        self.answer = answer
+        self.statements: dict[bytes, bytes] = {}
+        self.prepares = 0
+
+    def prepare(self, name: bytes, sql: bytes) -> FakeLibpqResult:
+        self.prepares += 1
+        self.statements[name] = sql
+        return FakeLibpqResult(self.COMMAND_OK)
+
+    def exec_prepared(self, name: bytes, params: Any) -> FakeLibpqResult:
+        if name not in self.statements:
+            return FakeLibpqResult(self.FATAL_ERROR, error=b"ERROR:  prepared statement "
+                                   b"\"" + name + b"\" does not exist")
+        try:
+            in_recovery, timeline = self.answer()
+        except Exception as exc:  # the server went away, or the fake says so
+            return FakeLibpqResult(self.FATAL_ERROR, error=str(exc).encode())
+        return FakeLibpqResult(self.TUPLES_OK, (b"t" if in_recovery else b"f",
+                                                str(timeline).encode()))
+
+
+def bpf_passes(program: list[tuple[int, int, int, int]], frame: bytes) -> bool:
+    """Runs a classic BPF program (adapters.bpf) as the kernel does, for the opcodes
+    bpf.assemble emits (a load past the frame's end drops it): True if the frame would reach
+    the socket. The filters' unit tests compare it with what the Python readers accept."""
+    a = x = pc = 0
+    sizes = {0x20: 4, 0x28: 2, 0x30: 1}
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        if code == 0x06:  # ret
+            return k > 0
+        if code in sizes or code in (0x50, 0xB1):
+            at, size = (x + k, 1) if code == 0x50 else (k, sizes.get(code, 1))
+            if at + size > len(frame):
+                return False
+            value = int.from_bytes(frame[at:at + size], "big")
+            if code == 0xB1:
+                x = 4 * (value & 0x0F)
+            else:
+                a = value
+        elif code == 0x54:
+            a &= k
+        elif code == 0x15:
+            pc += jt if a == k else jf
+        elif code == 0x45:
+            pc += jt if a & k else jf
+        else:
+            raise AssertionError(f"opcode {code:#x} not modelled")
+
+
 class FakeRemote:
     def __init__(self, world: FakeCluster, origin: str) -> None:
         self.world = world

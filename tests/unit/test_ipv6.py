@@ -14,6 +14,7 @@ from repmgr_vip.adapters.network import InterfaceState, PrivilegedCommands
 from repmgr_vip.cli.main import main
 from repmgr_vip.config.schema import load_config, render_toml
 from repmgr_vip.core.errors import ExitCode
+from repmgr_vip.testing import bpf_passes
 
 MAC = bytes.fromhex("020000000701")
 TARGET = ipaddress.IPv6Address("2001:db8::117")
@@ -47,6 +48,19 @@ def test_solicitation_matches_the_kernels_dad_probe() -> None:
     assert len(ours) == 14 + 40 + 24
     assert ours[22:38] == b"\x00" * 16  # from the unspecified address
     assert ndp.parse_nd(ours) == (ndp.NEIGHBOR_SOLICITATION, MAC, TARGET, None)
+
+
+def test_the_probe_filter_passes_only_advertisements_of_the_target() -> None:
+    """The kernel keeps every other IPv6 frame from the probe's socket: here the kernel's own
+    solicitation, an advertisement of another address, one with a routed hop limit, an IPv4
+    frame; the advertisement of the target passes (and parse_nd reads it)."""
+    program = ndp.advertisement_filter(TARGET)
+    other = ndp.advertisement_frame(MAC, ipaddress.IPv6Address("2001:db8::118"))
+    forwarded = KERNEL_NA[:21] + b"\x40" + KERNEL_NA[22:]
+    ipv4 = KERNEL_NA[:12] + b"\x08\x00" + KERNEL_NA[14:]
+    assert bpf_passes(program, KERNEL_NA)
+    assert [bpf_passes(program, f) for f in (KERNEL_NS, other, forwarded, ipv4,
+                                             KERNEL_NA[:60])] == [False] * 5
 
 
 def test_parse_reads_the_kernels_frames_and_rejects_damage() -> None:

@@ -22,7 +22,7 @@ SRC = ROOT / "src" / "repmgr_vip"
 CORE = sorted(p.name for p in (SRC / "core").glob("*.py"))
 LAYERS = ("core", "config", "adapters", "app", "cli")
 ALLOWED_STDLIB = {"__future__", "collections", "collections.abc", "contextlib", "dataclasses",
-                  "enum", "typing", "abc", "math", "ipaddress", "urllib.parse"}
+                  "enum", "functools", "typing", "abc", "math", "ipaddress", "urllib.parse"}
 
 
 def _runtime_imports(tree: ast.Module) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 from repmgr_vip.adapters.pgsession import NodeSession
 from repmgr_vip.app.daemon import PeerWatcher
 from repmgr_vip.core.model import NodeRecord
+from repmgr_vip.testing import FakeLibpq
 
 
 class Peer:
@@ -23,20 +24,16 @@ class Peer:
     def connect(self, conninfo: str, timeout: float) -> Any:
         peer = self
 
+        def answer() -> tuple[bool, int]:
+            peer.threads.add(threading.get_ident())
+            peer.queries += 1
+            if peer.frozen.is_set():
+                peer.thaw.wait(10)
+            return True, 3
+
         class Conn:
             closed = broken = False
-
-            def execute(self, sql: str) -> Any:
-                peer.threads.add(threading.get_ident())
-                peer.queries += 1
-                if peer.frozen.is_set():
-                    peer.thaw.wait(10)
-
-                class Cursor:
-                    @staticmethod
-                    def fetchall() -> list[Any]:
-                        return [(True, 3)]
-                return Cursor()
+            pgconn = FakeLibpq(answer)
 
             def close(self) -> None:
                 self.closed = True

@@ -11,6 +11,7 @@ import pytest
 from repmgr_vip.adapters import cluster
 from repmgr_vip.adapters.pgsession import NodeListGate, NodeSession
 from repmgr_vip.core.errors import CommandFailed
+from repmgr_vip.testing import FakeLibpq
 
 
 class FakeCursor:
@@ -27,8 +28,9 @@ class FakeConn:
         self.closed = False
         self.broken = False
         self.queries = 0
+        self.pgconn = FakeLibpq(self._answer)  # the role query goes to libpq directly
 
-    def execute(self, sql: str) -> FakeCursor:
+    def _answer(self) -> tuple[bool, int]:
         self.queries += 1
         self.server.threads.add(threading.get_ident())
         if self.server.hold is not None:
@@ -36,7 +38,10 @@ class FakeConn:
         if self.server.restarted_since(self):
             self.broken = True
             raise RuntimeError("server closed the connection unexpectedly")
-        return FakeCursor([(True, 7)])
+        return True, 7
+
+    def execute(self, sql: str) -> FakeCursor:
+        return FakeCursor([self._answer()])
 
     def close(self) -> None:
         self.closed = True
@@ -102,6 +107,35 @@ def test_restarted_server_reconnects_within_the_same_call() -> None:
     assert session.view(2).reachable
     assert server.sessions == 2
     assert server.conns[0][0].closed
+
+
+def test_the_role_query_is_prepared_once_per_connection() -> None:
+    """libpq directly, the statement planned once per backend; a new backend prepares anew."""
+    server = FakeServer()
+    session = _session(server)
+    assert all(session.view(2).reachable for _ in range(5))
+    first = server.conns[0][0]
+    assert (first.pgconn.prepares, first.queries) == (1, 5)
+    server.generation += 1
+    view = session.view(2)
+    assert view.reachable and view.timeline == 7
+    second = server.conns[-1][0]
+    assert second is not first and second.pgconn.prepares == 1
+    assert first.pgconn.prepares == 1  # the dead one was not prepared again
+
+
+def test_a_failed_role_query_on_a_healthy_connection_is_a_down_view() -> None:
+    server = FakeServer()
+    session = _session(server)
+    assert session.view(2).reachable
+    conn = server.conns[0][0]
+
+    def statement_timeout() -> tuple[bool, int]:
+        raise RuntimeError("canceling statement due to statement timeout")
+
+    conn.pgconn.answer = statement_timeout
+    assert not session.view(2).reachable
+    assert server.sessions == 1  # a query error is no reason to drop a healthy connection
 
 
 def test_a_down_node_is_retried_with_backoff_not_every_call() -> None:

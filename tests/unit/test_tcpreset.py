@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from repmgr_vip.adapters import tcpreset
+from repmgr_vip.testing import bpf_passes
 
 OWN = bytes.fromhex("02aa00000001")
 CLIENT_MAC = bytes.fromhex("02bb00000002")
@@ -62,12 +63,16 @@ def test_a_syn_to_the_vip_gets_the_reset_a_closed_port_gets() -> None:
     assert _sum16(pseudo + tcp) == 0xFFFF
 
 
-@pytest.mark.parametrize("frame", [
-    _frame(0x10), _frame(0x12), _frame(0x04), _frame(0x02 | 0x04),  # ACK, SYN-ACK, RST
-    _frame(dst_mac=CLIENT_MAC), _frame(dst=CLIENT), _frame(proto=17),
-    _frame(fragment=0x2000), _frame(fragment=0x0010), _frame()[:40], b"",
-], ids=["ack", "syn-ack", "rst", "syn-rst", "other-mac", "other-ip", "udp", "more-fragments",
-        "offset", "short", "empty"])
+NOT_ANSWERED = {
+    "ack": _frame(0x10), "syn-ack": _frame(0x12), "rst": _frame(0x04),
+    "syn-rst": _frame(0x02 | 0x04), "other-mac": _frame(dst_mac=CLIENT_MAC),
+    "other-ip": _frame(dst=CLIENT), "udp": _frame(proto=17),
+    "more-fragments": _frame(fragment=0x2000), "offset": _frame(fragment=0x0010),
+    "short": _frame()[:40], "empty": b"",
+}
+
+
+@pytest.mark.parametrize("frame", NOT_ANSWERED.values(), ids=NOT_ANSWERED.keys())
 def test_nothing_but_a_syn_to_the_vip_at_our_mac_is_answered(frame: bytes) -> None:
     assert tcpreset.reset_for(frame, OWN, VIP) is None
 
@@ -97,10 +102,14 @@ def test_an_ipv6_syn_to_the_vip_gets_the_reset_too() -> None:
     assert _sum16(pseudo + tcp) == 0xFFFF
 
 
-@pytest.mark.parametrize("frame", [
-    _frame6(0x12), _frame6(dst=CLIENT6), _frame6(next_header=0),  # SYN-ACK; hop-by-hop
-    _frame6(ethertype=b"\x08\x00"), _frame6()[:60], _frame(),
-], ids=["syn-ack", "other-ip", "extension-header", "ipv4-type", "short", "ipv4-frame"])
+NOT_ANSWERED6 = {
+    "syn-ack": _frame6(0x12), "other-ip": _frame6(dst=CLIENT6),
+    "extension-header": _frame6(next_header=0),  # hop-by-hop
+    "ipv4-type": _frame6(ethertype=b"\x08\x00"), "short": _frame6()[:60], "ipv4-frame": _frame(),
+}
+
+
+@pytest.mark.parametrize("frame", NOT_ANSWERED6.values(), ids=NOT_ANSWERED6.keys())
 def test_nothing_but_an_ipv6_syn_to_the_vip_is_answered(frame: bytes) -> None:
     assert tcpreset.reset_for(frame, OWN, VIP6) is None
 
@@ -109,6 +118,34 @@ def test_data_on_the_syn_is_acknowledged_too() -> None:
     answer = tcpreset.reset_for(_frame(seq=1000, payload=b"abcd"), OWN, VIP)
     assert answer is not None
     assert struct.unpack("!I", answer[14 + 20 + 8:14 + 20 + 12])[0] == 1005
+
+
+def _with_options(frame: bytes) -> bytes:
+    """The IPv4 frame with 4 bytes of IP options (NOPs): the TCP header moves 4 bytes on."""
+    ip = bytearray(frame[14:34])
+    ip[0] = 0x46
+    ip[2:4] = struct.pack("!H", struct.unpack("!H", ip[2:4])[0] + 4)
+    return frame[:14] + bytes(ip) + b"\x01\x01\x01\x01" + frame[34:]
+
+
+ANSWERED = {"syn": _frame(), "syn-with-data": _frame(payload=b"xy"),
+            "syn-with-ip-options": _with_options(_frame())}
+ANSWERED6 = {"syn": _frame6(), "syn-with-data": _frame6(payload=b"xy")}
+
+
+@pytest.mark.parametrize(("vip", "frames"), [
+    (VIP, {**ANSWERED, **NOT_ANSWERED, "ip-options-ack": _with_options(_frame(0x10))}),
+    (VIP6, {**ANSWERED6, **NOT_ANSWERED6})], ids=["ipv4", "ipv6"])
+def test_the_kernel_filter_passes_exactly_the_frames_that_get_a_reset(
+        vip: bytes, frames: dict[str, bytes]) -> None:
+    """What the BPF filter lets up to Python is what reset_for answers: nothing it answers
+    is dropped, nothing it ignores is passed (so on a busy LAN Python sees only SYNs)."""
+    program = tcpreset.syn_filter(OWN, vip)
+    passed = {name for name, frame in frames.items() if bpf_passes(program, frame)}
+    answered = {name for name, frame in frames.items()
+                if tcpreset.reset_for(frame, OWN, vip) is not None}
+    assert answered == set(ANSWERED if len(vip) == 4 else ANSWERED6)
+    assert passed == answered
 
 
 @pytest.fixture
@@ -153,7 +190,17 @@ _REFUSE = """
 import sys, time
 from repmgr_vip.adapters import tcpreset
 refuser = tcpreset.Refuser("h0", sys.argv[2], lambda: True, seconds=float(sys.argv[1]))
-refuser.start(); print("ready", flush=True); refuser.join(); print(refuser.refused)
+refuser.start(); print("ready", flush=True); refuser.join()
+print(refuser.refused, refuser.examined)
+"""
+
+_NOISE = """
+import socket, sys
+for address in sys.argv[1:]:  # the VIP and the old holder's own address: UDP, nobody listens
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        for _ in range(20):
+            s.sendto(b"noise", (address, 5432))
 """
 
 
@@ -180,9 +227,15 @@ def test_a_client_with_the_old_mac_cached_is_refused_not_left_waiting(
                                stdout=subprocess.PIPE, text=True)
     try:
         assert refuser.stdout is not None and refuser.stdout.readline().strip() == "ready"
+        own = "2001:db8::1" if ":" in vip else "192.0.2.1"
+        subprocess.run([IP, "netns", "exec", client, sys.executable, "-c", _NOISE, vip, own],
+                       check=True, timeout=30)
         answer = connect(2.0)
         assert answer.startswith("refused"), answer
         assert float(answer.split()[1]) < 0.5, answer
     finally:
         refuser.wait(timeout=10)
-    assert refuser.stdout is not None and int(refuser.stdout.read().strip() or 0) >= 1
+    assert refuser.stdout is not None
+    refused, examined = (int(n) for n in refuser.stdout.read().split())
+    assert refused >= 1
+    assert examined == refused  # the 40 datagrams (and neighbour traffic) never reached Python

@@ -75,8 +75,10 @@ def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes] | None:
     return op, frame[22:28], frame[28:32], frame[38:42]
 
 
-def packet_socket(interface: str, protocol: int) -> socket.socket:
-    """A packet socket for `protocol` frames on `interface` only.
+def packet_socket(interface: str, protocol: int,
+                  program: list[tuple[int, int, int, int]] | None = None) -> socket.socket:
+    """A packet socket for `protocol` frames on `interface` only (and `program`'s, a BPF
+    filter from adapters.bpf, attached before any frame can arrive).
 
     Created with protocol 0 it receives nothing; bind() then sets both the interface and
     the protocol. Created with the protocol it would queue frames from every interface
@@ -84,6 +86,10 @@ def packet_socket(interface: str, protocol: int) -> socket.socket:
     """
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
+        if program is not None:
+            from repmgr_vip.adapters import bpf
+
+            bpf.attach(sock, program)
         sock.bind((interface, protocol))
         _drain(sock)
     except BaseException:

@@ -43,6 +43,7 @@ REPLAY_KEEP = 128  # replies kept for requests replayed with the same id
 REPLAY_SECONDS = 300.0
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 SUN_PATH_MAX = 107
+ACCEPT_BACKSTOP = 5.0  # seconds an idle accept loop sleeps between looks at `stopping`
 
 
 class Unavailable(Exception):
@@ -234,7 +235,9 @@ class ControlServer(threading.Thread):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        sock.settimeout(0.25)  # so the accept loop sees `stopping`
+        # close() wakes a blocked accept by shutting the socket down (Linux: EINVAL); the
+        # timeout is only a backstop, so an idle daemon is not woken four times a second
+        sock.settimeout(ACCEPT_BACKSTOP)
         self.sock = sock
 
     def run(self) -> None:
@@ -261,6 +264,8 @@ class ControlServer(threading.Thread):
         does the step itself, but finishing is quicker for it)."""
         self.stopping.set()
         if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 self.sock.close()
         with contextlib.suppress(OSError):

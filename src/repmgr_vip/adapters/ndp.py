@@ -115,8 +115,21 @@ def parse_nd(frame: bytes) -> tuple[int, bytes, ipaddress.IPv6Address, bytes | N
     return message[0], frame[6:12], ipaddress.IPv6Address(message[8:24]), lladdr
 
 
-def _open(interface: str) -> socket.socket:
-    return packet_socket(interface, ETH_P_IPV6)
+def _open(interface: str, program: list[tuple[int, int, int, int]] | None = None
+          ) -> socket.socket:
+    return packet_socket(interface, ETH_P_IPV6, program)
+
+
+def advertisement_filter(target: ipaddress.IPv6Address) -> list[tuple[int, int, int, int]]:
+    """A BPF program passing only neighbour advertisements for `target` (what probe judges):
+    the socket would otherwise see every IPv6 frame on the LAN for the probe's window."""
+    from repmgr_vip.adapters import bpf
+
+    checks = [bpf.Check(12, bpf.HALF, ETH_P_IPV6), bpf.Check(20, bpf.BYTE, IPPROTO_ICMPV6),
+              bpf.Check(21, bpf.BYTE, HOP_LIMIT), bpf.Check(54, bpf.BYTE, NEIGHBOR_ADVERTISEMENT)]
+    checks += [bpf.Check(62 + at, bpf.WORD, int.from_bytes(target.packed[at:at + 4], "big"))
+               for at in (0, 4, 8, 12)]
+    return bpf.assemble(checks)
 
 
 def probe(interface: str, address: str, count: int, wait: float,
@@ -139,7 +152,7 @@ def probe(interface: str, address: str, count: int, wait: float,
             return None
         return mac_text(mac), True  # one advertisement proves it is in use
 
-    with _open(interface) as sock:
+    with _open(interface, advertisement_filter(target)) as sock:
         return solicit(sock, frame, count, wait, judge, complete=complete)
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from repmgr_vip.adapters import bpf
 from repmgr_vip.adapters.arp import interface_mac, internet_checksum, packet_socket
 from repmgr_vip.adapters.log import LOG
 
@@ -98,6 +99,28 @@ def _tcp_reset(tcp: bytes, pseudo: Callable[[int], bytes]) -> bytes | None:
     return header[:16] + struct.pack("!H", checksum) + header[18:]
 
 
+def syn_filter(own_mac: bytes, vip: bytes) -> list[tuple[int, int, int, int]]:
+    """A BPF program passing only frames reset_for may answer: at our MAC, to the VIP, TCP,
+    SYN without ACK or RST, IPv4 unfragmented (IPv6: TCP as the fixed header's next one)."""
+    def word(data: bytes) -> int:
+        return int.from_bytes(data, "big")
+
+    checks = [bpf.Check(0, bpf.WORD, word(own_mac[0:4])),
+              bpf.Check(4, bpf.HALF, word(own_mac[4:6]))]
+    syn = SYN | ACK | RST  # of these, SYN alone
+    if len(vip) == 16:
+        checks += [bpf.Check(12, bpf.HALF, ETH_P_IPV6), bpf.Check(14, bpf.BYTE, 0x60, 0xF0),
+                   bpf.Check(20, bpf.BYTE, TCP)]
+        checks += [bpf.Check(38 + at, bpf.WORD, word(vip[at:at + 4])) for at in (0, 4, 8, 12)]
+        checks.append(bpf.Check(14 + 40 + 13, bpf.BYTE, SYN, syn))
+    else:
+        checks += [bpf.Check(12, bpf.HALF, ETH_P_IP), bpf.Check(14, bpf.BYTE, 0x40, 0xF0),
+                   bpf.Check(23, bpf.BYTE, TCP), bpf.Check(30, bpf.WORD, word(vip)),
+                   bpf.Check(20, bpf.HALF, none_of=0x3FFF),  # MF flag or an offset
+                   bpf.Check(13, bpf.BYTE, SYN, syn, after_ipv4_header=True)]
+    return bpf.assemble(checks)
+
+
 class Refuser(threading.Thread):
     """Answers SYNs to the VIP at our MAC with a reset, for REFUSE_FOR seconds, while
     `released()` says the VIP is not here (checked every CHECK_EVERY seconds)."""
@@ -113,12 +136,12 @@ class Refuser(threading.Thread):
         # created unhooked and bound once (arp.packet_socket): a socket created with the
         # protocol is unhooked again by bind(), which waits for an RCU grace period (10-20 ms
         # here), and this runs just before the old holder's release
-        self.sock = packet_socket(interface, ETH_P_IPV6 if len(self.vip) == 16 else ETH_P_IP)
-        try:
-            self.own_mac = interface_mac(interface)
-        except BaseException:
-            self.sock.close()
-            raise
+        # the kernel passes on only the SYNs we answer (syn_filter): on a busy LAN, every
+        # frame of the family would otherwise come up to Python for REFUSE_FOR seconds
+        self.own_mac = interface_mac(interface)
+        self.sock = packet_socket(interface, ETH_P_IPV6 if len(self.vip) == 16 else ETH_P_IP,
+                                  syn_filter(self.own_mac, self.vip))
+        self.examined = 0  # frames that reached Python
 
     def cancel(self) -> None:
         """Not started after all (the VIP was not here): the socket closes in the background
@@ -137,6 +160,7 @@ class Refuser(threading.Thread):
                 if not select.select([self.sock], [], [], min(CHECK_EVERY, deadline - now))[0]:
                     continue
                 frame = self.sock.recv(2048)
+                self.examined += 1
                 answer = reset_for(frame, self.own_mac, self.vip)
                 if answer is not None:
                     self.sock.send(answer)

@@ -50,7 +50,7 @@ from repmgr_vip.core.decide import (
     decide_cycle,
 )
 from repmgr_vip.core.errors import CommandFailed, VipError
-from repmgr_vip.core.model import NodeRecord
+from repmgr_vip.core.model import InterfaceState, NodeRecord
 
 PEER_TIMEOUT = 2.0
 STATE_FILE = statepaths.DAEMON_STATE
@@ -304,6 +304,7 @@ class Daemon:
             lambda: pgsession.registered_nodes(self.local_session, config), "node-list")
         self.node_gate = pgsession.NodeListGate()
         self.local_latest = cluster.NodeView(config.repmgr.node_id, reachable=False)
+        self.seen_interface: InterfaceState | None = None  # this cycle's snapshot read it
         # warm SSH links for the hooks' remote releases (a thread: never blocks the cycle)
         self.ssh_keeper = sshmux.MasterKeeper(lambda: self.config,
                                               lambda: [r.host for r in self.records],
@@ -379,6 +380,7 @@ class Daemon:
             LOG.error("cannot read interface %s: %s; retrying next cycle",
                       self.config.vip.interface, exc)
             raise SnapshotFailed(str(exc)) from exc
+        self.seen_interface = state
         holds = state.holds_all(self.config.vip.cidrs)  # every address (dual stack)
         foreign: tuple[str, ...] | None = None
         if holds and now - self.state.last_probe >= self.config.daemon.conflict_probe_interval:
@@ -537,7 +539,12 @@ class Daemon:
         self.last_decision = decision
         self.lease.tick(decision)  # vip.lease > 0: renew unless releasing
         try:
-            held = self.network.interface_state().held_map(self.config.vip.cidrs)
+            # KEEP and REFUSE changed nothing here: the snapshot's read is a moment old (a
+            # lease renewed too late removes the VIP; the next cycle shows that)
+            state = (self.seen_interface if self.seen_interface is not None and
+                     decision.action in (Action.KEEP, Action.REFUSE)
+                     else self.network.interface_state())
+            held = state.held_map(self.config.vip.cidrs)
             holds = all(held.values())
             self.metrics.addresses(held)
         except VipError:  # unreadable `ip` output: report what the snapshot saw

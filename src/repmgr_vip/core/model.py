@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from repmgr_vip.core.conninfo import parse_conninfo
 from repmgr_vip.core.errors import VipError
@@ -90,12 +91,13 @@ class NodeRecord:
     conninfo: str
     upstream_node_id: int
 
-    @property
+    @cached_property
     def host(self) -> str:
         """The conninfo's host, or "" when the conninfo cannot be parsed (see conninfo_error).
 
         Cluster data is input: a malformed row must make that node unreachable, not crash
-        the hook or the daemon.
+        the hook or the daemon. Parsed once per record: the daemon's threads ask every
+        second for every peer, and each parse runs shlex over the whole conninfo.
         """
         try:
             return parse_conninfo(self.conninfo).get("host", "")
