@@ -159,6 +159,22 @@ def test_a_failing_daemon_step_makes_the_hook_do_it(node: Node) -> None:
     assert node.entries("fence-self")[0]["inputs"]["via"] == "hook"
 
 
+def test_an_idle_server_sleeps_yet_stops_at_once(node: Node) -> None:
+    """The accept loop is not woken by a timeout every fraction of a second (an idle daemon's
+    CPU); close() still ends it at once instead of after the backstop."""
+    server = control.ControlServer(_socket(node), lambda *a: None,
+                                   allowed_uids={os.geteuid()}, on_refused=lambda peer: None)
+    server.bind()
+    assert server.sock is not None and (server.sock.gettimeout() or 0) >= 1.0
+    server.start()
+    time.sleep(0.1)  # in accept()
+    started = time.monotonic()
+    server.close()
+    server.join(2.0)
+    assert not server.is_alive()
+    assert time.monotonic() - started < 0.5
+
+
 def test_a_peer_of_another_uid_is_refused_and_counted(node: Node) -> None:
     seen: list[control.Peer] = []
     server = control.ControlServer(_socket(node), lambda *a: None,
