@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,6 +228,48 @@ def test_arp_silence_ends_the_round_before_the_fresh_node_list_comes(tmp_path: P
     assert ("pg2", "pg3") not in world.round_started
     coming.set_result(_records(world, "pg1", "pg3"))
     assert ("pg2", "pg3") in world.round_started
+
+
+def test_a_late_node_list_and_the_add_never_ask_a_node_twice(tmp_path: Path) -> None:
+    """Holder first, the round ended on silence before the fresh node list came: its
+    callback asks the deferred standby from the list reader's thread while the promotion
+    asks the rest after the add (ask_rest). Seen in the lab: both walked the deferred nodes
+    at once, asked them twice, and the daemon's promotion died on "dictionary changed size
+    during iteration" (the hook then redid the VIP step itself, 1.8 s later)."""
+    world, configs = _three(tmp_path)
+    fencing = world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                            holder_last=HOLDER_LAST, prior=(world.hosts["pg1"].mac,))
+    inner = fencing.remote
+    entered, gate = threading.Event(), threading.Event()
+    asked: list[str] = []
+    main = threading.current_thread()
+
+    class Gated:
+        def start_release(self, node: NodeRecord) -> Any:
+            asked.append(node.node_name)
+            if threading.current_thread() is not main:  # the list reader's thread: hold it
+                entered.set()
+                gate.wait(5)
+            return inner.start_release(node)
+
+    fencing.remote = Gated()
+    coming: Future[list[NodeRecord]] = Future()
+    fencing.expect_soon(coming)
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    assert verdict.decision.action is Action.ACQUIRE and asked == []
+    reader = threading.Thread(target=coming.set_result, args=(world.records(but="pg2"),))
+    reader.start()
+    assert entered.wait(5)
+    opener = threading.Timer(0.3, gate.set)
+    opener.start()
+    fencing.ask_rest()  # the promotion, after the add
+    reader.join(5)
+    opener.join(5)
+    assert asked == ["pg3"]
+    world.clock.sleep(0.2)
+    assert fencing.settle().unconfirmed == []
+    fencing.close()
+    assert not world.violations
 
 
 def test_confirmations_count_only_against_the_fresh_node_list(tmp_path: Path) -> None:

@@ -233,6 +233,9 @@ class Fencing:
         # the VIP) follow the add instead of competing with it for the CPU (ask_rest)
         self.holder_first = holder_last > 0 and self.prior is not None
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked (see _ask_deferred)
+        # the round's thread and a fresh node list's callback (_ask_coming_later) both ask:
+        # who is deferred, asked and under way changes under this lock only
+        self._asking = threading.RLock()
         self.coming: Future[list[NodeRecord]] | None = None  # the fresh list (expect_soon)
         self.poll = WAIT_POLL_REAL if self.clock is SYSTEM_CLOCK else WAIT_POLL
         self.expect(self.nodes)
@@ -244,22 +247,24 @@ class Fencing:
 
         A hook may start with the cached list and correct it once PostgreSQL answers.
         """
-        self.nodes = list(nodes)
-        for node in self.nodes:
-            if node.node_name in self.asked:
-                continue
-            self.asked.add(node.node_name)
-            if not node.host:
-                self.report.failed.append(node.node_name)
-            elif self.holder_first and node.node_type != "primary":
-                self.deferred[node.node_name] = node
-            elif self.holder_last > 0 and not self.holder_first and node.node_type == "primary":
-                self.deferred[node.node_name] = node
-                if isinstance(self.remote, PreparingRelease):
-                    self.remote.prepare(node)
-            else:
-                self.sessions[node.node_name] = self.remote.start_release(node)
-        self._ask_deferred()
+        with self._asking:
+            self.nodes = list(nodes)
+            for node in self.nodes:
+                if node.node_name in self.asked:
+                    continue
+                self.asked.add(node.node_name)
+                if not node.host:
+                    self.report.failed.append(node.node_name)
+                elif self.holder_first and node.node_type != "primary":
+                    self.deferred[node.node_name] = node
+                elif (self.holder_last > 0 and not self.holder_first
+                      and node.node_type == "primary"):
+                    self.deferred[node.node_name] = node
+                    if isinstance(self.remote, PreparingRelease):
+                        self.remote.prepare(node)
+                else:
+                    self.sessions[node.node_name] = self.remote.start_release(node)
+            self._ask_deferred()
 
     def expect_soon(self, nodes: Future[list[NodeRecord]]) -> None:
         """The fresh node list, still being read: its nodes are asked as soon as it comes.
@@ -295,16 +300,17 @@ class Fencing:
         """Asks the held-back nodes: the old primary (holder last) once no other release
         is under way; the others (holder first) once the old primary answered and that did
         not free the VIP; either once HOLDER_LAST has passed, or `now`."""
-        if not self.deferred:
-            return
-        ready = not self.sessions
-        if self.holder_first:
-            ready = ready and not self._accounted()
-        if not (now or ready or self.clock.monotonic() - self.started >= self.holder_last):
-            return
-        for name, node in self.deferred.items():
-            self.sessions[name] = self.remote.start_release(node)
-        self.deferred.clear()
+        with self._asking:  # each deferred node asked once, whichever thread gets here
+            if not self.deferred:
+                return
+            ready = not self.sessions
+            if self.holder_first:
+                ready = ready and not self._accounted()
+            if not (now or ready or self.clock.monotonic() - self.started >= self.holder_last):
+                return
+            deferred, self.deferred = self.deferred, {}
+            for name, node in deferred.items():
+                self.sessions[name] = self.remote.start_release(node)
 
     def _collect(self) -> None:
         self._take_coming()
@@ -340,7 +346,8 @@ class Fencing:
                 answered = ()
                 if not self.holder_first:  # else the caller asks them after the add
                     self._ask_deferred(now=True)
-                self.report.pending = sorted(self.sessions)  # they finish on their own
+                with self._asking:
+                    self.report.pending = sorted(self.sessions)  # they finish on their own
                 self._ask_coming_later()
                 break
             if self.coming is not None:  # confirmations count against the fresh list only
@@ -409,28 +416,31 @@ class Fencing:
 
     def _take_finished(self) -> None:
         """Moves every finished release into the report: released (with its MACs) or failed."""
-        for name, session in list(self.sessions.items()):
-            if not session.finished():
-                continue
-            result = session.result()
-            del self.sessions[name]
-            self.last_finished = self.clock.monotonic()
-            if result.ok:
-                self.report.released.append(name)
-                self.confirmed_macs.update(mac.lower() for mac in result.macs)
-                LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
-            else:
-                self.report.failed.append(name)
-                LOG.warning("node %s: remote release failed (exit %d): %s", name,
-                            result.returncode, _last_line(result.stdout))
+        with self._asking:
+            for name, session in list(self.sessions.items()):
+                if not session.finished():
+                    continue
+                result = session.result()
+                del self.sessions[name]
+                self.last_finished = self.clock.monotonic()
+                if result.ok:
+                    self.report.released.append(name)
+                    self.confirmed_macs.update(mac.lower() for mac in result.macs)
+                    LOG.info("node %s: %s", name, _last_line(result.stdout) or "released")
+                else:
+                    self.report.failed.append(name)
+                    LOG.warning("node %s: remote release failed (exit %d): %s", name,
+                                result.returncode, _last_line(result.stdout))
 
     def settle(self) -> FenceReport:
         """The report with the confirmations that came after the round ended (it ends on
         the holder's, the others' follow within a round trip): only the nodes still silent
         go to the release retrier."""
-        self._take_finished()
-        # asked after the round (ask_rest) or never asked: not confirmed either
-        self.report.pending = sorted({*self.report.pending, *self.sessions, *self.deferred})
+        with self._asking:
+            self._take_finished()
+            # asked after the round (ask_rest) or never asked: not confirmed either
+            self.report.pending = sorted({*self.report.pending, *self.sessions,
+                                          *self.deferred})
         return self.report
 
     def _unaccounted(self) -> tuple[str, ...] | None:
