@@ -7,8 +7,10 @@ reader can act on; the reader still checks each one itself (the filter is a pre-
 the only check).
 
 A program here is a list of checks, each a load and a value it must equal: a frame passes
-only if every check holds. `Check.mask` (and-ed before comparing) and `Check.index` (a load
-after the IPv4 header, whose length varies) cover what the callers need.
+only if every check holds. `Check.mask` (and-ed before comparing), `Check.none_of` (bits
+that must be clear) and `Check.after_ipv4_header` (a load after the IPv4 header, whose
+length varies) cover what the callers need; `equal` checks a run of bytes (a MAC, an
+address).
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ class Check:
     mask: int | None = None
     after_ipv4_header: bool = False
     none_of: int = 0
+
+
+def equal(offset: int, data: bytes) -> list[Check]:
+    """Checks that frame[offset:offset+len(data)] is `data`: words, then a half, then a byte."""
+    checks = []
+    at = 0
+    for size in (WORD, HALF, BYTE):
+        while len(data) - at >= size:
+            checks.append(Check(offset + at, size, int.from_bytes(data[at:at + size], "big")))
+            at += size
+    return checks
 
 
 def assemble(checks: list[Check]) -> list[tuple[int, int, int, int]]:

@@ -125,11 +125,10 @@ def advertisement_filter(target: ipaddress.IPv6Address) -> list[tuple[int, int, 
     the socket would otherwise see every IPv6 frame on the LAN for the probe's window."""
     from repmgr_vip.adapters import bpf
 
-    checks = [bpf.Check(12, bpf.HALF, ETH_P_IPV6), bpf.Check(20, bpf.BYTE, IPPROTO_ICMPV6),
-              bpf.Check(21, bpf.BYTE, HOP_LIMIT), bpf.Check(54, bpf.BYTE, NEIGHBOR_ADVERTISEMENT)]
-    checks += [bpf.Check(62 + at, bpf.WORD, int.from_bytes(target.packed[at:at + 4], "big"))
-               for at in (0, 4, 8, 12)]
-    return bpf.assemble(checks)
+    return bpf.assemble([
+        bpf.Check(12, bpf.HALF, ETH_P_IPV6), bpf.Check(20, bpf.BYTE, IPPROTO_ICMPV6),
+        bpf.Check(21, bpf.BYTE, HOP_LIMIT), bpf.Check(54, bpf.BYTE, NEIGHBOR_ADVERTISEMENT),
+        *bpf.equal(62, target.packed)])  # the advertised target address
 
 
 def probe(interface: str, address: str, count: int, wait: float,

@@ -102,20 +102,15 @@ def _tcp_reset(tcp: bytes, pseudo: Callable[[int], bytes]) -> bytes | None:
 def syn_filter(own_mac: bytes, vip: bytes) -> list[tuple[int, int, int, int]]:
     """A BPF program passing only frames reset_for may answer: at our MAC, to the VIP, TCP,
     SYN without ACK or RST, IPv4 unfragmented (IPv6: TCP as the fixed header's next one)."""
-    def word(data: bytes) -> int:
-        return int.from_bytes(data, "big")
-
-    checks = [bpf.Check(0, bpf.WORD, word(own_mac[0:4])),
-              bpf.Check(4, bpf.HALF, word(own_mac[4:6]))]
+    checks = bpf.equal(0, own_mac)
     syn = SYN | ACK | RST  # of these, SYN alone
     if len(vip) == 16:
         checks += [bpf.Check(12, bpf.HALF, ETH_P_IPV6), bpf.Check(14, bpf.BYTE, 0x60, 0xF0),
-                   bpf.Check(20, bpf.BYTE, TCP)]
-        checks += [bpf.Check(38 + at, bpf.WORD, word(vip[at:at + 4])) for at in (0, 4, 8, 12)]
-        checks.append(bpf.Check(14 + 40 + 13, bpf.BYTE, SYN, syn))
+                   bpf.Check(20, bpf.BYTE, TCP), *bpf.equal(38, vip),
+                   bpf.Check(14 + 40 + 13, bpf.BYTE, SYN, syn)]
     else:
         checks += [bpf.Check(12, bpf.HALF, ETH_P_IP), bpf.Check(14, bpf.BYTE, 0x40, 0xF0),
-                   bpf.Check(23, bpf.BYTE, TCP), bpf.Check(30, bpf.WORD, word(vip)),
+                   bpf.Check(23, bpf.BYTE, TCP), *bpf.equal(30, vip),
                    bpf.Check(20, bpf.HALF, none_of=0x3FFF),  # MF flag or an offset
                    bpf.Check(13, bpf.BYTE, SYN, syn, after_ipv4_header=True)]
     return bpf.assemble(checks)
