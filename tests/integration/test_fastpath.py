@@ -193,16 +193,20 @@ while True:
 """
 
 
-def test_a_client_still_sending_to_the_old_mac_is_refused_not_left_waiting(three: Lab) -> None:
+@pytest.mark.parametrize("daemons_up", [True, False], ids=["daemons-up", "hooks-only"])
+def test_a_client_still_sending_to_the_old_mac_is_refused_not_left_waiting(
+        three: Lab, daemons_up: bool) -> None:
     """The client's neighbour entry names the old primary's MAC and never learns the new one
-    (permanent): every attempt after node1's release reaches node1. For 2 s node1's daemon
-    answers them with a reset, so they fail at once and the next attempt comes 10 ms later,
-    where node1's kernel alone would drop them and each would wait its 1 s timeout."""
+    (permanent): every attempt after node1's release reaches node1. For 2 s node1 answers
+    them with a reset, so they fail at once and the next attempt comes 10 ms later, where
+    node1's kernel alone would drop them and each would wait its 1 s timeout. With daemons,
+    node1's daemon refuses (released over the warm link); without, the `release` node2's
+    hook ran over ssh started the root helper through sudo (`refuse-stale`)."""
     lab = three
     node1, node2, _ = lab.nodes
     neigh = [IP_BIN, "neigh", "replace", VIP_IP, "lladdr", node1.mac, "dev", INTERFACE,
              "nud", "permanent"]
-    daemons = Daemons(lab, up=True)
+    daemons = Daemons(lab, up=daemons_up)
     attempts = None
     try:
         lab.run(None, neigh, user="root")
@@ -218,12 +222,14 @@ def test_a_client_still_sending_to_the_old_mac_is_refused_not_left_waiting(three
                 check=False)
     assert attempts is not None and attempts.stdout is not None
     seen = [json.loads(line) for line in attempts.stdout.read().splitlines() if line.strip()]
-    released = [e["inputs"]["removed_at"] for e in journal_entries(
-        node1, source="release", action="release") if e["inputs"].get("via") == "link"]
-    assert released, "node1 released over the warm link"
-    start = released[-1]
+    via = "link" if daemons_up else "ssh"
+    released = [e["inputs"] for e in journal_entries(node1, source="release", action="release")
+                if e["inputs"].get("via") == via and e["outcome"] == "released"]
+    assert released, f"node1 released over {via}: {journal_entries(node1, source='release')}"
+    assert released[-1]["refusing"], released[-1]
+    start = released[-1]["removed_at"]
     window = [(outcome, took) for began, outcome, took in seen if start <= began < start + 1.5]
     assert len(window) >= 20, window  # attempts every 10 ms or so, none waiting 1 s
     assert all(outcome == "refused" and took < 0.5 for outcome, took in window), window
-    print(f"\nafter node1's release: {len(window)} attempts in 1.5 s through node1's MAC, all "
-          f"refused, slowest {max(t for _, t in window) * 1000:.0f} ms")
+    print(f"\nafter node1's release over {via}: {len(window)} attempts in 1.5 s through "
+          f"node1's MAC, all refused, slowest {max(t for _, t in window) * 1000:.0f} ms")

@@ -245,7 +245,7 @@ def test_sudo_mode_daemon_probes_and_reannounces_ipv6(lab_factory: Callable[...,
     node1, node2, _ = lab.nodes
     _wait(lab, "IPv6 VIP on node1", lambda: lab.vip_holders(VIP6_IP) == ["node1"], 20)
     checked = vip(lab, node1, "check")
-    assert "FAIL  IPv6 helper" not in checked.stdout, checked.stdout
+    assert "FAIL  root helper" not in checked.stdout, checked.stdout
     # the helper as root with any other arguments, or any other subcommand: refused
     for argv in (["nd-probe", "eth0", "2001:db8::200", "2", "0.3"],
                  ["nd-announce", "eth0", VIP6_IP, "100", "0"],

@@ -239,3 +239,105 @@ def test_a_client_with_the_old_mac_cached_is_refused_not_left_waiting(
     refused, examined = (int(n) for n in refuser.stdout.read().split())
     assert refused >= 1
     assert examined == refused  # the 40 datagrams (and neighbour traffic) never reached Python
+
+
+# --- sudo mode: the root helper a release starts, and its caller ---------------------------
+
+_HELPER = """
+import sys
+sys.argv = ["repmgr-vip", "refuse-stale", "h0", sys.argv[1]]
+from repmgr_vip.cli.quick import main
+raise SystemExit(main())
+"""
+
+
+@pytest.mark.parametrize("told", ["go", ""])
+def test_the_root_helper_answers_only_once_told_the_vip_is_gone(
+        namespaces: tuple[str, str], told: str) -> None:
+    """`repmgr-vip refuse-stale` as sudo runs it (the package's quick entry): ready first,
+    silent until GO, then refusing; end of file instead of GO ends it without a word."""
+    client, holder = namespaces
+    vip = "192.0.2.100"
+    src = str(Path(tcpreset.__file__).resolve().parents[2])
+    holder_mac = subprocess.run([IP, "-n", holder, "-j", "link", "show", "h0"],
+                                capture_output=True, text=True, check=True,
+                                timeout=10).stdout.split('"address":"')[1].split('"')[0]
+    subprocess.run([IP, "-n", client, "neigh", "replace", vip, "lladdr", holder_mac,
+                    "dev", "c0", "nud", "permanent"], check=True, timeout=10)
+
+    def connect(timeout: float) -> str:
+        return subprocess.run([IP, "netns", "exec", client, sys.executable, "-c", _CONNECT,
+                               str(timeout), vip], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    helper = subprocess.Popen([IP, "netns", "exec", holder, "env", f"PYTHONPATH={src}",
+                               sys.executable, "-c", _HELPER, vip], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert helper.stdout is not None and helper.stdout.readline().strip() == "ready"
+        assert connect(0.3) == "timeout"  # ready, not yet told: it answers nothing
+        assert helper.stdin is not None
+        helper.stdin.write(told + "\n" if told else "")
+        helper.stdin.close()
+        answer = connect(1.0)
+        if told:
+            assert answer.startswith("refused") and float(answer.split()[1]) < 0.5, answer
+            # the VIP comes back here: the helper stops at once (the kernel answers again)
+            subprocess.run([IP, "-n", holder, "address", "add", f"{vip}/24", "dev", "h0"],
+                           check=True, timeout=10)
+            assert helper.wait(timeout=1.0) == 0
+        else:
+            assert answer == "timeout", answer
+            assert helper.wait(timeout=5) == 0
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+        helper.wait(timeout=10)
+
+
+def test_the_helper_refuses_arguments_no_sudoers_line_should_allow(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for interface, address in (("h0;id", "192.0.2.100"), ("h0", "127.0.0.1"),
+                               ("h0", "not-an-address"), ("h0", "ff02::1")):
+        assert tcpreset.helper_main(interface, address) == 2  # USAGE: nothing done
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+
+
+def _fake_helper(record: Path, first_line: str = "ready") -> list[str]:
+    """A stand-in for `sudo -n repmgr-vip refuse-stale ...`: says `first_line`, then writes
+    what it was told (or "EOF") to `record`."""
+    code = (f"import sys; print({first_line!r}, flush=True); line = sys.stdin.readline(); "
+            f"open({str(record)!r}, 'w').write(line.strip() if line else 'EOF')")
+    return [sys.executable, "-c", code]
+
+
+def test_the_caller_waits_for_ready_then_says_go_or_closes(tmp_path: Path) -> None:
+    started, cancelled = tmp_path / "started", tmp_path / "cancelled"
+    refusal = tcpreset.refusal_through([_fake_helper(started)])
+    assert refusal is not None
+    refusal.start()
+    other = tcpreset.refusal_through([_fake_helper(cancelled)])
+    assert other is not None
+    other.cancel()
+    for helper in [*refusal.helpers, *other.helpers]:
+        assert helper.wait(timeout=10) == 0
+    assert started.read_text() == "go"
+    assert cancelled.read_text() == "EOF"
+
+
+def test_a_helper_that_cannot_run_or_stays_silent_means_no_refusal(tmp_path: Path) -> None:
+    """No sudo rule (sudo refuses at once), or a helper slower than the bound: the release
+    goes on without a refusal, and nothing is left running."""
+    import time
+
+    began = time.monotonic()
+    assert tcpreset.refusal_through([["false"]]) is None
+    assert tcpreset.refusal_through([_fake_helper(tmp_path / "x", "what?")]) is None
+    assert time.monotonic() - began < 2.0
+    silent = [sys.executable, "-c", "import time; time.sleep(30)"]
+    began = time.monotonic()
+    assert tcpreset.refusal_through([silent], ready_within=0.3) is None
+    assert time.monotonic() - began < 1.5
+    lingering = [p for p in tcpreset._STARTED if p.args == silent]
+    assert lingering and lingering[-1].wait(timeout=5) != 0  # terminated, not left behind

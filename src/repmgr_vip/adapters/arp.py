@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from repmgr_vip.core.errors import ConfigError
+
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
 ZERO_MAC = b"\x00" * 6
@@ -35,6 +37,26 @@ REPLY = 2
 LAN_PROBES = 3
 LAN_SPACING = 0.02
 LAN_WINDOW = 0.08
+
+
+def helper_target(interface: str, address: str, version: int | None = None
+                  ) -> tuple[str, str]:
+    """The interface and VIP address a root helper was given (sudo mode: `nd-probe`,
+    `nd-announce`, `refuse-stale`), checked as strictly as the config checks them: the
+    sudoers line fixes them, and a helper reads no configuration."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", interface):
+        raise ConfigError(f"{interface!r} is not an interface name")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"{address!r} is not an IP address") from exc
+    if version is not None and ip.version != version:
+        raise ConfigError(f"{address!r} is not an IPv{version} address")
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise ConfigError(f"{address!r} cannot be a VIP")
+    return interface, str(ip)
 
 
 def internet_checksum(data: bytes) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from repmgr_vip.adapters.arp import (
+    helper_target,
     interface_mac,
     internet_checksum,
     mac_text,
@@ -259,16 +260,7 @@ def usable_on(interface: str, address: str,
 def helper_args(interface: str, address: str, count: str, seconds: str
                 ) -> tuple[str, str, int, float]:
     """The helper's four arguments, checked as strictly as the config checks them."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", interface):
-        raise ConfigError(f"{interface!r} is not an interface name")
-    try:
-        ip = ipaddress.IPv6Address(address)
-    except ValueError as exc:
-        raise ConfigError(f"{address!r} is not an IPv6 address") from exc
-    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
-        raise ConfigError(f"{address!r} cannot be a VIP")
+    name, ip = helper_target(interface, address, version=6)
     if not (count.isascii() and count.isdigit() and 1 <= int(count) <= 100):
         raise ConfigError(f"count {count!r} must be 1..100")
     try:
@@ -277,7 +269,7 @@ def helper_args(interface: str, address: str, count: str, seconds: str
         raise ConfigError(f"{seconds!r} is not a number of seconds") from exc
     if not 0 <= wait <= 60:
         raise ConfigError(f"{seconds!r} must be 0..60 seconds")
-    return interface, str(ip), int(count), wait
+    return name, ip, int(count), wait
 
 
 def helper_probe(interface: str, address: str, count: str, wait: str) -> list[str]:

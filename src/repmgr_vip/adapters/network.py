@@ -130,6 +130,10 @@ class PrivilegedCommands:
         return [self.helper, ndp.HELPER_ANNOUNCE, self.interface, self.address,
                 str(self.announce_count), f"{self.announce_interval:g}"]
 
+    def refuse_stale(self) -> list[str]:
+        """Through sudo: after a release to a peer, reset the SYNs still sent to our MAC."""
+        return [self.helper, tcpreset.HELPER, self.interface, self.address]
+
     def all(self) -> list[list[str]]:
         """Every line sudo mode runs for the VIP: what `repmgr-vip sudoers` allows."""
         if self.version == 6:  # the kernel's DAD on add; our helper probes and announces
@@ -137,6 +141,7 @@ class PrivilegedCommands:
         else:
             leased = [self.renew()] if self.lease else []
             own = [self.add(), self.delete(), self.announce(), self.probe(), *leased]
+        own.append(self.refuse_stale())
         return [*own, *(line for other in self.others for line in other.all())]
 
 
@@ -162,6 +167,9 @@ class VipNetwork:
                                     or statepaths.announcer_pid_file(config.state_dir))
         self._announcer: subprocess.Popen[str] | None = None
         self._nd_children: list[subprocess.Popen[str]] = []  # sudo mode IPv6 announcements
+        # sudo mode: root helpers started ahead of a release (prepare_stale_refusal), with
+        # the addresses they were started for
+        self._refusal_soon: tuple[tuple[str, ...], tcpreset.HelperRefusals] | None = None
 
     def reconfigure(self, config: Config) -> None:
         """Takes `config`'s command lines and mode (start, and a daemon's SIGHUP reload)."""
@@ -445,13 +453,12 @@ class VipNetwork:
                     argv, privileged=True, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, new_session=True))
 
-    def stale_refusal(self) -> tcpreset.Refusals | None:
-        """Direct mode, for each address of the VIP held here: opened before a release to a
-        peer, started after it; until clients follow the peer's announcement, the SYNs they
-        still send to our MAC get a reset instead of silence (tcpreset). None otherwise
-        (through sudo there is no CAP_NET_RAW here)."""
-        if self.mode != "direct":
-            return None
+    def stale_refusal(self) -> tcpreset.Refusals | tcpreset.HelperRefusals | None:
+        """For each address of the VIP held here: opened before a release to a peer, started
+        after it; until clients follow the peer's announcement, the SYNs they still send to
+        our MAC get a reset instead of silence (tcpreset). Direct mode refuses in this
+        process; sudo mode in a root helper per address (`refuse-stale`), ready before this
+        returns. None when nothing is held, or the refusal cannot be had."""
 
         def released(address: str) -> bool:
             try:
@@ -459,10 +466,37 @@ class VipNetwork:
             except VipError:
                 return False
 
-        held = [m.address for m in self.members if not released(m.address)]
+        held = [m for m in self.members if not released(m.address)]
+        soon, self._refusal_soon = self._refusal_soon, None
+        if soon is not None and (not held or soon[0] != tuple(m.address for m in held)):
+            soon[1].cancel()  # prepared for other addresses than are held now
+            soon = None
         if not held:
             return None
-        return tcpreset.stale_refusal(self.config.vip.interface, held, released)
+        if self.mode != "direct":
+            refusal = soon[1] if soon is not None else self._launch_helpers(held)
+            return refusal if refusal is not None and refusal.ready() else None
+        return tcpreset.stale_refusal(self.config.vip.interface, [m.address for m in held],
+                                      released)
+
+    def prepare_stale_refusal(self) -> None:
+        """Sudo mode: starts the root helpers for a release that comes after other work
+        (`release --unless-newer-than` reads the timeline first), so that sudo and Python
+        start meanwhile; stale_refusal takes them. Nothing in direct mode."""
+        if self.mode == "direct" or self._refusal_soon is not None:
+            return
+        try:
+            held = [m for m in self.members
+                    if self.interface_state().present_as(m.address) is not None]
+        except VipError:
+            return
+        refusal = self._launch_helpers(held) if held else None
+        if refusal is not None:
+            self._refusal_soon = (tuple(m.address for m in held), refusal)
+
+    def _launch_helpers(self, held: list[PrivilegedCommands]) -> tcpreset.HelperRefusals | None:
+        return tcpreset.HelperRefusals.launch([
+            privileged(m.refuse_stale(), self.mode, self.config.commands.sudo) for m in held])
 
     def announce(self) -> None:
         """Tells the segment that the VIP is here now, so clients drop the old MAC at once.

@@ -173,12 +173,12 @@ def start(
 
 def popen_text(
     argv: Sequence[str], *, privileged: bool, stdout: int | None, stderr: int | None,
-    new_session: bool = False,
+    new_session: bool = False, stdin: int | None = subprocess.DEVNULL,
 ) -> subprocess.Popen[str]:
     """A Popen with text pipes, for the callers that must signal or stream a child."""
     try:
         return subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=True,
+            list(argv), stdin=stdin, stdout=stdout, stderr=stderr, text=True,
             start_new_session=new_session,
             preexec_fn=None if privileged else _capability_dropper(),
         )

@@ -13,8 +13,10 @@ Only SYNs (no established connection is touched), only to the VIP, only at our M
 from the release on, only while the VIP is not here, only for REFUSE_FOR
 seconds: the address was just moved and the peer's hold keeps this node from adding it back
 for longer than that (decide: release_request_hold). IPv4 and IPv6 (a SYN whose next header
-is TCP itself; extension headers are left alone). Needs CAP_NET_RAW (the daemon in direct
-mode); without it nothing changes.
+is TCP itself; extension headers are left alone). Needs CAP_NET_RAW: the daemon in direct
+mode has it; in sudo mode (the `release` a peer runs over ssh, as postgres) the same Refuser
+runs as root in `repmgr-vip refuse-stale`, through an exact sudoers line (see the helper
+below).
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import IO, TYPE_CHECKING
 
 from repmgr_vip.adapters import bpf
-from repmgr_vip.adapters.arp import interface_mac, internet_checksum, packet_socket
-from repmgr_vip.adapters.log import LOG
+from repmgr_vip.adapters.arp import helper_target, interface_mac, internet_checksum, packet_socket
+from repmgr_vip.core.errors import CommandFailed, ExitCode, VipError
+
+if TYPE_CHECKING:  # the root helper imports this module while a release waits for it:
+    import subprocess  # subprocess, the process runner and logging load only where used
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -161,6 +167,8 @@ class Refuser(threading.Thread):
                     self.sock.send(answer)
                     self.refused += 1
         except OSError as exc:
+            from repmgr_vip.adapters.log import LOG
+
             LOG.warning("refusing stale connections to the VIP stopped: %s", exc)
         finally:
             self.sock.close()
@@ -197,3 +205,157 @@ def stale_refusal(interface: str, addresses: Sequence[str],
         Refusals(refusers).cancel()
         return None
     return Refusals(refusers) if refusers else None
+
+
+# --- sudo mode: the same refusal as root, through an exact command line ------------------
+#
+# `repmgr-vip refuse-stale INTERFACE ADDRESS` (sudoers allows exactly that line for each
+# address of the VIP) reads no configuration and no environment. It opens the Refuser's
+# socket, says READY, and answers nothing until its caller writes GO on its stdin: the VIP
+# is gone from this host. On end of file or anything else it ends without answering a frame.
+# Its caller (VipNetwork.stale_refusal, sudo mode) waits for READY before the release, and
+# the helper outlives the caller (ssh's remote command) by REFUSE_FOR seconds at most.
+
+HELPER = "refuse-stale"
+READY = "ready"
+GO = "go"
+GO_WAIT = 60.0  # the caller releases under the node's VIP lock (30 s at most), then says GO
+HELPER_READY = 1.0  # seconds a caller waits for READY (sudo and Python start); then none
+_STARTED: list[subprocess.Popen[str]] = []  # helpers of a long-lived caller, reaped later
+
+
+def helper_refuse(interface: str, address: str, orders: IO[str], say: IO[str]) -> int:
+    """refuse-stale: READY once the socket is open; then, told GO, refuses while the address
+    stays away from the interface, REFUSE_FOR seconds at most. The SYNs refused."""
+    name, ip = helper_target(interface, address)
+
+    def released() -> bool:
+        try:
+            state = rtnl.read_interface(name, ipv6=":" in ip)
+        except OSError:
+            return False
+        return state.present_as(ip) is None
+
+    refuser = Refuser(name, ip, released)
+    say.write(READY + "\n")
+    say.flush()
+    from repmgr_vip.adapters import rtnl  # while the caller releases, not before READY
+
+    told = select.select([orders], [], [], GO_WAIT)[0]
+    if not told or orders.readline().strip() != GO:
+        refuser.sock.close()
+        return 0
+    refuser.run()
+    return refuser.refused
+
+
+def helper_main(interface: str, address: str) -> int:
+    """`repmgr-vip refuse-stale INTERFACE ADDRESS`: its exit code, a failure in one line."""
+    import sys
+
+    try:
+        refused = helper_refuse(interface, address, sys.stdin, sys.stdout)
+    except VipError as exc:  # arguments the sudoers line should not have allowed
+        print(f"repmgr-vip: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except OSError as exc:
+        print(f"repmgr-vip: refusing stale connections failed: {exc.strerror or exc}",
+              file=sys.stderr)
+        return int(ExitCode.FAILED)
+    print(f"{refused} connection attempts refused", file=sys.stderr)
+    return int(ExitCode.OK)
+
+
+class HelperRefusals:
+    """stale_refusal through sudo: one `refuse-stale` helper per held address. launch()
+    starts them, ready() waits until each has its socket open (said READY); then start()
+    says GO to each, cancel() closes their stdin (end of file: they end)."""
+
+    def __init__(self, helpers: Sequence[subprocess.Popen[str]]) -> None:
+        self.helpers = list(helpers)
+
+    @classmethod
+    def launch(cls, commands: Sequence[Sequence[str]]) -> HelperRefusals | None:
+        """The helpers under way (sudo and Python take about 100 ms); None if one cannot
+        even start (logged)."""
+        import subprocess
+
+        from repmgr_vip.adapters.process import popen_text
+
+        _STARTED[:] = [helper for helper in _STARTED if helper.poll() is None]  # reaps them
+        refusal = cls([])
+        try:
+            for argv in commands:
+                _STARTED.append(helper := popen_text(
+                    argv, privileged=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, new_session=True))
+                refusal.helpers.append(helper)
+        except CommandFailed as exc:
+            refusal._give_up(str(exc))
+            return None
+        return refusal
+
+    def ready(self, within: float = HELPER_READY) -> bool:
+        """Whether every helper said READY within `within` seconds; if not, they are ended
+        (no sudo rule: sudo refuses at once) and the release goes on without a refusal, as
+        without the capability."""
+        deadline = time.monotonic() + within
+        for helper in self.helpers:
+            said = _first_line(helper, deadline)
+            if said != READY:
+                self._give_up(f"{HELPER} said {said!r}" if said else
+                              f"{HELPER} was not ready within {within:g} s")
+                return False
+        return True
+
+    def start(self) -> None:
+        for helper in self.helpers:
+            _tell(helper, GO)
+
+    def cancel(self) -> None:
+        for helper in self.helpers:
+            _tell(helper, "")
+
+    def _give_up(self, why: str) -> None:
+        from repmgr_vip.adapters.log import LOG
+
+        LOG.warning("refusing stale connections to the VIP is not possible here: %s; check "
+                    "`repmgr-vip check` (sudo rules)", why)
+        for helper in self.helpers:
+            _tell(helper, "")
+            if helper.poll() is None:
+                helper.terminate()  # sudo passes it on to a helper still starting
+
+
+def _tell(helper: subprocess.Popen[str], order: str) -> None:
+    """Writes the order (if any) and closes the helper's pipes: it never waits for more."""
+    for pipe in (helper.stdin, helper.stdout):
+        if pipe is None:
+            continue
+        try:
+            if order and pipe is helper.stdin:
+                pipe.write(order + "\n")
+            pipe.close()
+        except OSError:  # it ended already (killed, or sudo refused): nothing to tell
+            pass
+
+
+def refusal_through(commands: Sequence[Sequence[str]],
+                    ready_within: float = HELPER_READY) -> HelperRefusals | None:
+    """Starts the `refuse-stale` command lines (through sudo) and waits until each said
+    READY; None if any cannot start or is not ready in time (see HelperRefusals.ready)."""
+    refusal = HelperRefusals.launch(commands)
+    return refusal if refusal is not None and refusal.ready(ready_within) else None
+
+
+def _first_line(helper: subprocess.Popen[str], deadline: float) -> str:
+    """The helper's first line ("" if it ended or stayed silent until the deadline)."""
+    stdout = helper.stdout
+    if stdout is None:
+        return ""
+    try:
+        if not select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return ""
+        return stdout.readline().strip()
+    except (OSError, ValueError):
+        return ""

@@ -64,16 +64,11 @@ def _writable_by_others(path: Path) -> str | None:
 
 
 def _check_helper(config: Config) -> Iterator[CheckResult]:
-    """Sudo mode with an IPv6 address: sudoers lets postgres run repmgr-vip itself as root
-    (nd-probe, nd-announce, exact arguments). That is safe only while nobody but root can
-    change the program: the command, its interpreter and the installed package."""
+    """Sudo mode: sudoers lets postgres run repmgr-vip itself as root (refuse-stale; with an
+    IPv6 address nd-probe and nd-announce; exact arguments). That is safe only while nobody
+    but root can change the program: the command, its interpreter and the installed package."""
     import repmgr_vip
 
-    own = [a for a in config.vip.all if a.version == 6]
-    if config.replica is not None:
-        own += [a for a in config.replica.vip.all if a.version == 6]
-    if not own:
-        return
     command = Path(config.remote.command)
     paths = [command, Path(repmgr_vip.__file__).resolve().parent]
     with contextlib.suppress(OSError):
@@ -83,11 +78,12 @@ def _check_helper(config: Config) -> Iterator[CheckResult]:
     for path in paths:
         problem = _writable_by_others(path)
         if problem:
-            yield CheckResult("IPv6 helper (sudo)", False, f"{problem}: the sudoers lines for "
-                              f"`{command} nd-probe/nd-announce` would let that user become "
-                              "root; install repmgr-vip owned by root (the Debian package)")
+            yield CheckResult("root helper (sudo)", False, f"{problem}: the sudoers lines for "
+                              f"`{command} refuse-stale/nd-probe/nd-announce` would let that "
+                              "user become root; install repmgr-vip owned by root (the Debian "
+                              "package)")
             return
-    yield CheckResult("IPv6 helper (sudo)", True, f"{command} and its package are root's only")
+    yield CheckResult("root helper (sudo)", True, f"{command} and its package are root's only")
 
 
 def _check_privileges(config: Config, mode: str) -> Iterator[CheckResult]:

@@ -100,6 +100,10 @@ def cmd_release(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.replica:
         return _release_replica(config, args.unless_eligible)
+    network = VipNetwork(config)
+    connection = os.environ.get("SSH_CONNECTION")
+    if connection:  # a promoting peer waits: sudo and the root helper start meanwhile
+        network.prepare_stale_refusal()
     if args.unless_newer_than is not None:
         from repmgr_vip.adapters import cluster
 
@@ -109,16 +113,16 @@ def cmd_release(args: argparse.Namespace) -> int:
                   f"than {args.unless_newer_than}")
             return ExitCode.REFUSED
     with vip_lock(config.lock_path, LOCK_TIMEOUT):
-        connection = os.environ.get("SSH_CONNECTION")
         if connection:  # a promoting peer's fencing: hold our daemon off, then release
-            from repmgr_vip.adapters.system import FileState
+            from repmgr_vip.app.hooks import Hands
             from repmgr_vip.app.peer_release import release_for_peer, released_text
 
             asker = f"ssh from {connection.split(' ')[0]}"
-            released = release_for_peer(VipNetwork(config), FileState(config), asker)
+            hands = Hands(network, lambda timeout: vip_lock(config.lock_path, timeout), "ssh")
+            released = release_for_peer(config, hands, asker)
             print(released_text(config, released))
         else:
-            print(release(VipNetwork(config)))
+            print(release(network))
     return ExitCode.OK
 
 
@@ -282,6 +286,14 @@ def cmd_nd_announce(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_refuse_stale(args: argparse.Namespace) -> int:
+    """Sudo mode's stale-SYN refusal after a release, run as root through an exact sudoers
+    line (the Debian entry takes cli/quick.py's shorter way to the same function)."""
+    from repmgr_vip.adapters import tcpreset
+
+    return tcpreset.helper_main(*args.helper)
+
+
 def cmd_fence_self(args: argparse.Namespace) -> int:
     from repmgr_vip.app.hooks import fence_self
 
@@ -341,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "for manual use (reads no configuration)")
         p.add_argument("helper", nargs=4, metavar="ARG",
                        help=f"INTERFACE ADDRESS {what}, as in the sudoers line")
+    p = add("refuse-stale", cmd_refuse_stale, "after a release to a peer, reset the "
+            "connection attempts clients still send to this host for the VIP; for sudo mode, "
+            "run as root by `release` through the exact line `sudoers` prints; not for manual "
+            "use (reads no configuration)")
+    p.add_argument("helper", nargs=2, metavar="ARG",
+                   help="INTERFACE ADDRESS, as in the sudoers line")
     add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")
     add("repmgr-conf", cmd_repmgr_conf, "print the hook lines to add to repmgr.conf")
     sub.choices["check"].add_argument(
