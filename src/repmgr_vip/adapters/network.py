@@ -44,6 +44,7 @@ _SENT = re.compile(r"Sent (\d+) probe")
 _REPLY = re.compile(r"reply from\s+\S+\s+\[([0-9A-Fa-f:]{17})\]", re.IGNORECASE)
 QUERY_TIMEOUT = 5.0
 CHANGE_TIMEOUT = 10.0
+ANNOUNCE_FAILS_WITHIN = 0.1  # seconds in which `sudo arping -U` reports a failure, if ever
 
 
 @dataclass(frozen=True)
@@ -517,12 +518,11 @@ class VipNetwork:
         argv = privileged(self._v4.announce(), self.mode, self.config.commands.sudo)
         proc = popen_text(argv, privileged=True, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=0.1)
-        except subprocess.TimeoutExpired:
+        if _sent_first(proc, self._v4.arping, ANNOUNCE_FAILS_WITHIN):
             self._announcer = proc
             self._remember_announcer(proc.pid)
             return
+        _, stderr = proc.communicate()
         if proc.returncode != 0:
             raise CommandFailed(
                 f"gratuitous ARP failed (exit {proc.returncode}): {first_line(stderr)!r}; "
@@ -622,6 +622,36 @@ def _children(pid: int) -> list[int]:
     return [int(word) for word in text.split()]
 
 
+def _running_as(proc: subprocess.Popen[str], program: str) -> list[int]:
+    """The pids of `program` started by proc (sudo, with use_pty a monitor in between)."""
+    children = _children(proc.pid)
+    pids = [proc.pid, *children, *(g for c in children for g in _children(c))]
+    return [pid for pid in pids if _command_name(pid) == os.path.basename(program)]
+
+
+def _sent_first(proc: subprocess.Popen[str], arping: str, bound: float) -> bool:
+    """Whether `sudo arping -U` got as far as waiting after its first packet (sudo allowed
+    it, the interface exists) within `bound` seconds; False once it ended (a failure for
+    the caller to read). A promotion adds the VIP before `repmgr standby promote`: it waits
+    for this, a few milliseconds, not for a fixed bound. Still starting at the bound: True
+    (iputils arping sleeps a whole second between packets; a later failure is its own)."""
+    deadline = time.monotonic() + bound
+    while proc.poll() is None:
+        if any(_state(pid) == "S" for pid in _running_as(proc, arping)):
+            return True
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _listen(proc: subprocess.Popen[str], arping: str, window: float) -> tuple[str, str, bool]:
     """Lets `arping -D` listen for `window` seconds, then stops it: (stdout, stderr, proven).
 
@@ -633,9 +663,7 @@ def _listen(proc: subprocess.Popen[str], arping: str, window: float) -> tuple[st
     started: float | None = None
     while proc.poll() is None and time.monotonic() < deadline:
         if started is None:
-            children = _children(proc.pid)  # sudo with use_pty adds a monitor in between
-            pids = [proc.pid, *children, *(g for c in children for g in _children(c))]
-            if any(_command_name(pid) == os.path.basename(arping) for pid in pids):
+            if _running_as(proc, arping):
                 started = time.monotonic()
         elif time.monotonic() >= started + window:
             proc.send_signal(signal.SIGINT)
