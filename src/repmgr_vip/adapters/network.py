@@ -151,7 +151,9 @@ def sudo_lines(config: Config) -> list[list[str]]:
     lines = PrivilegedCommands.from_config(config).all()
     if config.replica is not None:
         replica = dataclasses.replace(config, vip=config.replica.vip)
-        lines += PrivilegedCommands.from_config(replica).all()
+        # a peer's release over ssh refuses stale SYNs for the VIP only (release_for_peer)
+        lines += [line for line in PrivilegedCommands.from_config(replica).all()
+                  if line[1:2] != [tcpreset.HELPER]]
     return lines
 
 
