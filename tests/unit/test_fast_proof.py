@@ -128,7 +128,7 @@ def _config(write_config: Callable[..., Path], tmp_path: Path,
                        check_host=False)
 
 
-def test_the_daemons_network_uses_the_lan_proof_and_hooks_keep_the_configured_one(
+def test_a_network_with_the_lan_proof_uses_it_and_one_without_keeps_the_configured_probe(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         write_config: Callable[..., Path]) -> None:
     calls: list[tuple[object, ...]] = []

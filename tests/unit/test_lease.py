@@ -33,7 +33,7 @@ def test_leased_add_renew_and_sudoers_lines(
     assert commands.add()[-4:] == ["valid_lft", "5", "preferred_lft", "5"]
     assert commands.renew()[1:] == ["-4", "address", "change", "192.0.2.115/24", "dev", "lo",
                                     "valid_lft", "5", "preferred_lft", "5"]
-    assert commands.renew() in commands.all() and len(commands.all()) == 6
+    assert commands.renew() in commands.all() and len(commands.all()) == 7
     assert main(["-c", str(path), "sudoers"]) == 0
     rules = capsys.readouterr().out
     for argv in commands.all():
@@ -44,7 +44,7 @@ def test_leased_add_renew_and_sudoers_lines(
 def test_no_lease_keeps_the_permanent_lines(write_config: Callable[..., Path]) -> None:
     commands = PrivilegedCommands.from_config(load_config(write_config()))
     assert "valid_lft" not in commands.add()
-    assert len(commands.all()) == 5
+    assert len(commands.all()) == 6
 
 
 @pytest.mark.parametrize("bad", ["-1", "inf", "nan", "1e9", '"4"', "true"])

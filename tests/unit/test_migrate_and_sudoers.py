@@ -62,9 +62,10 @@ def test_sudoers_allows_exactly_the_commands_we_run(
     assert main(["-c", str(path), "sudoers"]) == 0
     rules = capsys.readouterr().out
     commands = PrivilegedCommands.from_config(load_config(path)).all()
-    assert len(commands) == 5
-    # the root helper a release starts (tcpreset.helper_refuse): this interface and address only
-    assert commands[-1][1:] == ["refuse-stale", "lo", "192.0.2.115"]
+    assert len(commands) == 6
+    # the root helpers (arp.helper_prove, tcpreset.helper_refuse): this interface and address
+    assert [argv[1:] for argv in commands[-2:]] == [["arp-prove", "lo", "192.0.2.115"],
+                                                     ["refuse-stale", "lo", "192.0.2.115"]]
     for argv in commands:
         assert " ".join(argv) in rules
     assert "postgres ALL=(root) NOPASSWD: REPMGR_VIP_LO_192_0_2_115" in rules

@@ -108,3 +108,4 @@ def test_sudoers_lists_the_replica_vip(tmp_path: Path, repmgr_conf: Path,
     assert "address del 192.0.2.115/24 dev lo" in out
     # the stale-SYN helper is for the VIP a peer takes over ssh, not for the replica VIP
     assert "refuse-stale lo 192.0.2.115" in out and "refuse-stale lo 192.0.2.116" not in out
+    assert "arp-prove lo 192.0.2.115" in out and "arp-prove lo 192.0.2.116" not in out

@@ -299,7 +299,7 @@ def test_the_helper_refuses_arguments_no_sudoers_line_should_allow(
         capsys: pytest.CaptureFixture[str]) -> None:
     for interface, address in (("h0;id", "192.0.2.100"), ("h0", "127.0.0.1"),
                                ("h0", "not-an-address"), ("h0", "ff02::1")):
-        assert tcpreset.helper_main(interface, address) == 2  # USAGE: nothing done
+        assert tcpreset.refuse_main(interface, address) == 2  # USAGE: nothing done
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
 

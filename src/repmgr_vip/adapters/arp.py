@@ -16,9 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from repmgr_vip.core.errors import ConfigError
+from repmgr_vip.core.errors import ConfigError, ExitCode, VipError
 
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
@@ -224,3 +224,51 @@ def announce_once(interface: str, address: str) -> None:
     ip = ipaddress.IPv4Address(address).packed
     send_frames(interface, ETH_P_ARP, arp_frame(REQUEST, own, ip, ZERO_MAC, ip),
                 arp_frame(REPLY, own, ip, own, ip))
+
+
+# --- sudo mode: root helpers, each through an exact sudoers line ---------------------------
+#
+# A helper reads no configuration and no environment: its interface and address come from the
+# sudoers line (helper_target checks them). It says READY once it can act, then takes orders,
+# one line each, on its stdin, and ends at end of file: it never outlives its caller's pipe.
+
+READY = "ready"
+PROVER = "arp-prove"  # `repmgr-vip arp-prove IF ADDR`: the LAN proof for the hooks
+PROVE = "probe"
+SILENCE = "-"
+PROVER_IDLE = 600.0  # seconds a prover waits for its next order before it ends anyway
+
+Helper = Callable[[str, str, IO[str], IO[str]], int]
+
+
+def helper_main(helper: Helper, interface: str, address: str, what: str) -> int:
+    """Runs a helper on stdin/stdout: its exit code, a failure in one line on stderr."""
+    import sys
+
+    try:
+        helper(interface, address, sys.stdin, sys.stdout)
+    except VipError as exc:  # arguments the sudoers line should not have allowed
+        print(f"repmgr-vip: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except OSError as exc:
+        print(f"repmgr-vip: {what} failed: {exc.strerror or exc}", file=sys.stderr)
+        return int(ExitCode.FAILED)
+    return int(ExitCode.OK)
+
+
+def helper_prove(interface: str, address: str, orders: IO[str], say: IO[str]) -> int:
+    """arp-prove: READY, then for each PROVE order the LAN proof, complete (every MAC that
+    answers within the window), as one line of MACs (SILENCE: none). The proofs given."""
+    name, ip = helper_target(interface, address, version=4)
+    interface_mac(name)  # no such interface: fail now, not at the first order
+    say.write(READY + "\n")
+    say.flush()
+    proofs = 0
+    while select.select([orders], [], [], PROVER_IDLE)[0]:
+        if orders.readline().strip() != PROVE:
+            break
+        answered = lan_probe(name, ip, complete=True)
+        say.write((" ".join(answered) or SILENCE) + "\n")
+        say.flush()
+        proofs += 1
+    return proofs

@@ -131,6 +131,10 @@ class PrivilegedCommands:
         return [self.helper, ndp.HELPER_ANNOUNCE, self.interface, self.address,
                 str(self.announce_count), f"{self.announce_interval:g}"]
 
+    def arp_prove(self) -> list[str]:
+        """IPv4 through sudo: the LAN proof (daemon.lan_proof) as root, one per order."""
+        return [self.helper, arp.PROVER, self.interface, self.address]
+
     def refuse_stale(self) -> list[str]:
         """Through sudo: after a release to a peer, reset the SYNs still sent to our MAC."""
         return [self.helper, tcpreset.HELPER, self.interface, self.address]
@@ -141,9 +145,77 @@ class PrivilegedCommands:
             own = [self.add(), self.delete(), self.nd_announce(), self.nd_probe()]
         else:
             leased = [self.renew()] if self.lease else []
-            own = [self.add(), self.delete(), self.announce(), self.probe(), *leased]
+            own = [self.add(), self.delete(), self.announce(), self.probe(), self.arp_prove(),
+                   *leased]
         own.append(self.refuse_stale())
         return [*own, *(line for other in self.others for line in other.all())]
+
+
+class RootProver:
+    """Sudo mode's LAN proof for one IPv4 address: `sudo -n repmgr-vip arp-prove IF ADDR`,
+    started at the first proof and asked for one proof per line while this process runs (a
+    hook's fencing round asks again every 80 ms). Like the daemon's on its raw socket: three
+    probes, every MAC that answers within 80 ms, instead of `arping -D`'s first answer within
+    vip.probe_timeout (whole seconds for arping, stopped early) plus sudo each time. The
+    helper ends at end of file: when this process closes it, or ends."""
+
+    START_WITHIN = 2.0  # sudo and Python: about 50 ms
+    ANSWER_WITHIN = 2.0  # the proof itself: 80 ms
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.child: subprocess.Popen[str] | None = None
+        self.lock = threading.Lock()
+
+    def probe(self) -> tuple[str, ...]:
+        """Every MAC answering for the address; CommandFailed if the helper fails."""
+        from repmgr_vip.adapters.process import read_line
+
+        with self.lock:
+            if self.child is None or self.child.poll() is not None:
+                self._end()
+                self.child = popen_text(self.argv, privileged=True, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        new_session=True)
+                said = read_line(self.child, time.monotonic() + self.START_WITHIN)
+                if said != arp.READY:
+                    self._end()
+                    raise CommandFailed(f"`{describe(self.argv)}` did not start ({said!r}); "
+                                        "check `repmgr-vip check` (sudo rules)")
+            child = self.child
+            try:
+                assert child.stdin is not None
+                child.stdin.write(arp.PROVE + "\n")
+                child.stdin.flush()
+            except OSError as exc:
+                self._end()
+                raise CommandFailed(f"the ARP proof helper ended: {exc}") from exc
+            answer = read_line(child, time.monotonic() + self.ANSWER_WITHIN)
+            macs = tuple(answer.split()) if answer != arp.SILENCE else ()
+            if not answer or not all(_MAC.fullmatch(mac) for mac in macs):
+                self._end()
+                raise CommandFailed(f"the ARP proof helper answered {answer!r}")
+            return macs
+
+    def close(self) -> None:
+        with self.lock:
+            self._end()
+
+    def _end(self) -> None:
+        child, self.child = self.child, None
+        if child is None:
+            return
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()  # end of file: the helper ends by itself
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)
+        if child.poll() is None:
+            child.terminate()
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def sudo_lines(config: Config) -> list[list[str]]:
@@ -151,9 +223,10 @@ def sudo_lines(config: Config) -> list[list[str]]:
     lines = PrivilegedCommands.from_config(config).all()
     if config.replica is not None:
         replica = dataclasses.replace(config, vip=config.replica.vip)
-        # a peer's release over ssh refuses stale SYNs for the VIP only (release_for_peer)
+        # a peer's release over ssh refuses stale SYNs for the VIP only (release_for_peer),
+        # and the hooks' promotion proves the VIP free with the root helper, not the replica's
         lines += [line for line in PrivilegedCommands.from_config(replica).all()
-                  if line[1:2] != [tcpreset.HELPER]]
+                  if line[1:2] not in ([tcpreset.HELPER], [arp.PROVER])]
     return lines
 
 
@@ -173,6 +246,10 @@ class VipNetwork:
         # sudo mode: root helpers started ahead of a release (prepare_stale_refusal), with
         # the addresses they were started for
         self._refusal_soon: tuple[tuple[str, ...], tcpreset.HelperRefusals] | None = None
+        # sudo mode with lan_proof: a root `arp-prove` helper per IPv4 address, kept while
+        # this process runs; once one failed, arping proves instead
+        self._provers: dict[str, RootProver] = {}
+        self._prover_failed = False
 
     def reconfigure(self, config: Config) -> None:
         """Takes `config`'s command lines and mode (start, and a daemon's SIGHUP reload)."""
@@ -422,6 +499,13 @@ class VipNetwork:
             except OSError as exc:
                 raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
                                     "direct mode needs CAP_NET_RAW") from exc
+        if self.lan_proof and not self._prover_failed:
+            try:
+                return self._prover(member).probe()
+            except CommandFailed as exc:
+                self._prover_failed = True
+                LOG.warning("the LAN proof through sudo failed: %s; proving with arping -D "
+                            "instead", exc)
         argv = privileged(member.probe(), self.mode, self.config.commands.sudo)
         proc = popen_text(argv, privileged=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
@@ -434,6 +518,15 @@ class VipNetwork:
             f"{first_line(err) or first_line(out)!r}; "
             "check `repmgr-vip check` (sudo rules, arping)"
         )
+
+    def _prover(self, member: PrivilegedCommands) -> RootProver:
+        argv = privileged(member.arp_prove(), self.mode, self.config.commands.sudo)
+        key = " ".join(argv)
+        if key not in self._provers:
+            for stale in self._provers.values():  # another address or interface (a reload)
+                stale.close()
+            self._provers = {key: RootProver(argv)}
+        return self._provers[key]
 
     def _nd_probe_through_sudo(self, member: PrivilegedCommands) -> tuple[str, ...]:
         if self.interface_state().address_as(member.address) is None:

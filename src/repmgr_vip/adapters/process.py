@@ -186,6 +186,23 @@ def popen_text(
         raise _not_found(argv) from exc
 
 
+def read_line(child: subprocess.Popen[str], deadline: float) -> str:
+    """The child's next line on stdout, stripped ("" if it ended or stayed silent until
+    `deadline`, monotonic): for the root helpers that answer one line per order."""
+    import select
+    import time
+
+    stdout = child.stdout
+    if stdout is None:
+        return ""
+    try:
+        if not select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return ""
+        return stdout.readline().strip()
+    except (OSError, ValueError):
+        return ""
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie (a killed daemon lingers as one until reaped)."""
     try:

@@ -31,8 +31,15 @@ from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING
 
 from repmgr_vip.adapters import bpf
-from repmgr_vip.adapters.arp import helper_target, interface_mac, internet_checksum, packet_socket
-from repmgr_vip.core.errors import CommandFailed, ExitCode, VipError
+from repmgr_vip.adapters.arp import (
+    READY,
+    helper_main,
+    helper_target,
+    interface_mac,
+    internet_checksum,
+    packet_socket,
+)
+from repmgr_vip.core.errors import CommandFailed
 
 if TYPE_CHECKING:  # the root helper imports this module while a release waits for it:
     import subprocess  # subprocess, the process runner and logging load only where used
@@ -217,7 +224,6 @@ def stale_refusal(interface: str, addresses: Sequence[str],
 # the helper outlives the caller (ssh's remote command) by REFUSE_FOR seconds at most.
 
 HELPER = "refuse-stale"
-READY = "ready"
 GO = "go"
 GO_WAIT = 60.0  # the caller releases under the node's VIP lock (30 s at most), then says GO
 HELPER_READY = 1.0  # seconds a caller waits for READY (sudo and Python start); then none
@@ -249,21 +255,9 @@ def helper_refuse(interface: str, address: str, orders: IO[str], say: IO[str]) -
     return refuser.refused
 
 
-def helper_main(interface: str, address: str) -> int:
-    """`repmgr-vip refuse-stale INTERFACE ADDRESS`: its exit code, a failure in one line."""
-    import sys
-
-    try:
-        refused = helper_refuse(interface, address, sys.stdin, sys.stdout)
-    except VipError as exc:  # arguments the sudoers line should not have allowed
-        print(f"repmgr-vip: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    except OSError as exc:
-        print(f"repmgr-vip: refusing stale connections failed: {exc.strerror or exc}",
-              file=sys.stderr)
-        return int(ExitCode.FAILED)
-    print(f"{refused} connection attempts refused", file=sys.stderr)
-    return int(ExitCode.OK)
+def refuse_main(interface: str, address: str) -> int:
+    """`repmgr-vip refuse-stale INTERFACE ADDRESS`: its exit code."""
+    return helper_main(helper_refuse, interface, address, "refusing stale connections")
 
 
 class HelperRefusals:
@@ -299,9 +293,11 @@ class HelperRefusals:
         """Whether every helper said READY within `within` seconds; if not, they are ended
         (no sudo rule: sudo refuses at once) and the release goes on without a refusal, as
         without the capability."""
+        from repmgr_vip.adapters.process import read_line
+
         deadline = time.monotonic() + within
         for helper in self.helpers:
-            said = _first_line(helper, deadline)
+            said = read_line(helper, deadline)
             if said != READY:
                 self._give_up(f"{HELPER} said {said!r}" if said else
                               f"{HELPER} was not ready within {within:g} s")
@@ -346,16 +342,3 @@ def refusal_through(commands: Sequence[Sequence[str]],
     READY; None if any cannot start or is not ready in time (see HelperRefusals.ready)."""
     refusal = HelperRefusals.launch(commands)
     return refusal if refusal is not None and refusal.ready(ready_within) else None
-
-
-def _first_line(helper: subprocess.Popen[str], deadline: float) -> str:
-    """The helper's first line ("" if it ended or stayed silent until the deadline)."""
-    stdout = helper.stdout
-    if stdout is None:
-        return ""
-    try:
-        if not select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            return ""
-        return stdout.readline().strip()
-    except (OSError, ValueError):
-        return ""

@@ -138,8 +138,9 @@ def local_hands(config: Config, daemon: str = "") -> Hands:
     from repmgr_vip.adapters.lock import vip_lock
     from repmgr_vip.adapters.network import VipNetwork
 
-    return Hands(VipNetwork(config), lambda timeout: vip_lock(config.lock_path, timeout),
-                 "hook", daemon=daemon)
+    # the LAN proof as the daemon has it (daemon.lan_proof): through sudo, a root helper
+    return Hands(VipNetwork(config, lan_proof=config.daemon.lan_proof),
+                 lambda timeout: vip_lock(config.lock_path, timeout), "hook", daemon=daemon)
 
 
 def _own(config: Config, own: Hands | None, why: str) -> Hands:

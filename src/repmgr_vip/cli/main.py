@@ -291,7 +291,16 @@ def cmd_refuse_stale(args: argparse.Namespace) -> int:
     line (the Debian entry takes cli/quick.py's shorter way to the same function)."""
     from repmgr_vip.adapters import tcpreset
 
-    return tcpreset.helper_main(*args.helper)
+    return tcpreset.refuse_main(*args.helper)
+
+
+def cmd_arp_prove(args: argparse.Namespace) -> int:
+    """Sudo mode's LAN proof for the hooks, run as root through an exact sudoers line
+    (the Debian entry takes cli/quick.py's shorter way to the same function)."""
+    from repmgr_vip.adapters import arp
+
+    interface, address = args.helper
+    return arp.helper_main(arp.helper_prove, interface, address, "ARP proof")
 
 
 def cmd_fence_self(args: argparse.Namespace) -> int:
@@ -357,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
             "connection attempts clients still send to this host for the VIP; for sudo mode, "
             "run as root by `release` through the exact line `sudoers` prints; not for manual "
             "use (reads no configuration)")
+    p.add_argument("helper", nargs=2, metavar="ARG",
+                   help="INTERFACE ADDRESS, as in the sudoers line")
+    p = add("arp-prove", cmd_arp_prove, "the 80 ms ARP proof of a promotion's fencing round, "
+            "one per line read; for sudo mode, run as root by `promote` through the exact line "
+            "`sudoers` prints; not for manual use (reads no configuration)")
     p.add_argument("helper", nargs=2, metavar="ARG",
                    help="INTERFACE ADDRESS, as in the sudoers line")
     add("check", cmd_check, "check prerequisites, one line each; exit 1 if any fails")

@@ -54,9 +54,14 @@ def main() -> int:
     """`repmgr-vip`: the quick promote when the arguments are the generated hook line's."""
     if len(sys.argv) == 4 and sys.argv[1] == "refuse-stale":
         # a root helper a release waits for (tcpreset): no configuration, no site packages
-        from repmgr_vip.adapters.tcpreset import helper_main
+        from repmgr_vip.adapters.tcpreset import refuse_main
 
-        return helper_main(sys.argv[2], sys.argv[3])
+        return refuse_main(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] == "arp-prove":
+        # the root helper of a promotion's fencing round (arp): the same
+        from repmgr_vip.adapters import arp
+
+        return arp.helper_main(arp.helper_prove, sys.argv[2], sys.argv[3], "ARP proof")
     control = quick_promote_socket(sys.argv[1:])
     skipped = ""
     if control is not None:
