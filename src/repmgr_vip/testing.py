@@ -134,6 +134,8 @@ class FakeCluster:
         self.round_started: dict[tuple[str, str], float] = {}
         self.same_timeline = False  # the next promotion lands on the newest primary's timeline
         self.view_lag = 0.0  # how old a daemon's view of a peer may be (0: the truth)
+        # the hooks' proofs hear every answer in their window (the root helper's LAN proof)
+        self.complete_proofs = False
         self.retriers: list[FakeRetrier] = []
         self.events: list[tuple[float, str, str]] = []  # (time, host, what), in order
         clock.hooks.append(self.tick)
@@ -261,7 +263,7 @@ class FakeCluster:
         return FakeAddress(self, name, config.vip.cidr, lease_seconds(config))
 
     def prober(self, address: VipAddress) -> FakeProber:
-        return FakeProber(address, self.clock)
+        return FakeProber(address, self.clock, complete=self.complete_proofs)
 
     def daemon(self, name: str, config: Config) -> Daemon:
         """The real Daemon of one node, wired to this world."""
@@ -289,16 +291,18 @@ class FakeCluster:
                      files=files, clock=self.clock)
 
     def fencing(self, name: str, config: Config, nodes: Sequence[NodeRecord], *,
-                holder_last: float = 0.0, prior: tuple[str, ...] | None = None) -> Fencing:
+                holder_last: float = 0.0, prior: tuple[str, ...] | None = None,
+                late_prior: bool = False) -> Fencing:
         """A real fencing round started by `name` (as promote starts it; the daemon's rounds
         ask the old primary last: holder_last, and bring the MACs that answered their proof
-        a moment ago: prior)."""
+        a moment ago: prior; a hook's round with complete proofs takes its first: late_prior,
+        with complete_proofs set)."""
         from repmgr_vip.app.fencing import Fencing
 
         taken = self.clock.now
         return Fencing(config, self.address(name, config), nodes, remote=FakeRemote(self, name),
                        clock=self.clock, fence_runner=self.fence_runner(name),
-                       prober=self.prober, holder_last=holder_last,
+                       prober=self.prober, holder_last=holder_last, late_prior=late_prior,
                        prior_proof=None if prior is None else lambda: (taken, prior))
 
 
@@ -391,10 +395,14 @@ class FakeProber:
     proof is still pending (latest() is None), as with the real arping.
     """
 
-    def __init__(self, address: VipAddress, clock: FakeClock) -> None:
+    def __init__(self, address: VipAddress, clock: FakeClock, complete: bool = False) -> None:
         self.address = address
         self.clock = clock
         self.started = clock.now
+        self.complete = complete
+        # complete proofs: one ends every PROBE_ROUND from the start; (started, answered),
+        # recorded when asked for (the segment as it is then)
+        self.proofs: list[tuple[float, tuple[str, ...]]] = []
 
     def start(self) -> None:
         self.started = self.clock.now
@@ -407,6 +415,19 @@ class FakeProber:
         if answered or self.clock.now >= self.started + ARP_SILENCE:
             return answered
         return None
+
+    def complete_before(self, moment: float) -> tuple[str, ...] | bool | None:
+        if not self.complete:
+            return False
+        ended = self.started + PROBE_ROUND * (len(self.proofs) + 1)
+        while ended <= self.clock.now:
+            self.proofs.append((ended - PROBE_ROUND, self.address.probe().answered_by))
+            ended += PROBE_ROUND
+        found: tuple[str, ...] | None = None
+        for started, answered in self.proofs:
+            if started < moment:
+                found = answered
+        return found
 
     def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
         # an answer counts only from a probe started at `since` or later: one round trip

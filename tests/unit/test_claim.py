@@ -298,3 +298,60 @@ def test_a_failed_node_list_read_refuses_the_promotion(tmp_path: Path) -> None:
     with pytest.raises(VipError):
         claim.promotion_verdict(fencing, "refuse")
     fencing.close()
+
+
+# --- a hook without a daemon: its round's first complete proof is the prior ----------------
+
+
+def _late(world: FakeCluster, configs: dict[str, Config]) -> Any:
+    from repmgr_vip.app.fencing import HOLDER_FIRST_SSH
+
+    world.complete_proofs = True  # the root helper's LAN proof through sudo
+    return world.fencing("pg2", configs["pg2"], world.records(but="pg2"),
+                         holder_last=HOLDER_FIRST_SSH, late_prior=True)
+
+
+def test_a_hooks_first_proof_lets_the_old_primarys_release_free_the_vip(
+        tmp_path: Path) -> None:
+    """No daemon: the hook's first complete proof (taken while the old primary's ssh is
+    still under way) heard only pg1; pg1 is asked first and alone, its confirmation frees the
+    VIP without a proof after it, and pg3 is asked only after the add."""
+    world, configs = _three(tmp_path)
+    fencing = _late(world, configs)
+    asked = world.clock.now
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    assert verdict.decision.action is Action.ACQUIRE and verdict.proof is None
+    assert ("pg2", "pg3") not in world.round_started
+    assert world.clock.now <= asked + SSH_LATENCY + 0.01  # pg1's round trip, no proof after
+    assert verdict.report.released == ["pg1"]
+    fencing.ask_rest()
+    world.clock.sleep(0.2)
+    assert fencing.settle().unconfirmed == []
+    fencing.close()
+    assert not world.hosts["pg1"].vip and not world.violations
+
+
+def test_a_hooks_first_proof_with_a_stray_mac_keeps_the_full_round(tmp_path: Path) -> None:
+    """The first proof also heard a MAC no node releases: pg1's confirmation frees nothing,
+    pg3 is asked at once, and the proof after the confirmations refuses."""
+    world, configs = _three(tmp_path)
+    world.foreign.add(FOREIGN)
+    fencing = _late(world, configs)
+    verdict = claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert verdict.decision.action is Action.REFUSE
+    assert sorted(verdict.report.released) == ["pg1", "pg3"]
+    assert world.round_started[("pg2", "pg3")] == _released_at(world, "pg1")
+    assert not world.hosts["pg2"].vip and not world.violations
+
+
+def test_a_hook_whose_proofs_are_not_complete_asks_everyone_at_once(tmp_path: Path) -> None:
+    """arping (an old sudoers file without the helper's line) hears the first answer only:
+    no prior from it, so nobody is held back."""
+    world, configs = _three(tmp_path)
+    fencing = _late(world, configs)
+    world.complete_proofs = False
+    fencing.prober = world.prober(fencing.network)  # the helper failed: arping proves
+    claim.promotion_verdict(fencing, "refuse")
+    fencing.close()
+    assert world.round_started[("pg2", "pg1")] == world.round_started[("pg2", "pg3")]

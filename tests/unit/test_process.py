@@ -70,3 +70,22 @@ def test_missing_ssh_is_a_failed_session_not_a_crash(write_config: Callable[...,
     assert session.finished()
     result = session.result()
     assert not result.ok and "no-such-ssh" in result.stderr
+
+
+def test_a_release_over_ssh_names_the_mac_it_released_from_and_nothing_else_does() -> None:
+    """`release` over ssh prints the MAC line (model.RELEASED_FROM_MAC) only when it removed
+    the VIP; the promoting node counts it only from a release that succeeded."""
+    import sys
+
+    from repmgr_vip.adapters.process import start
+    from repmgr_vip.adapters.remote import RemoteSession
+
+    def said(code: int, *lines: str) -> tuple[str, ...]:
+        script = "".join(f"print({line!r})\n" for line in lines) + f"raise SystemExit({code})"
+        return RemoteSession("pg1", start([sys.executable, "-c", script])).result().macs
+
+    assert said(0, "released-from-mac 02:aa:00:00:00:01", "removed 192.0.2.115/24 from eth0"
+                ) == ("02:aa:00:00:00:01",)
+    assert said(0, "192.0.2.115/24 not on eth0; nothing to do") == ()
+    assert said(1, "released-from-mac 02:aa:00:00:00:01") == ()  # failed: it counts for nothing
+    assert said(0, "released-from-mac 02:AA:00:00:00:01 and more") == ()  # not the exact line

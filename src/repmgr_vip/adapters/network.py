@@ -442,8 +442,9 @@ class VipNetwork:
         """Asks the segment who answers for any address of the VIP (our own kernel never
         answers our probe); the addresses are probed at the same time."""
         if len(self.members) == 1:
-            return ProbeResult(self._probe_one(self.members[0]))
-        results: list[tuple[str, ...] | BaseException] = [() for _ in self.members]
+            return ProbeResult(*self._probe_one(self.members[0]))
+        results: list[tuple[tuple[str, ...], bool] | BaseException] = [
+            ((), False) for _ in self.members]
 
         def one(index: int, member: PrivilegedCommands) -> None:
             try:
@@ -453,11 +454,13 @@ class VipNetwork:
 
         _in_threads([functools.partial(one, i, m) for i, m in enumerate(self.members)])
         macs: dict[str, None] = {}
+        complete = True
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-            macs.update(dict.fromkeys(result))
-        return ProbeResult(tuple(macs))
+            macs.update(dict.fromkeys(result[0]))
+            complete = complete and result[1]
+        return ProbeResult(tuple(macs), complete)
 
     def probe_all(self) -> tuple[str, ...]:
         """Direct mode with the LAN proof: every MAC that answers for any address of the VIP
@@ -479,29 +482,31 @@ class VipNetwork:
                                 "mode needs CAP_NET_RAW") from exc
         return tuple(macs)
 
-    def _probe_one(self, member: PrivilegedCommands) -> tuple[str, ...]:
+    def _probe_one(self, member: PrivilegedCommands) -> tuple[tuple[str, ...], bool]:
+        """(the MACs that answered for this address, whether every one within the window
+        was heard: only the root helper's LAN proof listens through it; see ProbeResult)."""
         vip = self.config.vip
         if member.version == 6:
             if self.mode != "direct":  # the kernel's DAD on add; a held one: ndp's helper
-                return self._nd_probe_through_sudo(member)
+                return self._nd_probe_through_sudo(member), False
             try:
                 return ndp.probe(vip.interface, member.address, vip.probe_count,
-                                 vip.probe_timeout)
+                                 vip.probe_timeout), False
             except OSError as exc:
                 raise CommandFailed(f"neighbour solicitation on {vip.interface} failed: "
                                     f"{exc.strerror}; direct mode needs CAP_NET_RAW") from exc
         if self.mode == "direct":
             try:
                 if self.lan_proof:
-                    return arp.lan_probe(vip.interface, member.address)
+                    return arp.lan_probe(vip.interface, member.address), False
                 return arp.probe(vip.interface, member.address, vip.probe_count,
-                                 vip.probe_timeout)
+                                 vip.probe_timeout), False
             except OSError as exc:
                 raise CommandFailed(f"ARP probe on {vip.interface} failed: {exc.strerror}; "
                                     "direct mode needs CAP_NET_RAW") from exc
         if self.lan_proof and not self._prover_failed:
             try:
-                return self._prover(member).probe()
+                return self._prover(member).probe(), True
             except CommandFailed as exc:
                 self._prover_failed = True
                 LOG.warning("the LAN proof through sudo failed: %s; proving with arping -D "
@@ -512,12 +517,19 @@ class VipNetwork:
         out, err, proven = _listen(proc, member.arping, vip.probe_timeout)
         macs = tuple(dict.fromkeys(m.lower() for m in _REPLY.findall(out)))
         if macs or proven:
-            return macs
+            return macs, False
         raise CommandFailed(
             f"ARP probe failed (exit {proc.returncode}): "
             f"{first_line(err) or first_line(out)!r}; "
             "check `repmgr-vip check` (sudo rules, arping)"
         )
+
+    @property
+    def complete_proofs(self) -> bool:
+        """Whether probe() hears every answer in its window (ProbeResult.complete): through
+        sudo with the LAN proof, for a single IPv4 address (the root helper's proof)."""
+        return (self.mode != "direct" and self.lan_proof and not self._prover_failed
+                and len(self.members) == 1 and self.members[0].version == 4)
 
     def _prover(self, member: PrivilegedCommands) -> RootProver:
         argv = privileged(member.arp_prove(), self.mode, self.config.commands.sudo)

@@ -7,6 +7,7 @@ argument is quoted with shlex.quote: cluster data never becomes shell syntax.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from repmgr_vip.adapters import sshmux
 from repmgr_vip.adapters.process import Started, run, start
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.errors import CommandFailed
+from repmgr_vip.core.model import RELEASED_FROM_MAC
+
+# the MAC line of `release` over ssh (model.RELEASED_FROM_MAC)
+_REMOTE_MAC = re.compile(rf"^{RELEASED_FROM_MAC} ([0-9a-f]{{2}}(?::[0-9a-f]{{2}}){{5}})$", re.M)
 
 # ssh gives up on a peer that stops answering after about ServerAliveInterval x CountMax
 # seconds, so a session abandoned after its caller's deadline does not linger for hours.
@@ -84,7 +89,8 @@ class RemoteSession:
         code = self.started.wait()
         text = self.started.output_text()
         self.started.close()
-        return RemoteResult(self.host, code, text, text)
+        macs = tuple(_REMOTE_MAC.findall(text)) if code == 0 else ()
+        return RemoteResult(self.host, code, text, text, macs)
 
     def kill(self) -> None:
         if self.started is not None:

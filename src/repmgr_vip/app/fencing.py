@@ -58,6 +58,10 @@ PriorProof = tuple[float, tuple[str, ...]]
 # before the add instead of while the slowest link answers, and no node answers for the VIP
 # only for its own round trip (the dark window, into which a client's SYN falls unanswered)
 HOLDER_LAST = 0.05
+# a hook without a daemon asks over fresh ssh (half a second each on a small host): the old
+# primary first and alone, the others once it answered (or this long into the round), so
+# that its release does not wait behind every other node's ssh start (late_prior)
+HOLDER_FIRST_SSH = 1.0
 
 
 @dataclass
@@ -135,21 +139,39 @@ class Prober(threading.Thread):
         self.changed = threading.Condition()
         # (started, finished, answered); answered None: the probe itself failed
         self.results: list[tuple[float, float, tuple[str, ...] | None]] = []
+        self.complete: list[bool] = []  # per result: every answer in its window was heard
 
     def run(self) -> None:
         while not self.stopped.is_set():
             started = time.monotonic()
             answered: tuple[str, ...] | None
+            complete = False
             try:
-                answered = self.network.probe().answered_by
+                result = self.network.probe()
+                answered, complete = result.answered_by, result.complete
             except VipError as exc:
                 LOG.error("ARP probe failed: %s", exc)
                 answered = None
             with self.changed:
                 self.results.append((started, time.monotonic(), answered))
+                self.complete.append(complete)
                 self.changed.notify_all()
             if answered or answered is None:
                 self.stopped.wait(IN_USE_RETRY)
+
+    def complete_before(self, moment: float) -> tuple[str, ...] | bool | None:
+        """The answers of the latest complete proof that started before `moment`; False if
+        the first proof that ended was not complete (none ever will be: a helper that failed,
+        arping instead); None while none has ended yet."""
+        with self.changed:
+            if self.complete and not self.complete[0]:
+                return False
+            found: tuple[str, ...] | None = None
+            for (started, _, answered), complete in zip(self.results, self.complete,
+                                                        strict=True):
+                if complete and answered is not None and started < moment:
+                    found = answered
+            return found
 
     def result_since(self, since: float, timeout: float) -> tuple[str, ...] | None:
         """Who answers, judged by probes that ended after `since`; None if none came in time.
@@ -208,7 +230,7 @@ class Fencing:
                  fence_runner: FenceRunner | None = None,
                  prober: ProberFactory | None = None,
                  prior_proof: Callable[[], PriorProof | None] | None = None,
-                 holder_last: float = 0.0) -> None:
+                 holder_last: float = 0.0, late_prior: bool = False) -> None:
         self.config = config
         self.network = network
         self.nodes = list(nodes)
@@ -231,7 +253,13 @@ class Fencing:
         # confirmation may free the VIP by itself (_accounted; a silent proof freed it
         # already), and the others' releases (hold markers on nodes that do not answer for
         # the VIP) follow the add instead of competing with it for the CPU (ask_rest)
-        self.holder_first = holder_last > 0 and self.prior is not None
+        # a hook has no proof from before its round: with late_prior (its network's proofs
+        # are complete: the root helper's LAN proof) the round's first proof, taken before any
+        # node confirmed, serves as one (_take_late_prior), and the old primary is asked first
+        # here too: at 7 nodes its release no longer waits behind six fresh ssh connections
+        self.late_prior = late_prior and self.prior is None and holder_last > 0
+        self.holder_first = holder_last > 0 and (self.prior is not None or self.late_prior)
+        self.first_confirmed: float | None = None  # when the first release was seen to end
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked (see _ask_deferred)
         # the round's thread and a fresh node list's callback (_ask_coming_later) both ask:
         # who is deferred, asked and under way changes under this lock only
@@ -314,6 +342,7 @@ class Fencing:
 
     def _collect(self) -> None:
         self._take_coming()
+        self._take_late_prior()  # a proof that ended before a release is seen to end
         self._take_finished()
         self._ask_deferred()
         if self.all_confirmed and self.confirmed_at is None:
@@ -409,6 +438,23 @@ class Fencing:
             return False
         return {mac.lower() for mac in self.prior} <= self.confirmed_macs
 
+    def _take_late_prior(self) -> None:
+        """A hook's round (late_prior): the latest complete proof that started before the
+        first release was seen to end serves as the prior proof (_accounted). One that started
+        later could hear a node that said it released and still answers: that is judged by a
+        proof after the confirmations, as before. No complete proof at all: every node is
+        asked at once, as without a prior."""
+        if not self.late_prior:
+            return
+        moment = self.first_confirmed if self.first_confirmed is not None else math.inf
+        found = self.prober.complete_before(moment)
+        if found is False or (found is None and self.first_confirmed is not None):
+            self.late_prior = False  # none came in time: the others are asked now
+            self._ask_deferred(now=True)
+        elif isinstance(found, tuple):
+            self.prior = found
+            self.late_prior = False
+
     def ask_rest(self) -> None:
         """Asks the nodes the round did not need (holder first): once the VIP is up. Safe
         to call more than once."""
@@ -423,6 +469,8 @@ class Fencing:
                 result = session.result()
                 del self.sessions[name]
                 self.last_finished = self.clock.monotonic()
+                if self.first_confirmed is None:
+                    self.first_confirmed = self.last_finished
                 if result.ok:
                     self.report.released.append(name)
                     self.confirmed_macs.update(mac.lower() for mac in result.macs)

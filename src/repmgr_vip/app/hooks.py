@@ -137,10 +137,15 @@ def local_hands(config: Config, daemon: str = "") -> Hands:
     """The hook's own adapters: `ip`/`arping` through sudo, a fresh flock, fresh ssh."""
     from repmgr_vip.adapters.lock import vip_lock
     from repmgr_vip.adapters.network import VipNetwork
+    from repmgr_vip.app.fencing import HOLDER_FIRST_SSH
 
-    # the LAN proof as the daemon has it (daemon.lan_proof): through sudo, a root helper
-    return Hands(VipNetwork(config, lan_proof=config.daemon.lan_proof),
-                 lambda timeout: vip_lock(config.lock_path, timeout), "hook", daemon=daemon)
+    # the LAN proof as the daemon has it (daemon.lan_proof): through sudo, a root helper whose
+    # complete proofs let the round ask the old primary first (Fencing.late_prior)
+    network = VipNetwork(config, lan_proof=config.daemon.lan_proof)
+    fencing = ({"late_prior": True, "holder_last": HOLDER_FIRST_SSH}
+               if network.complete_proofs else {})
+    return Hands(network, lambda timeout: vip_lock(config.lock_path, timeout), "hook",
+                 fencing=fencing, daemon=daemon)
 
 
 def _own(config: Config, own: Hands | None, why: str) -> Hands:
@@ -575,8 +580,8 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
         if refused is not None:
             return refused
         promotion.before_promote()
-        promotion.after_verdict()
         run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
+        promotion.after_verdict()  # the rest's ssh starts no longer delay repmgr's
         promotion.watch(lambda: run.poll() is None)
         status = promotion.finish(run.finish())
         promotion.checkpoint()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -116,10 +117,16 @@ def cmd_release(args: argparse.Namespace) -> int:
         if connection:  # a promoting peer's fencing: hold our daemon off, then release
             from repmgr_vip.app.hooks import Hands
             from repmgr_vip.app.peer_release import release_for_peer, released_text
+            from repmgr_vip.core.model import RELEASED_FROM_MAC
 
             asker = f"ssh from {connection.split(' ')[0]}"
             hands = Hands(network, lambda timeout: vip_lock(config.lock_path, timeout), "ssh")
+            mac = ""
+            with contextlib.suppress(VipError):  # no MAC to name: the peer proves after
+                mac = network.interface_state().mac
             released = release_for_peer(config, hands, asker)
+            if released and mac:  # the peer's proof heard this MAC: it is free of us now
+                print(f"{RELEASED_FROM_MAC} {mac.lower()}")
             print(released_text(config, released))
         else:
             print(release(network))

@@ -30,11 +30,21 @@ class NodeView:
         return self.reachable and self.in_recovery is False
 
 
+# `release` over ssh names the MAC of the interface it removed the VIP from on a line of its
+# own, as the warm link's reply carries it in a field: the promoting node's proof, taken a
+# moment before, may have heard that MAC, and it is free of that node now (fencing._accounted)
+RELEASED_FROM_MAC = "released-from-mac"
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """What an RFC 5227 ARP probe for the VIP saw: the MACs of other hosts that answered."""
 
     answered_by: tuple[str, ...]
+    # every MAC that answered within the whole window, not only the first: such a proof,
+    # taken before the old holder confirmed its release, frees the VIP with that confirmation
+    # (fencing: the late prior proof of a hook's round)
+    complete: bool = False
 
     @property
     def in_use(self) -> bool:
