@@ -136,6 +136,7 @@ class FakeCluster:
         self.view_lag = 0.0  # how old a daemon's view of a peer may be (0: the truth)
         # the hooks' proofs hear every answer in their window (the root helper's LAN proof)
         self.complete_proofs = False
+        self.ssh_latency = SSH_LATENCY  # a release over ssh (fresh ssh: half a second)
         self.retriers: list[FakeRetrier] = []
         self.events: list[tuple[float, str, str]] = []  # (time, host, what), in order
         clock.hooks.append(self.tick)
@@ -281,12 +282,16 @@ class FakeCluster:
     def hook_ports(self, name: str, config: Config) -> Hands:
         """What the real hooks act with (`hooks.promote(config, own=...)`, fence_self,
         handle_event), as when no daemon answers on the node's control socket."""
+        from repmgr_vip.app.fencing import HOLDER_FIRST_SSH
         from repmgr_vip.app.hooks import Hands
 
         files = FakeFiles(self, name)
+        # as hooks.local_hands: with complete proofs, the old primary first (late_prior)
+        late = {"late_prior": True, "holder_last": HOLDER_FIRST_SSH} if self.complete_proofs else {}
         return Hands(self.address(name, config), files.lock, "hook",
                      fencing={"remote": FakeRemote(self, name), "clock": self.clock,
-                              "fence_runner": self.fence_runner(name), "prober": self.prober},
+                              "fence_runner": self.fence_runner(name), "prober": self.prober,
+                              **late},
                      node=FakeNode(self, name, config.fencing.release_retry_for > 0),
                      files=files, clock=self.clock)
 
@@ -472,7 +477,7 @@ class FakeSession:
         elif host.off or not self.world.talks(self.origin, host.name):
             if now >= self.started + self.world.ssh_connect_timeout:
                 self.outcome = FakeResult(255, "ssh: connect to host: Connection timed out")
-        elif host.frozen or now < self.started + SSH_LATENCY or host.lock_holder:
+        elif host.frozen or now < self.started + self.world.ssh_latency or host.lock_holder:
             return False  # a frozen host says nothing; `release` waits for the node's lock
         else:
             was = host.vip

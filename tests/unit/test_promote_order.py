@@ -335,3 +335,29 @@ def test_silence_in_the_prior_proof_proves_the_vip_free_at_once(tmp_path: Path) 
     added_at = world.events[_at(world, "pg2", "add")][0]
     assert added_at < started + ARP_SILENCE  # a probe of the round is silent only after that
     assert world.hosts["pg2"].vip and not world.violations
+
+
+# --- without a daemon, with complete proofs (the root helper): the old primary first -------
+
+
+@pytest.mark.parametrize("pg3_frozen", [False, True])
+def test_a_hook_asks_the_standbys_after_the_add_and_retries_only_the_silent(
+        tmp_path: Path, pg3_frozen: bool) -> None:
+    """The hook's first proof heard pg1 alone: pg1 is asked first, its release frees the VIP,
+    pg3 is asked after the add. Its confirmation, over fresh ssh, comes after the add: it is
+    waited for (SETTLE_WAIT) before the release retrier is started, so only a node that stays
+    silent goes to it, not every standby a hook asked a moment ago."""
+    world, configs = _world(tmp_path)
+    world.complete_proofs = True
+    world.ssh_latency = 0.8  # fresh ssh on a small host: longer than the promotion (0.5 s)
+    if pg3_frozen:
+        world.freeze("pg3")
+    assert _promote(world, configs) == ExitCode.OK
+    assert world.hosts["pg2"].vip and not world.hosts["pg1"].vip and not world.violations
+    assert _at(world, "pg1", "released for pg2") < _at(world, "pg2", "add")
+    assert world.round_started[("pg2", "pg3")] > world.round_started[("pg2", "pg1")]
+    if pg3_frozen:
+        assert [r.pending for r in world.retriers] == [{"pg3"}]
+    else:
+        assert _at(world, "pg3", "released for pg2") > _at(world, "pg2", "add")
+        assert not world.retriers

@@ -62,6 +62,10 @@ HOLDER_LAST = 0.05
 # primary first and alone, the others once it answered (or this long into the round), so
 # that its release does not wait behind every other node's ssh start (late_prior)
 HOLDER_FIRST_SSH = 1.0
+# once the VIP is up, how long the releases asked after the round (over ssh: half a second or
+# more) are waited for before the nodes still silent go to the release retrier: it would ask
+# them again, over ssh, while PostgreSQL promotes (a node cut off takes ConnectTimeout, 3 s)
+SETTLE_WAIT = 2.0
 
 
 @dataclass
@@ -480,12 +484,20 @@ class Fencing:
                     LOG.warning("node %s: remote release failed (exit %d): %s", name,
                                 result.returncode, _last_line(result.stdout))
 
-    def settle(self) -> FenceReport:
+    def settle(self, wait: float = 0.0) -> FenceReport:
         """The report with the confirmations that came after the round ended (it ends on
-        the holder's, the others' follow within a round trip): only the nodes still silent
-        go to the release retrier."""
+        the holder's, the others' follow within a round trip; over fresh ssh, half a second
+        or more: `wait` up to that long for releases still under way): only the nodes still
+        silent go to the release retrier."""
+        deadline = self.clock.monotonic() + wait
+        while True:
+            with self._asking:
+                self._take_finished()
+                running = bool(self.sessions)
+            if not running or self.clock.monotonic() >= deadline:
+                break
+            self.clock.sleep(self.poll)
         with self._asking:
-            self._take_finished()
             # asked after the round (ask_rest) or never asked: not confirmed either
             self.report.pending = sorted({*self.report.pending, *self.sessions,
                                           *self.deferred})

@@ -555,7 +555,10 @@ class Promotion:
             return
         self.settled = True
         if self.fencing is not None:
-            self.fencing.settle()  # the releases confirmed after the round ended on the holder's
+            from repmgr_vip.app.fencing import SETTLE_WAIT
+
+            # the releases confirmed after the round ended on the holder's
+            self.fencing.settle(wait=SETTLE_WAIT)
         node = self.hands.local(self.config)
         local = node.view(2.0)
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
