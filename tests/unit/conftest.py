@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+IP = shutil.which("ip") or "/usr/sbin/ip"
 
 REPMGR_CONF = """\
 # a repmgr.conf as a DBA writes it
@@ -48,3 +54,39 @@ def write_config(tmp_path: Path, repmgr_conf: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@contextlib.contextmanager
+def veth_namespaces(tag: str, devices: tuple[str, str],
+                    addresses: tuple[Sequence[str], Sequence[str]]) -> Iterator[tuple[str, str]]:
+    """Two private network namespaces joined by a veth pair (no packet leaves them), named
+    after `tag` and this process; `addresses` ("ip/len", nodad for IPv6) on each side. Root
+    only (skips otherwise); deleted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for private network namespaces")
+    names = (f"rvt-{tag}-a-{os.getpid()}", f"rvt-{tag}-b-{os.getpid()}")
+    for name in names:
+        subprocess.run([IP, "netns", "add", name], check=True, timeout=10)
+    try:
+        def inside(ns: str, *argv: str) -> None:
+            subprocess.run([IP, "-n", ns, *argv], check=True, timeout=10)
+
+        inside(names[0], "link", "add", devices[0], "type", "veth", "peer", "name", devices[1])
+        inside(names[0], "link", "set", devices[1], "netns", names[1])
+        for ns, dev, own in zip(names, devices, addresses, strict=True):
+            for address in own:
+                inside(ns, "address", "add", address, "dev", dev,
+                       *(["nodad"] if ":" in address else []))
+            inside(ns, "link", "set", dev, "up")
+            inside(ns, "link", "set", "lo", "up")
+        yield names
+    finally:
+        for name in names:
+            subprocess.run([IP, "netns", "delete", name], timeout=10, check=False)
+
+
+def link_mac(namespace: str, device: str) -> str:
+    """The MAC of `device` in `namespace`, as `ip -j link` prints it."""
+    shown = subprocess.run([IP, "-n", namespace, "-j", "link", "show", device],
+                           capture_output=True, text=True, check=True, timeout=10).stdout
+    return shown.split('"address":"')[1].split('"')[0]
