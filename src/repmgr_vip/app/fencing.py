@@ -263,7 +263,7 @@ class Fencing:
         # here too: at 7 nodes its release no longer waits behind six fresh ssh connections
         self.late_prior = late_prior and self.prior is None and holder_last > 0
         self.holder_first = holder_last > 0 and (self.prior is not None or self.late_prior)
-        self.first_confirmed: float | None = None  # when the first release was seen to end
+        self.first_ended: float | None = None  # when the first release was seen to end
         self.deferred: dict[str, NodeRecord] = {}  # not yet asked (see _ask_deferred)
         # the round's thread and a fresh node list's callback (_ask_coming_later) both ask:
         # who is deferred, asked and under way changes under this lock only
@@ -346,7 +346,7 @@ class Fencing:
 
     def _collect(self) -> None:
         self._take_coming()
-        self._take_late_prior()  # a proof that ended before a release is seen to end
+        self._take_late_prior()  # before a release is seen to end: a proof started before
         self._take_finished()
         self._ask_deferred()
         if self.all_confirmed and self.confirmed_at is None:
@@ -450,9 +450,9 @@ class Fencing:
         asked at once, as without a prior."""
         if not self.late_prior:
             return
-        moment = self.first_confirmed if self.first_confirmed is not None else math.inf
+        moment = self.first_ended if self.first_ended is not None else math.inf
         found = self.prober.complete_before(moment)
-        if found is False or (found is None and self.first_confirmed is not None):
+        if found is False or (found is None and self.first_ended is not None):
             self.late_prior = False  # none came in time: the others are asked now
             self._ask_deferred(now=True)
         elif isinstance(found, tuple):
@@ -473,8 +473,8 @@ class Fencing:
                 result = session.result()
                 del self.sessions[name]
                 self.last_finished = self.clock.monotonic()
-                if self.first_confirmed is None:
-                    self.first_confirmed = self.last_finished
+                if self.first_ended is None:
+                    self.first_ended = self.last_finished
                 if result.ok:
                     self.report.released.append(name)
                     self.confirmed_macs.update(mac.lower() for mac in result.macs)
