@@ -36,14 +36,17 @@ def released_text(config: Config, released: bool) -> str:
 
 
 def release_for_peer(config: Config, hands: Hands, asker: str, *,
-                     answered: Callable[[bool], object] | None = None) -> bool:
+                     answered: Callable[[bool], object] | None = None,
+                     refuse: bool = True) -> bool:
     """The one way a peer's request takes the VIP off this node, over ssh or the link: the
     stale-SYN refusal opened, our daemon held off, the VIP released, the peer answered, the
     refusal started, the journal written. True if the VIP was here. The caller holds the
     node's VIP lock. A full disk only loses the hold, never the release.
 
     `answered(released)` runs the moment the address is gone (the link's reply: the peer
-    adds the VIP on it, and clients see no node answer until then); the journal follows."""
+    adds the VIP on it, and clients see no node answer until then); the journal follows.
+    refuse=False: no refusal (a stale copy the release retrier removes: the peer holds the
+    VIP already, and every millisecond spent opening the refusal is two holders)."""
     from repmgr_vip.adapters.system import FileState
     from repmgr_vip.app.hooks import _journal
 
@@ -51,7 +54,7 @@ def release_for_peer(config: Config, hands: Hands, asker: str, *,
     files = hands.files if hands.files is not None else FileState(config)
     # clients still send to our MAC until the peer's announcement reaches them: answer them
     # from the removal on (the socket is open before it)
-    refusal = hands.network.stale_refusal()
+    refusal = hands.network.stale_refusal() if refuse else None
     try:
         with contextlib.suppress(OSError):
             files.write_release_request(f"release requested by {asker}")

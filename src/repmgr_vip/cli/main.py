@@ -103,7 +103,10 @@ def cmd_release(args: argparse.Namespace) -> int:
         return _release_replica(config, args.unless_eligible)
     network = VipNetwork(config)
     connection = os.environ.get("SSH_CONNECTION")
-    if connection:  # a promoting peer waits: sudo and the root helper start meanwhile
+    # the release retrier's --unless-newer-than: the peer holds the VIP already (two holders
+    # until this copy is gone): no refusal to wait for
+    refuse = args.unless_newer_than is None
+    if connection and refuse:  # a promoting peer waits: sudo and the root helper start meanwhile
         network.prepare_stale_refusal()
     if args.unless_newer_than is not None:
         from repmgr_vip.adapters import cluster
@@ -124,7 +127,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             mac = ""
             with contextlib.suppress(VipError):  # no MAC to name: the peer proves after
                 mac = network.interface_state().mac
-            released = release_for_peer(config, hands, asker)
+            released = release_for_peer(config, hands, asker, refuse=refuse)
             if released and mac:  # the peer's proof heard this MAC: it is free of us now
                 print(f"{RELEASED_FROM_MAC} {mac.lower()}")
             print(released_text(config, released))
