@@ -4,7 +4,9 @@ A promotion proceeds once ARP shows the VIP free; a node that was only cut off t
 still has it and will answer again when its link returns. The daemon on that node releases it
 by itself, but without a daemon nothing would: so the promoting hook leaves this small
 detached process behind, which retries the remote release with a short spacing, so the
-returning node loses the VIP within about two seconds of its link coming back.
+returning node loses the VIP within about two seconds of its link coming back. A probe of
+the node's SSH port (adapters/reach) starts an attempt as soon as the node answers again,
+instead of at the next attempt's SYN retransmission, up to a second later.
 
 The remote command carries the guard (`release --unless-newer-than TIMELINE`): a node that
 has meanwhile become primary on a newer timeline keeps its VIP; the truth is judged there.
@@ -12,13 +14,16 @@ has meanwhile become primary on a newer timeline keeps its VIP; the truth is jud
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from repmgr_vip.adapters import cluster
 from repmgr_vip.adapters.log import LOG
+from repmgr_vip.adapters.reach import ReachProbe, ssh_endpoint
 from repmgr_vip.adapters.remote import remote_vip_command, ssh_argv
 from repmgr_vip.config.schema import Config
 from repmgr_vip.core.model import NodeRecord
@@ -56,6 +61,7 @@ def start_retrier(config: Config, timeline: int, node_names: Sequence[str]) -> b
 @dataclass
 class _Target:
     record: NodeRecord
+    probe: ReachProbe | None = None
     attempts: list[subprocess.Popen[bytes]] = field(default_factory=list)
     next_at: float = 0.0
     spacing: float = FIRST_SPACING
@@ -77,7 +83,8 @@ def run_retrier(config: Config, timeline: int, node_names: Sequence[str]) -> int
 
     wanted = set(node_names)
     records = [r for r in cluster.cached_nodes(config) if r.node_name in wanted and r.host]
-    targets = {r.node_name: _Target(r) for r in records}
+    targets = {r.node_name: _Target(r, ReachProbe(partial(ssh_endpoint, config, r.host)))
+               for r in records}
     for name in sorted(wanted - set(targets)):
         LOG.error("release retrier: node %s has no usable host; cannot reach it", name)
     end = time.monotonic() + config.fencing.release_retry_for
@@ -105,10 +112,12 @@ def run_retrier(config: Config, timeline: int, node_names: Sequence[str]) -> int
                     target.done = "is primary on a newer timeline; left alone"
             if target.done:
                 LOG.warning("release retrier: node %s %s", target.record.node_name, target.done)
-                for proc in target.attempts:
-                    proc.kill()
+                _stop(target)
                 continue
-            if now >= target.next_at and len(target.attempts) < ATTEMPTS_IN_FLIGHT:
+            # the node answers again: ask now, not at an attempt's next SYN (one more attempt
+            # than usual may then be under way: the probe answers once per REST_AFTER_ANSWER)
+            early = target.probe is not None and target.probe.answered(now)
+            if early or (now >= target.next_at and len(target.attempts) < ATTEMPTS_IN_FLIGHT):
                 target.attempts.append(start_detached_child(
                     _attempt_argv(config, target.record, timeline)))
                 target.next_at = now + target.spacing
@@ -117,11 +126,24 @@ def run_retrier(config: Config, timeline: int, node_names: Sequence[str]) -> int
             return 0
         time.sleep(0.05)
     for target in targets.values():
-        for proc in target.attempts:
-            proc.kill()
+        _stop(target)
     left = [t.record.node_name for t in targets.values() if not t.done]
     if left and time.monotonic() >= end:
         LOG.error("release retrier: gave up on %s after %d s", ", ".join(left),
                   config.fencing.release_retry_for)
         return 1
     return 0
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)
+
+
+def _stop(target: _Target) -> None:
+    for proc in target.attempts:
+        _end(proc)
+    target.attempts.clear()
+    if target.probe is not None:
+        target.probe.close()
