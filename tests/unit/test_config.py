@@ -91,6 +91,8 @@ BAD_INPUTS = [
     ("wrong type", {"extra": "[privileges]\nmode = 3"}, ["privileges.mode", "must be a str"]),
     ("bad choice", {"extra": "[privileges]\nmode = 'root'"}, ["privileges.mode", "one of"]),
     ("negative count", {"extra": "[fencing]\nfence_timeout = -1"}, ["fencing.fence_timeout"]),
+    ("kex with an option in it", {"extra": "[fencing]\nssh_kex_first = 'x -oProxyCommand=y'"},
+     ["fencing.ssh_kex_first"]),
 ]
 
 

@@ -1,10 +1,12 @@
-"""The release retrier's reach probe: where ssh would connect, and noticing that a node
-answers there again (only loopback sockets of this test are contacted)."""
+"""How our ssh connects: the key exchange it offers first, where it would connect (the
+release retrier's reach probe), and noticing that a node answers there again (only loopback
+sockets of this test are contacted; `ssh -G` connects nowhere)."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,8 @@ from repmgr_vip.adapters.reach import (
     parse_ssh_g,
     ssh_endpoint,
 )
-from repmgr_vip.config.schema import load_config
+from repmgr_vip.adapters.remote import ssh_options
+from repmgr_vip.config.schema import Config, load_config
 
 
 def test_ssh_g_output_gives_host_and_port_unless_a_proxy_is_in_the_way() -> None:
@@ -84,3 +87,27 @@ def test_a_refusing_or_unknown_endpoint_never_answers() -> None:
         assert _poll(unknown, 0.0, 0.3) is None
     finally:
         closed.close()
+
+
+def _kex(config: Config) -> list[str]:
+    """The key exchange order ssh would offer with our options (`ssh -G`: no connection)."""
+    out = subprocess.run([config.commands.ssh, *ssh_options(config), "-G", "--", "127.0.0.1"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    line = next(v for v in out.splitlines() if v.startswith("kexalgorithms "))
+    return line.split(" ", 1)[1].split(",")
+
+
+def test_a_fast_key_exchange_goes_first_unless_the_dba_chose(
+        write_config: Callable[..., Path]) -> None:
+    """The hybrid post-quantum default costs each fresh connection ~100 ms here; our ssh
+    offers curve25519-sha256 first, keeps the rest of ssh's list, and yields to a
+    KexAlgorithms in repmgr.conf's ssh_options or to ssh_kex_first = ""."""
+    config = load_config(write_config())
+    default = _kex(dataclasses.replace(config, fencing=dataclasses.replace(
+        config.fencing, ssh_kex_first="")))
+    ours = _kex(config)
+    assert ours[0] == "curve25519-sha256" and default[0] != "curve25519-sha256"
+    assert sorted(ours) == sorted(default)  # reordered, nothing added or dropped
+    chosen = dataclasses.replace(config, repmgr=dataclasses.replace(
+        config.repmgr, ssh_options="-o KexAlgorithms=diffie-hellman-group14-sha256"))
+    assert _kex(chosen) == ["diffie-hellman-group14-sha256"]

@@ -41,14 +41,17 @@ class RemoteResult:
 
 
 def ssh_options(config: Config) -> list[str]:
-    """Every option of our ssh calls; repmgr.conf's ssh_options before the multiplexing
-    ones, so a DBA's own ControlPath (or ControlPath=none) wins (see sshmux)."""
+    """Every option of our ssh calls; repmgr.conf's ssh_options before the key exchange
+    preference and the multiplexing options, so a DBA's own KexAlgorithms, ControlPath (or
+    ControlPath=none) wins (ssh keeps the first value it is given; see sshmux)."""
+    kex = config.fencing.ssh_kex_first
     return [
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={config.fencing.ssh_connect_timeout}",
         "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
         "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT_MAX}",
         *shlex.split(config.repmgr.ssh_options),
+        *(["-o", f"KexAlgorithms=^{kex}"] if kex else []),
         *sshmux.control_options(config),
     ]
 

@@ -141,8 +141,10 @@ def _check_ssh(config: Config, nodes: list[NodeRecord]) -> Iterator[CheckResult]
         result = run_remote(config, node.host, ["true"])
         if result.ok:
             return CheckResult(name, True, f"{node.host} (BatchMode) works")
+        fix = ("set fencing.ssh_kex_first = \"\" (this ssh does not take it)"
+               if "KexAlgorithms" in result.stderr else "set up passwordless SSH for this user")
         return CheckResult(name, False, f"{node.host}: {first_line(result.stderr) or 'failed'}; "
-                           "set up passwordless SSH for this user")
+                           f"{fix}")
 
     if not nodes:
         return
