@@ -122,6 +122,9 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
                      if "fencing_ms" in e.get("inputs", {})], "one fencing verdict")["inputs"]
     expected = "daemon" if mode in ("daemons-up", "lan-window") else "hook"
     assert started["via"] == acquired["via"] == verdict["via"] == expected, (started, acquired)
+    # the other two nodes came from the list on disk: the old primary was asked before
+    # PostgreSQL answered the node query (a standby keeps it from start-repmgrd on)
+    assert verdict["cached"] == 2, verdict
     if mode == "daemons-down":
         assert started["daemon"] == "not running"
     if mode == "new-primary-daemon-stopped":

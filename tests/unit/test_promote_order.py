@@ -344,7 +344,8 @@ def test_silence_in_the_prior_proof_proves_the_vip_free_at_once(tmp_path: Path) 
 def test_a_hook_asks_the_standbys_after_the_add_and_retries_only_the_silent(
         tmp_path: Path, pg3_frozen: bool) -> None:
     """The hook's first proof heard pg1 alone: pg1 is asked first, its release frees the VIP,
-    pg3 is asked after the add. Its confirmation, over fresh ssh, comes after the add: it is
+    pg3 is asked once pg2's PostgreSQL left recovery (its fresh ssh session does not compete
+    with the promotion for the CPU). Its confirmation, over fresh ssh, comes after the add: it is
     waited for (SETTLE_WAIT) before the release retrier is started, so only a node that stays
     silent goes to it, not every standby a hook asked a moment ago."""
     world, configs = _world(tmp_path)
@@ -356,6 +357,7 @@ def test_a_hook_asks_the_standbys_after_the_add_and_retries_only_the_silent(
     assert world.hosts["pg2"].vip and not world.hosts["pg1"].vip and not world.violations
     assert _at(world, "pg1", "released for pg2") < _at(world, "pg2", "add")
     assert world.round_started[("pg2", "pg3")] > world.round_started[("pg2", "pg1")]
+    assert world.round_started[("pg2", "pg3")] >= world.events[_at(world, "pg2", "promoted")][0]
     if pg3_frozen:
         assert [r.pending for r in world.retriers] == [{"pg3"}]
     else:

@@ -162,6 +162,14 @@ def _other_nodes(config: Config) -> list[NodeRecord]:
     return [n for n in cluster.registered_nodes(config) if n.node_id != config.repmgr.node_id]
 
 
+def _keep_node_list(config: Config, hands: Hands) -> None:
+    """Reads repmgr.nodes so that it is on disk (cluster.cached_nodes) when this standby's
+    promote_command runs: its fencing then asks the old primary at once, instead of after
+    the PostgreSQL driver loaded and the query returned (70 ms of client outage here)."""
+    with contextlib.suppress(VipError):
+        hands.local(config).others()
+
+
 def _journal(config: Config, hands: Hands, source: str, action: str, reason: str,
              **kw: Any) -> None:
     who: dict[str, str] = {"via": hands.via}
@@ -304,7 +312,9 @@ def start_repmgrd_vip_step(config: Config, hands: Hands) -> str:
                 return fence_and_acquire(config, hands, others, local.timeline or 0,
                                          "start-repmgrd")
             if decision.action is Action.RELEASE:
-                return "VIP released" if claim.release(hands.network) else "VIP not held"
+                released = claim.release(hands.network)
+                _keep_node_list(config, hands)
+                return "VIP released" if released else "VIP not held"
             return f"VIP untouched: {decision.reason}"
     except VipError as exc:
         LOG.error("start-repmgrd: VIP step failed: %s", exc)
@@ -401,6 +411,7 @@ class Promotion:
             "alarm": decision.alarm, "answered_by": list(report.answered_by),
             "released": list(report.released), "unconfirmed": report.unconfirmed,
             "fenced": list(report.fenced), "fencing_ms": round(report.seconds * 1000),
+            "cached": len(cached),  # nodes asked before repmgr.nodes was read (_keep_node_list)
             "lock_ms": round(self.lock_waited * 1000), **self.timings})
         if decision.action is Action.REFUSE:
             self.after_verdict()
@@ -410,11 +421,13 @@ class Promotion:
         self.want_vip = decision.action is Action.ACQUIRE
         return None
 
-    def after_verdict(self) -> None:
+    def after_verdict(self, ask_rest: bool = True) -> None:
         """Once the VIP went up and the verdict reached the hook: asks the nodes the round
         did not need (Fencing.ask_rest) and journals the verdict, once, so that neither sits
-        between the old holder's release and the add, when no node answers for the VIP."""
-        if self.fencing is not None:
+        between the old holder's release and the add, when no node answers for the VIP.
+        ask_rest=False: the hook asks them once PostgreSQL left recovery (_after_vip_added),
+        so that their fresh ssh sessions do not compete with the promotion for the CPU."""
+        if self.fencing is not None and ask_rest:
             self.fencing.ask_rest()
         entry, self.verdict_entry = self.verdict_entry, None
         if entry is not None:
@@ -558,6 +571,7 @@ class Promotion:
             from repmgr_vip.app.fencing import SETTLE_WAIT
 
             # the releases confirmed after the round ended on the holder's
+            self.fencing.ask_rest()
             self.fencing.settle(wait=SETTLE_WAIT)
         node = self.hands.local(self.config)
         local = node.view(2.0)
@@ -584,7 +598,7 @@ def promote(config: Config, *, own: Hands | None = None) -> int:
             return refused
         promotion.before_promote()
         run = _start_promote(config, started, hands.via, hands.daemon, node=hands.node)
-        promotion.after_verdict()  # the rest's ssh starts no longer delay repmgr's
+        promotion.after_verdict(ask_rest=False)  # asked once PostgreSQL left recovery
         promotion.watch(lambda: run.poll() is None)
         status = promotion.finish(run.finish())
         promotion.checkpoint()
@@ -789,7 +803,9 @@ def follow(config: Config, upstream_node_id: int, *, own: Hands | None = None) -
     hands = _own(config, own, why)
     with hands.lock(LOCK_TIMEOUT):
         _release_for_follow(config, hands)
-        return repmgr.run_repmgr(config, *argv)
+        status = repmgr.run_repmgr(config, *argv)
+    _keep_node_list(config, hands)  # the new primary, for this standby's next promote_command
+    return status
 
 
 def fence_self_step(config: Config, hands: Hands) -> str:
