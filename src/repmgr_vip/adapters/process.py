@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +34,16 @@ class _CapData(ctypes.Structure):
 
 
 def _load_libc() -> ctypes.CDLL | None:
+    """glibc by its soname first: ctypes.util.find_library runs `ldconfig -p` (10-20 ms of
+    every hook's and every remote release's start-up, on a failover's critical path)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        pass
+    from ctypes.util import find_library
+
+    try:
+        return ctypes.CDLL(find_library("c"), use_errno=True)
     except OSError:
         return None
 
