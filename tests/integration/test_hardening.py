@@ -67,7 +67,9 @@ def test_root_release_with_umask_077_leaves_a_lock_postgres_can_take(
         time.sleep(1)
         assert lab.vip_holders() == [node2.name]
     sampler.assert_never_two()
-    assert journal_entries(node2, action="acquire", outcome="held"), vip_log(node2)
+    # journaled once the standbys asked after the promotion confirmed (SETTLE_WAIT, 2 s)
+    lab.wait_for(lambda: bool(journal_entries(node2, action="acquire", outcome="held")), 5,
+                 interval=0.1, what=f"node2 journals the VIP as held; log: {vip_log(node2)}")
     assert VIP_IP not in " ".join(lab.addresses(node1))
     for node in lab.nodes:
         info = _lock_file(node)
