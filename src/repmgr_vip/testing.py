@@ -282,16 +282,14 @@ class FakeCluster:
     def hook_ports(self, name: str, config: Config) -> Hands:
         """What the real hooks act with (`hooks.promote(config, own=...)`, fence_self,
         handle_event), as when no daemon answers on the node's control socket."""
-        from repmgr_vip.app.fencing import HOLDER_FIRST_SSH
+        from repmgr_vip.app.fencing import hook_round
         from repmgr_vip.app.hooks import Hands
 
         files = FakeFiles(self, name)
-        # as hooks.local_hands: with complete proofs, the old primary first (late_prior)
-        late = {"late_prior": True, "holder_last": HOLDER_FIRST_SSH} if self.complete_proofs else {}
         return Hands(self.address(name, config), files.lock, "hook",
                      fencing={"remote": FakeRemote(self, name), "clock": self.clock,
                               "fence_runner": self.fence_runner(name), "prober": self.prober,
-                              **late},
+                              **hook_round(self.complete_proofs)},
                      node=FakeNode(self, name, config.fencing.release_retry_for > 0),
                      files=files, clock=self.clock)
 

@@ -68,6 +68,12 @@ HOLDER_FIRST_SSH = 1.0
 SETTLE_WAIT = 2.0
 
 
+def hook_round(complete_proofs: bool) -> dict[str, Any]:
+    """A hook's Fencing options: when its network's proofs are complete (the root helper's
+    LAN proof), the old primary first, the round's first proof as the prior (late_prior)."""
+    return {"late_prior": True, "holder_last": HOLDER_FIRST_SSH} if complete_proofs else {}
+
+
 @dataclass
 class FenceReport:
     released: list[str] = field(default_factory=list)  # confirmed by the node itself

@@ -137,13 +137,12 @@ def local_hands(config: Config, daemon: str = "") -> Hands:
     """The hook's own adapters: `ip`/`arping` through sudo, a fresh flock, fresh ssh."""
     from repmgr_vip.adapters.lock import vip_lock
     from repmgr_vip.adapters.network import VipNetwork
-    from repmgr_vip.app.fencing import HOLDER_FIRST_SSH
+    from repmgr_vip.app.fencing import hook_round
 
     # the LAN proof as the daemon has it (daemon.lan_proof): through sudo, a root helper whose
     # complete proofs let the round ask the old primary first (Fencing.late_prior)
     network = VipNetwork(config, lan_proof=config.daemon.lan_proof)
-    fencing = ({"late_prior": True, "holder_last": HOLDER_FIRST_SSH}
-               if network.complete_proofs else {})
+    fencing = hook_round(network.complete_proofs)
     return Hands(network, lambda timeout: vip_lock(config.lock_path, timeout), "hook",
                  fencing=fencing, daemon=daemon)
 
