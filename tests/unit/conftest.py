@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,25 @@ def write_config(tmp_path: Path, repmgr_conf: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory of the hooks' user: owned by postgres when the suite runs as root,
+    reachable by postgres (tmp_path is root's 0700)."""
+    tmp_path.chmod(0o755)
+    for parent in tmp_path.parents:
+        if str(parent).startswith("/tmp/") and parent.stat().st_uid == os.geteuid():
+            parent.chmod(parent.stat().st_mode | 0o055)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    if os.geteuid() == 0:
+        try:
+            pg = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("no postgres account")
+        os.chown(state, pg.pw_uid, pg.pw_gid)
+    yield state
 
 
 @contextlib.contextmanager

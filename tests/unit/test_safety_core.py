@@ -49,6 +49,7 @@ def test_malformed_conninfo_in_cluster_data_makes_a_node_unreachable_not_a_crash
 @dataclass
 class _Session:
     code: int
+    early: bool = False
 
     def finished(self) -> bool:
         return True

@@ -7,7 +7,6 @@ import pwd
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,26 +18,9 @@ from repmgr_vip.config import statepaths
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs as postgres too)")
 
 
-def _postgres() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("no postgres account")
-
-
 @pytest.fixture
-def shared_dir(tmp_path: Path) -> Iterator[Path]:
-    """A state directory owned by postgres, reachable by postgres (tmp_path is root's 0700)."""
-    tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:
-        if str(parent).startswith("/tmp/") and parent.stat().st_uid == os.geteuid():
-            parent.chmod(parent.stat().st_mode | 0o055)
-    state = tmp_path / "state"
-    state.mkdir()
-    if os.geteuid() == 0:
-        pg = _postgres()
-        os.chown(state, pg.pw_uid, pg.pw_gid)
-    yield state
+def postgres(shared_dir: Path) -> pwd.struct_passwd:
+    return pwd.getpwnam("postgres")  # shared_dir skipped the test if there is none
 
 
 def _as_postgres(code: str) -> subprocess.CompletedProcess[str]:
@@ -98,18 +80,20 @@ def test_read_text_refuses_a_symlink(tmp_path: Path) -> None:
 
 
 @root_only
-def test_write_atomic_as_root_gives_the_file_to_the_state_dir_owner(shared_dir: Path) -> None:
+def test_write_atomic_as_root_gives_the_file_to_the_state_dir_owner(
+        shared_dir: Path, postgres: pwd.struct_passwd) -> None:
     old = os.umask(0o077)
     try:
         statefiles.write_atomic(shared_dir / "repmgr-vip-daemon.json", "{}")
     finally:
         os.umask(old)
     info = (shared_dir / "repmgr-vip-daemon.json").stat()
-    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (postgres.pw_uid, 0o644)
 
 
 @root_only
-def test_root_with_umask_077_creates_a_lock_postgres_can_take(shared_dir: Path) -> None:
+def test_root_with_umask_077_creates_a_lock_postgres_can_take(
+        shared_dir: Path, postgres: pwd.struct_passwd) -> None:
     lock = shared_dir / "repmgr-vip.lock"
     old = os.umask(0o077)
     try:
@@ -118,7 +102,7 @@ def test_root_with_umask_077_creates_a_lock_postgres_can_take(shared_dir: Path) 
     finally:
         os.umask(old)
     info = lock.stat()
-    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (postgres.pw_uid, 0o644)
     taken = _as_postgres(
         "import sys; from pathlib import Path; from repmgr_vip.adapters.lock import vip_lock\n"
         f"with vip_lock(Path({str(lock)!r}), 1.0): print('locked')")
@@ -126,7 +110,8 @@ def test_root_with_umask_077_creates_a_lock_postgres_can_take(shared_dir: Path) 
 
 
 @root_only
-def test_root_repairs_a_root_owned_0600_lock_from_an_older_version(shared_dir: Path) -> None:
+def test_root_repairs_a_root_owned_0600_lock_from_an_older_version(
+        shared_dir: Path, postgres: pwd.struct_passwd) -> None:
     lock = shared_dir / "repmgr-vip.lock"
     lock.touch(mode=0o600)
     os.chown(lock, 0, 0)
@@ -134,7 +119,7 @@ def test_root_repairs_a_root_owned_0600_lock_from_an_older_version(shared_dir: P
     with vip_lock(lock, 1.0):
         pass
     info = lock.stat()
-    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (postgres.pw_uid, 0o644)
 
 
 @root_only
@@ -173,7 +158,8 @@ def test_log_file_symlink_is_not_followed(tmp_path: Path,
 
 
 @root_only
-def test_log_created_by_root_stays_writable_for_postgres(shared_dir: Path) -> None:
+def test_log_created_by_root_stays_writable_for_postgres(
+        shared_dir: Path, postgres: pwd.struct_passwd) -> None:
     log = shared_dir / "repmgr-vip.log"
     old = os.umask(0o077)
     try:
@@ -181,7 +167,7 @@ def test_log_created_by_root_stays_writable_for_postgres(shared_dir: Path) -> No
     finally:
         os.umask(old)
     info = log.stat()
-    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (_postgres().pw_uid, 0o644)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (postgres.pw_uid, 0o644)
 
 
 @root_only

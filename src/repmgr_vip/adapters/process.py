@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from repmgr_vip.core.errors import CommandFailed
 
@@ -112,17 +115,87 @@ def run(
         raise CommandFailed(f"{describe(argv)} did not finish within {timeout:g} s") from exc
 
 
+class Child(Protocol):
+    """What Started needs of a child: a Popen, or one spawned before subprocess loaded."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Adopted:
+    """A child the promote hook's quick start spawned (adapters/early.py), by its pid: the
+    calls Started makes of a Popen, with Popen's return codes (-N: killed by signal N)."""
+
+    def __init__(self, argv: tuple[str, ...], pid: int) -> None:
+        self.argv = argv
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(list(self.argv), timeout or 0.0)
+            time.sleep(0.005)
+        return code
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+# children spawned by the quick start, by command line, until start() is asked for one
+_ADOPTABLE: dict[tuple[str, ...], tuple[int, int]] = {}
+
+
+def adopt(children: Iterable[tuple[tuple[str, ...], int, int]]) -> None:
+    """Hands start() the quick start's children ((argv, pid, output descriptor) each)."""
+    for argv, pid, output in children:
+        _ADOPTABLE[argv] = (pid, output)
+
+
+def stop_unadopted() -> None:
+    """Kills and reaps the quick start's children nobody asked start() for (a command line
+    from an older configuration): no stray ssh outlives the hook."""
+    while _ADOPTABLE:
+        argv, (pid, output) = _ADOPTABLE.popitem()
+        child = Adopted(argv, pid)
+        child.kill()
+        child.wait()
+        os.close(output)
+
+
 @dataclass
 class Started:
     """A child running in the background with stdout and stderr in an anonymous file.
 
     A file, not a pipe: if the caller stops reading (or exits), the child must not die of
     SIGPIPE, and a daemonizing child that keeps the descriptor cannot make anyone hang.
+    early: started by the quick start, before this process could build the command line.
     """
 
     argv: tuple[str, ...]
-    process: subprocess.Popen[bytes]
+    process: Child
     output: IO[bytes] = field(repr=False)
+    early: bool = False
 
     @property
     def pid(self) -> int:
@@ -160,7 +233,14 @@ def start(
     argv: Sequence[str], *, privileged: bool = False, env: Mapping[str, str] | None = None,
     new_session: bool = True,
 ) -> Started:
-    """Starts argv without waiting; CommandFailed if it cannot be started at all."""
+    """Starts argv without waiting; CommandFailed if it cannot be started at all.
+
+    The same command line, started already by the quick start, is that child (adopt)."""
+    early = _ADOPTABLE.pop(tuple(argv), None) if not privileged and env is None \
+        and new_session else None
+    if early is not None:
+        pid, fd = early
+        return Started(tuple(argv), Adopted(tuple(argv), pid), os.fdopen(fd, "w+b"), early=True)
     output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Started
     try:
         process = subprocess.Popen(

@@ -83,6 +83,11 @@ class RemoteSession:
     started: Started | None
     failure: str = ""
 
+    @property
+    def early(self) -> bool:
+        """ssh was started by the promote hook's quick start (adapters/early.py)."""
+        return self.started is not None and self.started.early
+
     def finished(self) -> bool:
         return self.started is None or self.started.finished()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,8 @@ class RepmgrRun:
     args: tuple[str, ...]
     started: process.Started
 
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self.started.process
-
     def poll(self) -> int | None:
-        return self.process.poll()
+        return self.started.process.poll()
 
     def finish(self) -> int:
         """Waits (no timeout: repmgr bounds its own waits), logs the output, returns the status."""

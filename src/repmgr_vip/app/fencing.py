@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from repmgr_vip.adapters import early
 from repmgr_vip.adapters.log import LOG
 from repmgr_vip.adapters.process import first_line, run
-from repmgr_vip.adapters.remote import remote_vip_command, start_remote
+from repmgr_vip.adapters.remote import remote_vip_command, ssh_argv, start_remote
 from repmgr_vip.adapters.system import SYSTEM_CLOCK
 from repmgr_vip.app.lease import EXPIRY_LATE, await_expiry, lease_seconds, wait_budget
 from repmgr_vip.config.schema import Config, keep_while_down
@@ -223,10 +224,31 @@ class SshRelease:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.early: list[str] = []  # nodes whose release the quick start had sent already
+
+    def _remote_argv(self, node: NodeRecord) -> list[str]:
+        return remote_vip_command(self.config, node.node_name, node.node_id, "release")
 
     def start_release(self, node: NodeRecord) -> RemoteSession:
-        argv = remote_vip_command(self.config, node.node_name, node.node_id, "release")
-        return start_remote(self.config, node.host, argv)
+        session = start_remote(self.config, node.host, self._remote_argv(node))
+        if session.early:
+            self.early.append(node.node_name)
+        return session
+
+    def command_line(self, node: NodeRecord) -> list[str]:
+        """The whole ssh command line start_release runs for node."""
+        return ssh_argv(self.config, node.host, self._remote_argv(node))
+
+
+def keep_first_releases(config: Config, others: Sequence[NodeRecord]) -> None:
+    """Puts on disk what the promote hook's quick start may send before the full CLI has
+    loaded (adapters/early.py): the release on each node the list names primary, the one a
+    hook's round asks first; exactly SshRelease's command line, or the round does not adopt
+    it. OSError if it cannot be written (a full disk): the hook then starts it itself."""
+    release = SshRelease(config)
+    early.write_plan(config.state_dir, config.path, [
+        release.command_line(node) for node in others
+        if node.node_type == "primary" and node.host])
 
 
 class Fencing:
@@ -548,6 +570,11 @@ class Fencing:
         ended after that moment; see Prober.result_since)."""
         since = self.confirmed_at if self.confirmed_at is not None else self.started
         return self._proof(since)
+
+    @property
+    def early(self) -> list[str]:
+        """Nodes whose release the promote hook's quick start had sent before the round."""
+        return list(self.remote.early) if isinstance(self.remote, SshRelease) else []
 
     def close(self) -> None:
         self.ask_rest()  # whatever happened, every node is asked to release (hold markers)

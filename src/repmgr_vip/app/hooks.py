@@ -164,9 +164,16 @@ def _other_nodes(config: Config) -> list[NodeRecord]:
 def _keep_node_list(config: Config, hands: Hands) -> None:
     """Reads repmgr.nodes so that it is on disk (cluster.cached_nodes) when this standby's
     promote_command runs: its fencing then asks the old primary at once, instead of after
-    the PostgreSQL driver loaded and the query returned (70 ms of client outage here)."""
-    with contextlib.suppress(VipError):
-        hands.local(config).others()
+    the PostgreSQL driver loaded and the query returned (70 ms of client outage here); and
+    with it the ssh command line of that first release, which the hook's quick start sends
+    before the full CLI has even loaded (fencing.keep_first_releases), when the round uses
+    the real ssh."""
+    with contextlib.suppress(VipError, OSError):
+        others = hands.local(config).others()
+        if "remote" not in hands.fencing:
+            from repmgr_vip.app.fencing import keep_first_releases
+
+            keep_first_releases(config, others)
 
 
 def _journal(config: Config, hands: Hands, source: str, action: str, reason: str,
@@ -411,6 +418,7 @@ class Promotion:
             "released": list(report.released), "unconfirmed": report.unconfirmed,
             "fenced": list(report.fenced), "fencing_ms": round(report.seconds * 1000),
             "cached": len(cached),  # nodes asked before repmgr.nodes was read (_keep_node_list)
+            "early": self.fencing.early,  # ... and before this CLI had loaded (cli/quick.py)
             "lock_ms": round(self.lock_waited * 1000), **self.timings})
         if decision.action is Action.REFUSE:
             self.after_verdict()

@@ -18,18 +18,15 @@ what Python loads anyway or is built in. `json` and `socket` would load `re`, `e
 
 from __future__ import annotations
 
-import _json
 import _socket
 import os
 import struct
 import sys
 import time
 
+from repmgr_vip.adapters.early import anonymous_output, spawn, start_releases
 from repmgr_vip.adapters.procstart import process_start_time
-
-TYPE_CHECKING = False  # typing itself costs this hook milliseconds
-if TYPE_CHECKING:
-    from typing import Any
+from repmgr_vip.core.jsonline import dumps, loads
 
 PROTOCOL = 1  # adapters/control.py's
 CONNECT_BOUND = 0.2  # connect + greeting, as control.CONNECT_BOUND
@@ -64,12 +61,15 @@ def main() -> int:
         return arp.helper_main(arp.helper_prove, sys.argv[2], sys.argv[3], "ARP proof")
     control = quick_promote_socket(sys.argv[1:])
     skipped = ""
+    early: list[tuple[tuple[str, ...], int, int]] = []
     if control is not None:
         try:
             return promote(control)
         except Fallback as exc:
             if not exc.ask_again:
                 skipped = str(exc)
+            else:  # no daemon: the old primary's release goes out now, not after the imports
+                early = start_releases(control, sys.argv[2])
     full_paths()
     if skipped:
         from repmgr_vip.app import hooks
@@ -77,7 +77,15 @@ def main() -> int:
         hooks.DAEMON_SKIPPED = skipped  # do not ask the daemon a second time
     from repmgr_vip.cli.main import main as full
 
-    return full()
+    if not early:
+        return full()
+    from repmgr_vip.adapters import process
+
+    process.adopt(early)  # the fencing round's process.start takes them over
+    try:
+        return full()
+    finally:
+        process.stop_unadopted()
 
 
 def full_paths() -> None:
@@ -91,53 +99,6 @@ def full_paths() -> None:
         for path in site.getsitepackages():
             if path not in sys.path:
                 sys.path.append(path)
-
-
-class _Context:
-    """What _json's scanner reads from a json.JSONDecoder: strict, no hooks, no NaN."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-
-    @staticmethod
-    def parse_constant(name: str) -> object:
-        raise ValueError(f"{name} is not a value here")
-
-
-def loads(line: bytes) -> object:
-    """One JSON value, the whole line (as json.loads); ValueError otherwise."""
-    text = line.decode().strip()
-    scanner: Any = _json.make_scanner(_Context())  # type: ignore[arg-type]
-    try:
-        value, end = scanner(text, 0)
-    except (StopIteration, RecursionError) as exc:
-        raise ValueError("not JSON") from exc
-    if end != len(text):
-        raise ValueError("extra data after the value")
-    return value
-
-
-def dumps(value: object) -> str:
-    """JSON of the hook's own messages: dicts, lists, strings, numbers, booleans, None."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("not a finite number")
-        return float.__repr__(value)
-    if isinstance(value, str):
-        return str(_json.encode_basestring_ascii(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(dumps(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{dumps(str(key))}: {dumps(item)}"
-                               for key, item in value.items()) + "}"
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def quick_promote_socket(args: list[str]) -> str | None:
@@ -250,12 +211,10 @@ def _run(argv: list[str], env: dict[str, str], line: Line, started: float | None
          asked: float, verdict: float) -> tuple[int, str]:
     """repmgr standby promote, output to an unnamed file (never a pipe that could fill up;
     not `tempfile`, whose imports cost this hook milliseconds)."""
-    output = os.open(os.environ.get("TMPDIR") or "/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+    output = anonymous_output()
     try:
         try:  # posix_spawn, not subprocess: its imports cost this hook milliseconds too
-            pid = os.posix_spawnp(argv[0], argv, {**os.environ, **env}, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)])
+            pid = spawn(argv, output, env={**os.environ, **env}, search=True)
         except OSError as exc:
             text = f"{argv[0]} cannot be run ({exc.strerror}); set pg_bindir in repmgr.conf"
             print(f"repmgr-vip: {text}", file=sys.stderr)

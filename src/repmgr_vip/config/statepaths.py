@@ -6,7 +6,9 @@ them without importing the code that writes them.
 
 from __future__ import annotations
 
-from pathlib import Path
+TYPE_CHECKING = False  # pathlib costs the promote hook's quick start milliseconds
+if TYPE_CHECKING:
+    from pathlib import Path
 
 LOCK = "repmgr-vip.lock"
 DAEMON_STATE = "repmgr-vip-daemon.json"
@@ -17,6 +19,7 @@ LOG = "repmgr-vip.log"
 JOURNAL = "repmgr-vip-journal.jsonl"
 RELEASE_REQUEST = "repmgr-vip-release-requested"
 CONTROL_SOCKET = "repmgr-vip-control.sock"  # the daemon's; hooks hand it their VIP steps
+EARLY_RELEASE = "repmgr-vip-early-release.json"  # what the quick start may ssh at once
 SSH_CONTROL = "repmgr-vip-ssh"  # + "-UID": one private directory per user, for ssh's sockets
 
 
@@ -50,6 +53,10 @@ def journal_file(state_dir: Path) -> Path:
 
 def control_socket(state_dir: Path) -> Path:
     return state_dir / CONTROL_SOCKET
+
+
+def early_release_plan(state_dir: Path) -> Path:
+    return state_dir / EARLY_RELEASE
 
 
 def ssh_control_dir(state_dir: Path, uid: int) -> Path:
