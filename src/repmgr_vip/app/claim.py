@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from repmgr_vip.app.fencing import FenceReport, Fencing
 from repmgr_vip.core.decide import Decision, after_fencing
 from repmgr_vip.core.ports import VipAddress
+
+if TYPE_CHECKING:  # a peer's `release` over ssh comes here too: no fencing code to load
+    from repmgr_vip.app.fencing import FenceReport, Fencing
 
 HELD = "held"  # it was already here; announced again
 ADDED = "added"
