@@ -84,7 +84,9 @@ def test_failover_old_host_alive(lab_factory: Callable[..., Lab]) -> None:
     sampler.assert_never_two()
     verdicts = journal_entries(node2, source="promote", action="acquire")
     assert any("node1" in e["inputs"]["released"] for e in verdicts if "inputs" in e), verdicts
-    assert journal_entries(node2, source="promote", action="acquire", outcome="held")
+    # journaled once the releases asked after the add were waited for (SETTLE_WAIT)
+    _wait(lab, "node2's promote hook journaled the VIP held", lambda: bool(journal_entries(
+        node2, source="promote", action="acquire", outcome="held")), 10)
 
 
 def test_failover_old_host_gone_does_not_wait_for_ssh(lab_factory: Callable[..., Lab]) -> None:

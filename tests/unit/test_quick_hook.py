@@ -121,9 +121,10 @@ def test_a_line_that_is_not_json_is_refused(line: bytes) -> None:
 
 def test_the_quick_hook_imports_nothing_it_can_do_without() -> None:
     """What an import costs is client outage on this path: json, re, socket, enum, typing,
-    selectors and subprocess stay out (started with -S, as the Debian package's entry)."""
+    selectors, subprocess and pathlib stay out (started with -S, as the Debian package's entry)."""
     src = Path(quick.__file__).parents[2]
-    heavy = ("json", "re", "socket", "enum", "typing", "selectors", "subprocess")
+    heavy = ("json", "re", "socket", "enum", "typing", "selectors", "subprocess",
+             "pathlib")
     code = (f"import sys; sys.path.insert(0, {str(src)!r}); import repmgr_vip.cli.quick; "
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,

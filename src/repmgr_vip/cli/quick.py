@@ -7,9 +7,12 @@ that `repmgr-vip repmgr-conf` writes names the daemon's control socket
 it checks that the socket belongs to its own user or root (SO_PEERCRED on the client side
 too), lets the daemon fence and add the VIP, and runs the repmgr command line the daemon's
 verdict carries. Anything unexpected before the verdict (no daemon, an old hook line, a
-refusal, a timeout) falls back to the full CLI, which does the step itself as always.
+refusal, a timeout) falls back to the full CLI, which does the step itself as always. When
+nothing listens at the socket (no daemon), the old primary's release goes out first
+(adapters/early.py), while the full CLI loads.
 
-Kept import-light on purpose: only the standard library until the fallback, and of it only
+Kept import-light on purpose: until the fallback, only the standard library and this
+package's modules written on it alone (procstart, early, statepaths, jsonline), and of it only
 what Python loads anyway or is built in. `json` and `socket` would load `re`, `enum` and
 `selectors` (about 8 ms here, more on a host busy with a failover); their C halves (`_json`,
 `_socket`) do the same work. The Debian package starts this module with `python3 -I -S`
