@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.hooklog import PG_LINE, first, read_log
-from bench.journalread import entries_after, seconds_of, vip_added
+from bench.journalread import added_at, entries_after, vip_added
 from bench.report import cell
 from lab import VIP, VIP6, VIP6_IP, VIP_IP, Lab, Node, VipSampler
 from tests.integration.vipconf import (
@@ -204,7 +204,8 @@ def repetition(rep: int, say: Say) -> dict[str, Any]:
         ready = first(read_log(new.pg_log, PG_LINE), r"ready to accept connections", killed)
         if ready is None:
             raise AddressError(f"no 'ready to accept connections' line on {new.name}")
-        added = seconds_of(vip_added(entries_after(new, killed)))
+        entry = vip_added(entries_after(new, killed))
+        added = added_at(entry) if entry is not None else None
         t4 = _epoch(v4, offset, lambda h: h == (new.name,), killed)
         t6 = _epoch(v6, offset, lambda h: h == (new.name,), killed)
         replica = _epoch(rv, offset, lambda h: h == (others[0].name,), killed)

@@ -52,3 +52,9 @@ def vip_added(entries: list[Entry]) -> Entry | None:
 
 def seconds_of(entry: Entry | None) -> float | None:
     return float(entry["time"]) if entry is not None else None
+
+
+def added_at(entry: Entry) -> float:
+    """When the VIP went up: a promotion journals it as held after its settle wait (up to
+    2 s later), with the instant of the add in inputs.added_at."""
+    return float(entry.get("inputs", {}).get("added_at", entry["time"]))

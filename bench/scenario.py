@@ -33,7 +33,7 @@ from typing import Any
 from bench.dark import dark_from_client, dark_from_holders, proof_check
 from bench.hooklog import PG_LINE, first, read_log
 from bench.ideal import MODES, Modes, original_confs
-from bench.journalread import entries_after, promote_started, vip_added
+from bench.journalread import added_at, entries_after, promote_started, vip_added
 from bench.procwatch import ProcWatch, count_forks
 from bench.sessions import new_sessions
 from bench.sshwarm import measure as measure_links
@@ -202,10 +202,10 @@ def failover(lab: Lab, tl: Timeline, arp: ArpWatch, procs: ProcWatch, modes: Mod
             raise ScenarioError(f"{new.name}: no promote verdict or no VIP added in the journal")
         decided, result["fenced_by"] = started
         result["pre_promote_s"] = decided - hook_start
-        result["vip_added_after_promotion_s"] = float(added["time"]) - ready.t
+        result["vip_added_after_promotion_s"] = added_at(added) - ready.t
         result["vip_added_by"] = added.get("source")
         result["at"]["promote_started"] = decided - t0
-        result["at"]["vip_added"] = float(added["time"]) - t0
+        result["at"]["vip_added"] = added_at(added) - t0
     dark = result["dark_s"]
     say(f"    [{mode}] {result['fault']}: {old.name} -> {new.name}: outage {outage_s:.2f} s "
         f"(detection {detection:.2f} s), handover {result['handover_s'] * 1000:.0f} ms, "

@@ -145,6 +145,12 @@ def test_kill9_failover_moves_the_vip_on_every_path(three: Lab, mode: str) -> No
         assert removed["node1"][0] < removed["node3"][0], removed
         assert verdict["released"] == ["node1"], verdict
         assert acquired["unconfirmed"] == [], acquired
+    # the held entry follows the settle wait; its added_at is when the sampler saw the VIP
+    # arrive (the bench's "VIP added" instant), on the lab host's one clock
+    arrived = sampler.first_time(lambda holders: holders == ("node2",))
+    assert arrived is not None, sampler.transitions()
+    assert abs(acquired["added_at"] - (fault_wall + arrived - fault)) < 0.25, (
+        acquired, arrived - fault)
     steps = ", ".join(f"{k} {v} ms" for k, v in started.items() if k.endswith("_ms"))
     dark = dark_from_holders(sampler.samples, fault, "node2")
     assert dark is not None, sampler.transitions()

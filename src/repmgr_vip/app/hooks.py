@@ -380,6 +380,8 @@ class Promotion:
         self.want_vip = False
         self.outcome: bool | None = None  # None: nothing tried yet; else whether it was added
         self.settled = False  # journaled as held and the release retrier started
+        self.added_at: float | None = None  # wall clock: when the VIP went up (the journal's
+        # held entry follows the settle wait, up to SETTLE_WAIT later)
         self.created = time.monotonic()
         self.timings: dict[str, int] = {}  # ms, for the journal: where a promotion's time went
         # (action, reason, fields) of the fencing verdict, until after_verdict journals it
@@ -567,6 +569,7 @@ class Promotion:
             _journal(config, self.hands, "promote", "refuse", why, alarm=CONFLICT,
                      answered_by=list(result.answered_by))
             return False
+        self.added_at = time.time()
         LOG.info("promote: VIP %s added and announced", config.vip.cidr)
         return True
 
@@ -582,9 +585,10 @@ class Promotion:
             self.fencing.settle(wait=SETTLE_WAIT)
         node = self.hands.local(self.config)
         local = node.view(2.0)
+        added = {"added_at": round(self.added_at, 4)} if self.added_at is not None else {}
         _journal(self.config, self.hands, "promote", "acquire", "promoted; VIP added",
                  outcome="held", timeline=local.timeline, unconfirmed=self.unconfirmed,
-                 **self.timings)
+                 **added, **self.timings)
         node.start_retrier(local.timeline or 0, self.unconfirmed)
 
 
