@@ -18,9 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from repmgr_vip.core.errors import CommandFailed
+
+if TYPE_CHECKING:
+    from repmgr_vip.adapters.early import EarlyChild
 
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -166,8 +169,8 @@ class Adopted:
 _ADOPTABLE: dict[tuple[str, ...], tuple[int, int]] = {}
 
 
-def adopt(children: Iterable[tuple[tuple[str, ...], int, int]]) -> None:
-    """Hands start() the quick start's children ((argv, pid, output descriptor) each)."""
+def adopt(children: Iterable[EarlyChild]) -> None:
+    """Hands start() the quick start's children."""
     for argv, pid, output in children:
         _ADOPTABLE[argv] = (pid, output)
 
@@ -236,8 +239,8 @@ def start(
     """Starts argv without waiting; CommandFailed if it cannot be started at all.
 
     The same command line, started already by the quick start, is that child (adopt)."""
-    early = _ADOPTABLE.pop(tuple(argv), None) if not privileged and env is None \
-        and new_session else None
+    plain = not privileged and env is None and new_session  # as the quick start spawns
+    early = _ADOPTABLE.pop(tuple(argv), None) if plain else None
     if early is not None:
         pid, fd = early
         return Started(tuple(argv), Adopted(tuple(argv), pid), os.fdopen(fd, "w+b"), early=True)

@@ -31,6 +31,10 @@ from repmgr_vip.adapters.early import anonymous_output, spawn, start_releases
 from repmgr_vip.adapters.procstart import process_start_time
 from repmgr_vip.core.jsonline import dumps, loads
 
+TYPE_CHECKING = False  # typing itself costs this hook milliseconds
+if TYPE_CHECKING:
+    from repmgr_vip.adapters.early import EarlyChild
+
 PROTOCOL = 1  # adapters/control.py's
 CONNECT_BOUND = 0.2  # connect + greeting, as control.CONNECT_BOUND
 VERDICT_WAIT = 300.0  # the daemon bounds its fencing round itself; this is the backstop
@@ -64,7 +68,7 @@ def main() -> int:
         return arp.helper_main(arp.helper_prove, sys.argv[2], sys.argv[3], "ARP proof")
     control = quick_promote_socket(sys.argv[1:])
     skipped = ""
-    early: list[tuple[tuple[str, ...], int, int]] = []
+    early: list[EarlyChild] = []
     if control is not None:
         try:
             return promote(control)
